@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Builds the platform's Go binaries from the Go module proxy into a cache outside the repository, keyed by
+# version, and prints the directory that holds them. A warm cache makes this a no-op.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=versions.env
+source "$here/versions.env"
+cache=${IDM_TESTBED_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/idm-backup-operator}
+export GOFLAGS=-mod=mod CGO_ENABLED=0
+mkdir -p "$cache/bin"
+
+log() { echo "build: $*" >&2; }
+
+# k8s.io/kubernetes pins its ~30 staging modules at v0.0.0 with replace directives into its own tree, so it
+# cannot be built as a dependency directly: a wrapper module replaces each one with the published v0.X.Y.
+build_kubernetes() {
+  local out="$cache/bin/kubernetes-$K8S_VERSION"
+  [ -x "$out/kubectl" ] && return 0
+  local work="$cache/src/kubernetes-$K8S_VERSION" minor staging
+  minor=$(echo "$K8S_VERSION" | cut -d. -f2)
+  staging="v0.${K8S_VERSION#v1.}"
+  mkdir -p "$work" && cd "$work"
+  [ -f go.mod ] || go mod init idm-testbed/kubernetes >/dev/null 2>&1
+  local gomod
+  gomod=$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
+  grep -oE '^\s*k8s\.io/[a-z0-9-]+ => \./staging' "$gomod" | awk '{print $1}' | while read -r m; do
+    go mod edit -replace="$m=$m@$staging"
+  done
+  local ldflags="" pkg
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldflags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+    ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  done
+  local cmds=(kube-apiserver kube-controller-manager kube-scheduler kubectl) c
+  for c in "${cmds[@]}"; do go get -tool "k8s.io/kubernetes/cmd/$c@$K8S_VERSION"; done
+  mkdir -p "$out.tmp"
+  for c in "${cmds[@]}"; do
+    log "kubernetes $K8S_VERSION: $c"
+    go build -trimpath -ldflags "-s -w $ldflags" -o "$out.tmp/$c" "k8s.io/kubernetes/cmd/$c"
+  done
+  rm -rf "$out" && mv "$out.tmp" "$out"
+}
+
+# A tool-only wrapper module per external Go program, so their dependency graphs never meet.
+build_tool() {
+  local name=$1 module=$2 version=$3 pkg=$4
+  local out="$cache/bin/$name-$version"
+  [ -x "$out/$name" ] && return 0
+  local work="$cache/src/$name-$version"
+  mkdir -p "$work" && cd "$work"
+  [ -f go.mod ] || go mod init "idm-testbed/$name" >/dev/null 2>&1
+  go get -tool "$pkg@$version"
+  log "$name $version"
+  mkdir -p "$out.tmp"
+  go build -trimpath -ldflags "-s -w" -o "$out.tmp/$name" "$pkg"
+  rm -rf "$out" && mv "$out.tmp" "$out"
+}
+
+# The node simulator is this repository's own Go code: keyed by a hash of its sources.
+build_fakenode() {
+  local key
+  key=$(cd "$here/fakenode" && cat go.mod go.sum ./*.go | sha256sum | cut -c1-16)
+  local out="$cache/bin/fakenode-$key"
+  [ -x "$out/fakenode" ] && { echo "$out" > "$cache/fakenode.path"; return 0; }
+  log "fakenode $key"
+  mkdir -p "$out.tmp"
+  (cd "$here/fakenode" && go build -trimpath -o "$out.tmp/fakenode" .)
+  rm -rf "$out" && mv "$out.tmp" "$out"
+  echo "$out" > "$cache/fakenode.path"
+}
+
+what=${1:-all}
+case $what in
+  kubernetes) build_kubernetes ;;
+  etcd) build_tool etcd go.etcd.io/etcd/server/v3 "$ETCD_VERSION" go.etcd.io/etcd/server/v3 ;;
+  versitygw) build_tool versitygw github.com/versity/versitygw "$VERSITYGW_VERSION" github.com/versity/versitygw/cmd/versitygw ;;
+  helm) build_tool helm helm.sh/helm/v3 "$HELM_VERSION" helm.sh/helm/v3/cmd/helm ;;
+  fakenode) build_fakenode ;;
+  all)
+    "$0" kubernetes; "$0" etcd; "$0" versitygw; "$0" fakenode ;;
+  *) echo "usage: $0 [all|kubernetes|etcd|versitygw|helm|fakenode]" >&2; exit 2 ;;
+esac
+echo "$cache/bin"

@@ -1,0 +1,162 @@
+package main
+
+import (
+	"bufio"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"k8s.io/klog/v2"
+)
+
+// bindMount is one volume as the pod sees it.
+type bindMount struct {
+	source, target string
+	readOnly       bool
+}
+
+// sandbox is a pod's private file system: a mount namespace kept alive by a sleeping process, which
+// every container process and exec joins with nsenter. This plays the role of a pod's pause container.
+type sandbox struct {
+	dir      string
+	hostname string
+	pid      int
+	process  *exec.Cmd
+}
+
+func shellQuote(s string) string {
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
+}
+
+// startSandbox mounts the pod's root and volumes inside a new mount namespace and returns once they are
+// in place. The overlay's upper layer is per pod, so files a pod writes outside its volumes are its own.
+func startSandbox(dir, image, hostname string, mounts []bindMount) (*sandbox, error) {
+	root := filepath.Join(dir, "root")
+	upper, work := filepath.Join(dir, "upper"), filepath.Join(dir, "work")
+	for _, d := range []string{root, upper, work} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return nil, err
+		}
+	}
+	lower := "/"
+	if image != "" {
+		lower = image + ":/"
+	}
+	var script strings.Builder
+	fmt.Fprintf(&script, "set -e\nmount -t overlay overlay -o lowerdir=%s,upperdir=%s,workdir=%s %s\n",
+		lower, upper, work, shellQuote(root))
+	for _, m := range mounts {
+		target := shellQuote(filepath.Join(root, m.target))
+		fmt.Fprintf(&script, "mkdir -p %s\nmount --bind %s %s\n", target, shellQuote(m.source), target)
+		if m.readOnly {
+			fmt.Fprintf(&script, "mount -o remount,bind,ro %s\n", target)
+		}
+	}
+	fmt.Fprintf(&script, "mount -t tmpfs -o mode=1777 tmpfs %[1]s/tmp\nmount -t tmpfs tmpfs %[1]s/run\n"+
+		"mount --rbind /dev %[1]s/dev\nmount -t proc proc %[1]s/proc\nmount --rbind /sys %[1]s/sys\n"+
+		"hostname %[2]s\necho sandbox-ready\nexec chroot %[1]s /bin/sleep infinity\n",
+		shellQuote(root), shellQuote(hostname))
+
+	// Without --fork, unshare execs the shell in place: the process we started is inside the namespace.
+	cmd := exec.Command("unshare", "--mount", "--uts", "--propagation", "private", "sh", "-c", script.String())
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	logFile, err := os.Create(filepath.Join(dir, "sandbox.log"))
+	if err != nil {
+		return nil, err
+	}
+	defer logFile.Close()
+	cmd.Stderr = logFile
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	line, _ := bufio.NewReader(stdout).ReadString('\n')
+	if strings.TrimSpace(line) != "sandbox-ready" {
+		_ = cmd.Wait()
+		detail, _ := os.ReadFile(filepath.Join(dir, "sandbox.log"))
+		return nil, fmt.Errorf("sandbox setup failed: %s", strings.TrimSpace(string(detail)))
+	}
+	_ = os.WriteFile(filepath.Join(dir, "sandbox.pid"), []byte(strconv.Itoa(cmd.Process.Pid)), 0o644)
+	return &sandbox{dir: dir, hostname: hostname, pid: cmd.Process.Pid, process: cmd}, nil
+}
+
+// command prepares a process that runs inside the sandbox as root in its root directory, with exactly
+// the given environment (a container's), as a container runtime would start it.
+func (s *sandbox) command(env []string, argv []string) *exec.Cmd {
+	args := append([]string{"--target", strconv.Itoa(s.pid), "--mount", "--uts", "--root", "--wd", "--"}, argv...)
+	cmd := exec.Command("nsenter", args...)
+	cmd.Env = env
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	return cmd
+}
+
+// stop ends every process in the sandbox's mount namespace, the execs included, and removes its files:
+// a deleted pod leaves nothing running behind.
+func (s *sandbox) stop(grace time.Duration) {
+	killNamespace(s.pid, syscall.SIGTERM)
+	deadline := time.Now().Add(grace)
+	for time.Now().Before(deadline) && len(namespaceMembers(s.pid)) > 1 {
+		time.Sleep(100 * time.Millisecond)
+	}
+	killNamespace(s.pid, syscall.SIGKILL)
+	if s.process != nil {
+		_ = s.process.Wait()
+	}
+	if err := os.RemoveAll(s.dir); err != nil {
+		klog.Warningf("removing sandbox %s: %v", s.dir, err)
+	}
+}
+
+func killNamespace(pid int, sig syscall.Signal) {
+	for _, member := range namespaceMembers(pid) {
+		_ = syscall.Kill(member, sig)
+	}
+}
+
+// namespaceMembers lists the processes sharing pid's mount namespace, pid included.
+func namespaceMembers(pid int) []int {
+	ns, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/mnt", pid))
+	if err != nil {
+		return nil
+	}
+	self, _ := os.Readlink("/proc/self/ns/mnt")
+	if ns == self {
+		return nil // never signal the host's own namespace
+	}
+	entries, _ := os.ReadDir("/proc")
+	var members []int
+	for _, e := range entries {
+		p, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if other, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/mnt", p)); err == nil && other == ns {
+			members = append(members, p)
+		}
+	}
+	return members
+}
+
+// reapStaleSandboxes ends sandboxes left by an earlier run of this process, whose pods are re-created
+// from scratch, the way a node reboot restarts every container.
+func reapStaleSandboxes(podsDir string) {
+	entries, _ := os.ReadDir(podsDir)
+	for _, e := range entries {
+		dir := filepath.Join(podsDir, e.Name())
+		if raw, err := os.ReadFile(filepath.Join(dir, "sandbox.pid")); err == nil {
+			if pid, err := strconv.Atoi(strings.TrimSpace(string(raw))); err == nil {
+				killNamespace(pid, syscall.SIGKILL)
+			}
+		}
+		_ = exec.Command("umount", "-R", "-l", filepath.Join(dir, "root")).Run()
+		_ = os.RemoveAll(dir)
+	}
+}
