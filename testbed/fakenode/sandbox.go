@@ -43,12 +43,20 @@ func startSandbox(dir, image, hostname string, mounts []bindMount) (*sandbox, er
 			return nil, err
 		}
 	}
+	var script strings.Builder
+	script.WriteString("set -e\n")
 	lower := "/"
 	if image != "" {
-		lower = image + ":/"
+		// overlayfs refuses a lower layer that sits inside another lower layer (ELOOP), and every
+		// directory is inside "/": the image is copied to a tmpfs of its own first. Images are small.
+		layer := filepath.Join(dir, "image")
+		if err := os.MkdirAll(layer, 0o755); err != nil {
+			return nil, err
+		}
+		fmt.Fprintf(&script, "mount -t tmpfs tmpfs %[1]s\ncp -a %[2]s/. %[1]s/\n", shellQuote(layer), shellQuote(image))
+		lower = layer + ":/"
 	}
-	var script strings.Builder
-	fmt.Fprintf(&script, "set -e\nmount -t overlay overlay -o lowerdir=%s,upperdir=%s,workdir=%s %s\n",
+	fmt.Fprintf(&script, "mount -t overlay overlay -o lowerdir=%s,upperdir=%s,workdir=%s %s\n",
 		lower, upper, work, shellQuote(root))
 	for _, m := range mounts {
 		target := shellQuote(filepath.Join(root, m.target))
