@@ -1,0 +1,1 @@
+"""Local test platform for idm-backup-operator."""
