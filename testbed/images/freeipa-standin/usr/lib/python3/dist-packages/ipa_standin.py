@@ -1,0 +1,202 @@
+"""TEST STAND-IN for FreeIPA -- NOT FreeIPA. Shared code of the stand-in's ipactl, ipa-backup and init.
+
+Part of the idm-backup-operator test platform (testbed/images/freeipa-standin). It reproduces the
+observable behaviour of FreeIPA 4.12 tools (messages, exit codes, files) on top of a real 389-ds
+reached over LDAP; no IPA service actually runs. Service states are simulated in /run.
+"""
+
+import configparser
+import fcntl
+import json
+import os
+import socket
+
+import ldap
+
+VERSION = "4.12.2"
+DEFAULT_CONF = "/etc/ipa/default.conf"
+SVC_LIST_FILE = "/run/ipa/services.list"  # paths.SVC_LIST_FILE: written by ipactl start/stop
+STATE_DIR = "/run/ipa-standin"  # simulated service states; /run is fresh in every pod, as in the container
+STATE_FILE = STATE_DIR + "/services.json"
+CREDENTIALS_FILE = STATE_DIR + "/ldap.json"
+FAULT_FILE = "/data/ipa-standin-fault"
+IPA_BACKUP_DIR = "/var/lib/ipa/backup"
+
+ENABLED_SERVICE = "enabledService"
+HIDDEN_SERVICE = "hiddenService"
+DIRSRV = "dirsrv"
+
+# ipaserver/servroles.py + ipaserver/install/service.py: LDAP service cn -> (systemd name, start order).
+SERVICE_LIST = {
+    "KDC": ("krb5kdc", 10),
+    "KPASSWD": ("kadmin", 20),
+    "DNS": ("named", 30),
+    "HTTP": ("httpd", 40),
+    "KEYS": ("ipa-custodia", 41),
+    "NTP": ("ntpd", 45),
+    "CA": ("pki-tomcatd", 50),
+    "KRA": ("pki-tomcatd", 51),
+    "ADTRUST": ("smb", 60),
+    "EXTID": ("winbind", 70),
+    "OTPD": ("ipa-otpd", 80),
+    "DNSKeyExporter": ("ipa-ods-exporter", 90),
+    "DNSSEC": ("ods-enforcerd", 100),
+    "DNSKeySync": ("ipa-dnskeysyncd", 110),
+}
+
+
+class ScriptError(Exception):
+    """ipapython.admintool.ScriptError: a message and the process exit code."""
+
+    def __init__(self, msg="", rval=1):
+        super().__init__(msg or "")
+        self.rval = rval
+
+    @property
+    def msg(self):
+        return str(self)
+
+
+def realm_to_serverid(realm):
+    return "-".join(realm.split("."))
+
+
+def domain_to_basedn(domain):
+    return ",".join("dc=" + part for part in domain.split("."))
+
+
+def read_default_conf():
+    """The [global] section of /etc/ipa/default.conf, or None when IPA is not configured."""
+    if not os.path.exists(DEFAULT_CONF):
+        return None
+    parser = configparser.RawConfigParser()
+    parser.read(DEFAULT_CONF)
+    return dict(parser.items("global"))
+
+
+def env_host():
+    return os.environ.get("IPA_SERVER_HOSTNAME") or socket.getfqdn()
+
+
+def env_realm(host):
+    realm = os.environ.get("IPA_REALM")
+    if realm:
+        return realm
+    return host.split(".", 1)[1].upper() if "." in host else "EXAMPLE.TEST"
+
+
+def fault():
+    """The injected fault: /data/ipa-standin-fault (so tests can change it after the pod started)
+    wins over the IPA_STANDIN_FAULT variable of the pod spec. An empty file means no fault."""
+    try:
+        with open(FAULT_FILE) as f:
+            return f.read().strip()
+    except OSError:
+        return os.environ.get("IPA_STANDIN_FAULT", "").strip()
+
+
+def save_credentials(uri, password):
+    """Lets processes started without the pod's environment (rare) still reach the directory."""
+    os.makedirs(STATE_DIR, exist_ok=True)
+    fd = os.open(CREDENTIALS_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"uri": uri, "password": password}, f)
+
+
+def ldap_connect(conf=None):
+    """Bind to the stand-in's directory as Directory Manager.
+
+    The real tools bind with EXTERNAL over ldapi as root; the stand-in's directory is a shared 389-ds
+    on loopback, so it binds with the Directory Manager password from the pod's environment.
+    """
+    saved = {}
+    try:
+        with open(CREDENTIALS_FILE) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        pass
+    uri = os.environ.get("IPA_STANDIN_LDAP_URI") or (conf or {}).get("ldap_uri") or saved.get("uri")
+    password = os.environ.get("IPA_STANDIN_DM_PASSWORD") or saved.get("password", "")
+    conn = ldap.initialize(uri)
+    conn.set_option(ldap.OPT_NETWORK_TIMEOUT, 10)
+    conn.simple_bind_s("cn=Directory Manager", password)
+    return conn
+
+
+def masters_dn(basedn):
+    return "cn=masters,cn=ipa,cn=etc," + basedn
+
+
+def host_services(conn, host, basedn, states=(ENABLED_SERVICE, HIDDEN_SERVICE)):
+    """(cn, ipaConfigString list) of the service entries under this host's master entry."""
+    base = f"cn={host},{masters_dn(basedn)}"
+    wanted = "".join(f"(ipaConfigString={s})" for s in states)
+    flt = f"(&(objectClass=ipaConfigObject)(|{wanted}))"
+    try:
+        res = conn.search_s(base, ldap.SCOPE_SUBTREE, flt, ["cn", "ipaConfigString"])
+    except ldap.NO_SUCH_OBJECT:
+        return []
+    out = []
+    for _dn, attrs in res:
+        out.append((attrs["cn"][0].decode(), [v.decode() for v in attrs.get("ipaConfigString", [])]))
+    return out
+
+
+def service_cns(conn, host, basedn):
+    """cns of the children of this host's master entry, in the server's order (the backup header)."""
+    base = f"cn={host},{masters_dn(basedn)}"
+    res = conn.search_s(base, ldap.SCOPE_ONELEVEL, "(objectClass=*)", ["cn"])
+    return [attrs["cn"][0].decode() for _dn, attrs in res]
+
+
+def ordered_systemd_services(entries):
+    """ipactl.get_config: sort by startOrder, map to systemd names, drop duplicates (CA/KRA)."""
+    svc_list = []
+    for name, config in entries:
+        order = 0
+        for p in config:
+            if p.startswith("startOrder "):
+                order = int(p.split()[1])
+        svc_list.append((order, name))
+    ordered = []
+    for _order, svc in sorted(svc_list):
+        if svc in SERVICE_LIST and SERVICE_LIST[svc][0] not in ordered:
+            ordered.append(SERVICE_LIST[svc][0])
+    return ordered
+
+
+class ServiceState:
+    """Simulated systemd unit states, shared by every process in the pod through /run."""
+
+    def __init__(self):
+        os.makedirs(STATE_DIR, exist_ok=True)
+        self._lock = open(STATE_DIR + "/lock", "w")  # noqa: SIM115 - held for the object's life
+
+    def _update(self, fn):
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        try:
+            states = self.read()
+            fn(states)
+            tmp = STATE_FILE + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(states, f)
+            os.rename(tmp, STATE_FILE)
+        finally:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+
+    @staticmethod
+    def read():
+        try:
+            with open(STATE_FILE) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    def is_running(self, name):
+        return self.read().get(name) == "running"
+
+    def set(self, name, running):
+        def fn(states):
+            states[name] = "running" if running else "stopped"
+
+        self._update(fn)
