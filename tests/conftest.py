@@ -1,0 +1,92 @@
+"""Fixtures for tests on the local platform (testbed/): real API server, node, S3 and LDAP.
+
+The platform starts once per session, or is reused if a developer already started it with
+`python -m testbed up`; it is stopped at the end only if this session started it. Each test gets a fresh
+namespace, deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from kubernetes import client, config, utils
+
+from testbed import freeipa_pod, stack
+
+
+@pytest.fixture(scope="session")
+def platform() -> Iterator[stack.Platform]:
+    already_up = stack.is_up()
+    plat = stack.up()
+    os.environ["KUBECONFIG"] = plat.kubeconfig
+    yield plat
+    if not already_up and not os.environ.get("IDM_TESTBED_KEEP"):
+        stack.down()
+
+
+@pytest.fixture(scope="session")
+def api(platform: stack.Platform) -> client.ApiClient:
+    return config.new_client_from_config(config_file=platform.kubeconfig)
+
+
+@pytest.fixture
+def namespace(api: client.ApiClient, request: pytest.FixtureRequest) -> Iterator[str]:
+    base = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    name = f"{base}-{uuid.uuid4().hex[:6]}"
+    core = client.CoreV1Api(api)
+    core.create_namespace({"metadata": {"name": name, "labels": {"idm-backup.io/test": "true"}}})
+    # The controller-manager creates the namespace's default ServiceAccount asynchronously; pods are
+    # refused until it exists.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            core.read_namespaced_service_account("default", name)
+            break
+        except client.ApiException:
+            time.sleep(0.2)
+    yield name
+    core.delete_namespace(name, propagation_policy="Background")
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0, interval: float = 0.25) -> Any:
+    """Poll until check() returns something truthy; fail the test with `what` otherwise."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+def apply(api: client.ApiClient, namespace: str, *objects: dict[str, Any]) -> None:
+    for obj in objects:
+        utils.create_from_dict(api, obj, namespace=namespace)
+
+
+@pytest.fixture
+def freeipa(api: client.ApiClient, namespace: str, platform: stack.Platform) -> Callable[..., str]:
+    """Create a ready stand-in FreeIPA pod for a host of the LDAP topology; returns the pod name."""
+    core = client.CoreV1Api(api)
+    apply(api, namespace, freeipa_pod.dm_password_secret(platform.ldap_password))
+
+    def create(host: str = "ipa-hidden.example.test", name: str | None = None, **kwargs: Any) -> str:
+        pod_name = name or host.split(".", 1)[0]
+        apply(api, namespace, freeipa_pod.data_claim(f"{pod_name}-data"),
+              freeipa_pod.freeipa_pod(pod_name, host, platform.ldap_uri, **kwargs))
+
+        def ready() -> bool:
+            pod = core.read_namespaced_pod(pod_name, namespace)
+            return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
+
+        wait_for(f"pod {pod_name} ready", ready, timeout=60)
+        return pod_name
+
+    return create
