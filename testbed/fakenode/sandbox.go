@@ -70,8 +70,10 @@ func startSandbox(dir, image, hostname string, mounts []bindMount) (*sandbox, er
 		"hostname %[2]s\necho sandbox-ready\nexec chroot %[1]s /bin/sleep infinity\n",
 		shellQuote(root), shellQuote(hostname))
 
-	// Without --fork, unshare execs the shell in place: the process we started is inside the namespace.
-	cmd := exec.Command("unshare", "--mount", "--uts", "--propagation", "private", "sh", "-c", script.String())
+	// With its own PID namespace a pod sees only its own processes, as in a container: `pgrep ipa-backup`
+	// in one pod must not find another pod's. unshare forks the namespace's first process for that.
+	cmd := exec.Command("unshare", "--mount", "--uts", "--pid", "--fork", "--propagation", "private",
+		"sh", "-c", script.String())
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
@@ -92,14 +94,33 @@ func startSandbox(dir, image, hostname string, mounts []bindMount) (*sandbox, er
 		detail, _ := os.ReadFile(filepath.Join(dir, "sandbox.log"))
 		return nil, fmt.Errorf("sandbox setup failed: %s", strings.TrimSpace(string(detail)))
 	}
-	_ = os.WriteFile(filepath.Join(dir, "sandbox.pid"), []byte(strconv.Itoa(cmd.Process.Pid)), 0o644)
-	return &sandbox{dir: dir, hostname: hostname, pid: cmd.Process.Pid, process: cmd}, nil
+	pid, err := onlyChild(cmd.Process.Pid)
+	if err != nil {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+		return nil, err
+	}
+	_ = os.WriteFile(filepath.Join(dir, "sandbox.pid"), []byte(strconv.Itoa(pid)), 0o644)
+	return &sandbox{dir: dir, hostname: hostname, pid: pid, process: cmd}, nil
+}
+
+// onlyChild finds the process unshare forked into the new namespaces: the one every exec joins.
+func onlyChild(pid int) (int, error) {
+	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, pid))
+	if err != nil {
+		return 0, err
+	}
+	fields := strings.Fields(string(raw))
+	if len(fields) != 1 {
+		return 0, fmt.Errorf("unshare has %d children, expected one", len(fields))
+	}
+	return strconv.Atoi(fields[0])
 }
 
 // command prepares a process that runs inside the sandbox as root in its root directory, with exactly
 // the given environment (a container's), as a container runtime would start it.
 func (s *sandbox) command(env []string, argv []string) *exec.Cmd {
-	args := append([]string{"--target", strconv.Itoa(s.pid), "--mount", "--uts", "--root", "--wd", "--"}, argv...)
+	args := append([]string{"--target", strconv.Itoa(s.pid), "--mount", "--uts", "--pid", "--root", "--wd", "--"}, argv...)
 	cmd := exec.Command("nsenter", args...)
 	cmd.Env = env
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
