@@ -5,6 +5,8 @@ never holds a whole archive. The sha256 and size reported in a backup's status a
 a `Tally` fed with exactly the bytes that passed, so what is reported is what was stored.
 """
 
+from __future__ import annotations
+
 import hashlib
 from collections.abc import Iterable, Iterator
 from typing import Protocol, runtime_checkable
@@ -25,6 +27,12 @@ class Tally:
     def __init__(self) -> None:
         self._hash = hashlib.sha256()
         self.size = 0
+
+    @classmethod
+    def of(cls, data: bytes) -> Tally:
+        tally = cls()
+        tally.update(data)
+        return tally
 
     def update(self, data: bytes) -> None:
         self._hash.update(data)

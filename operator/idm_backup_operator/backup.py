@@ -1,0 +1,589 @@
+"""Taking one backup of a FreeIPA server, from pre-flight checks to a verified, stored archive.
+
+The order matters and is the point of this module:
+1. pre-flight, before anything is stopped: keys, storage, the pod, FreeIPA's own configuration, the
+   topology (hidden replica) and server roles, read from LDAP;
+2. one backup per server at a time (a Lease), so ipa-backup never runs twice on a server;
+3. ipa-backup in the pod, its progress followed line by line; after a failure of an offline run, the
+   services are started again, because ipa-backup leaves them stopped;
+4. the archive streamed out of the pod through gpg into storage, checksummed on both ends;
+5. the manifest written last, so a directory without one is recognisably incomplete.
+Everything reaches the user through a Reporter: the resource's status and Kubernetes Events.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from kubernetes import client
+
+from idm_backup_operator import cluster, encryption, freeipa, layout
+from idm_backup_operator.freeipa import BackupDirectory, BackupHeader, IpaServerConfig
+from idm_backup_operator.locking import TargetLock
+from idm_backup_operator.model import BackupSpec
+from idm_backup_operator.podexec import ExecError, PodExec, PodRef
+from idm_backup_operator.storage import StorageError, Store, StoredObject
+from idm_backup_operator.streams import Tally, tallied
+from idm_backup_operator.topology import TopologyError, check_roles, read_topology
+
+log = logging.getLogger(__name__)
+
+SERVICE_START_TIMEOUT = 900
+# After an operator restart, how long an ipa-backup that is still running may take to end on its own.
+ORPHAN_WAIT_SECONDS = 120
+
+
+class Reporter(Protocol):
+    """Where a backup tells what it does: the resource's status and Events."""
+
+    def update(self, **status: Any) -> None: ...
+
+    def condition(self, type_: str, status: bool, reason: str, message: str) -> None: ...
+
+    def event(self, reason: str, message: str, *, warning: bool = False) -> None: ...
+
+
+@dataclass(frozen=True)
+class Services:
+    """The connections a backup uses."""
+
+    core: client.CoreV1Api
+    coordination: client.CoordinationV1Api
+    execs: PodExec
+    pvc_root: Path
+
+
+class BackupFailed(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class TargetBusy(Exception):
+    """Another backup of the same server holds its lock; this one waits."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(f"waiting for {holder} to finish: one backup per server at a time")
+        self.holder = holder
+
+
+def lock_holder(resource: layout.ResourceIdentity) -> str:
+    return f"IdmBackup {resource.namespace}/{resource.name} ({resource.uid})"
+
+
+def human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def _timestamp(moment: datetime.datetime) -> str:
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def take_backup(
+    resource: layout.ResourceIdentity, spec: BackupSpec, services: Services, report: Reporter
+) -> None:
+    """Raises BackupFailed with the cause, or TargetBusy while another backup of the server runs."""
+    try:
+        pod = cluster.find_target_pod(services.core, resource.namespace, spec.target)
+    except cluster.ResolveError as err:
+        raise BackupFailed("TargetUnavailable", str(err)) from None
+    lock = TargetLock(services.coordination, pod, lock_holder(resource))
+    busy = lock.try_acquire()
+    if busy is not None:
+        raise TargetBusy(busy.holder)
+    lock.keep_renewed()
+    try:
+        with tempfile.TemporaryDirectory(prefix="idm-backup-") as scratch:
+            _Backup(resource, spec, services, report, pod, Path(scratch)).run()
+    finally:
+        lock.release()
+
+
+class _Backup:
+    def __init__(
+        self,
+        resource: layout.ResourceIdentity,
+        spec: BackupSpec,
+        services: Services,
+        report: Reporter,
+        pod: PodRef,
+        scratch: Path,
+    ) -> None:
+        self.resource, self.spec, self.services, self.report = resource, spec, services, report
+        self.pod, self.scratch = pod, scratch
+        self.started = _now()
+        self.deadline = time.monotonic() + spec.deadline_seconds
+
+    def remaining(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise BackupFailed(
+                "DeadlineExceeded",
+                f"the backup did not finish within activeDeadlineSeconds={self.spec.deadline_seconds}",
+            )
+        return left
+
+    def run(self) -> None:
+        self.report.update(
+            phase="Running",
+            startTime=_timestamp(self.started),
+            step="pre-flight checks",
+            target={"pod": self.pod.name, "container": self.pod.container},
+        )
+        self.report.event("BackupStarted", f"backing up pod {self.pod.name}")
+        recipients = self.load_keys()
+        store = self.open_store()
+        server = self.preflight_server()
+        directory = self.run_ipa_backup()
+        archive_uri = self.store_backup(store, server, directory, recipients)
+        cleanup_note = self.cleanup_pod(directory)
+        finished = _now()
+        self.report.update(
+            phase="Succeeded",
+            step="done",
+            completionTime=_timestamp(finished),
+            durationSeconds=round((finished - self.started).total_seconds(), 1),
+            reason="BackupSucceeded",
+            message=f"stored {archive_uri}{cleanup_note}",
+        )
+        self.report.condition("Completed", True, "BackupSucceeded", f"stored and verified {archive_uri}")
+        self.report.event("BackupCompleted", f"stored and verified {archive_uri}")
+
+    # -- pre-flight: nothing on the server is touched until all of this passed --------------------------
+
+    def load_keys(self) -> encryption.Recipients | None:
+        if not self.spec.encryption.enabled:
+            return None
+        try:
+            recipients = cluster.load_public_keys(
+                self.services.core, self.resource.namespace, self.spec.encryption
+            )
+        except (cluster.ResolveError, encryption.KeyMaterialError) as err:
+            raise BackupFailed("InvalidEncryptionKeys", f"encryption keys unusable: {err}") from None
+        return recipients
+
+    def open_store(self) -> Store:
+        try:
+            store = cluster.open_store(
+                self.services.core,
+                self.resource.namespace,
+                self.spec.storage,
+                self.services.pvc_root,
+                self.scratch,
+            )
+            store.check_writable()
+        except (cluster.ResolveError, StorageError) as err:
+            raise BackupFailed("StorageUnavailable", f"storage not usable: {err}") from None
+        return store
+
+    def preflight_server(self) -> IpaServerConfig:
+        conf = self.exec(["cat", "/etc/ipa/default.conf"], timeout=60)
+        if conf.exit_code != 0:
+            raise BackupFailed(
+                "NotConfigured",
+                f"pod {self.pod.name} has no readable /etc/ipa/default.conf: IPA is not configured there",
+            )
+        try:
+            server = freeipa.parse_default_conf(conf.stdout.decode("utf-8", "replace"))
+        except freeipa.DefaultConfError as err:
+            raise BackupFailed(
+                "NotConfigured", f"/etc/ipa/default.conf in pod {self.pod.name}: {err}"
+            ) from None
+        self.report.update(target={"host": server.host, "realm": server.realm})
+        target = self.spec.target
+        if target.require_hidden_replica or not self.spec.options.disable_role_check:
+            self.check_topology(server)
+        return server
+
+    def check_topology(self, server: IpaServerConfig) -> None:
+        target = self.spec.target
+        self.report.update(step="pre-flight: reading the topology from LDAP")
+        try:
+            settings = cluster.ldap_settings(
+                self.services.core, self.resource.namespace, target.ldap, self.scratch
+            )
+            topology = read_topology(settings, target.ldap.base_dn or server.basedn)
+            replica = topology.server(server.host)
+        except (cluster.ResolveError, TopologyError) as err:
+            raise BackupFailed("TopologyUnavailable", f"cannot check the FreeIPA topology: {err}") from None
+        if target.require_hidden_replica and not replica.is_hidden:
+            raise BackupFailed(
+                "NotHiddenReplica",
+                f"{server.host} is not a hidden replica (its services are {replica.state.name.lower()}): an "
+                "offline backup would stop a server clients use. Back up a hidden replica, or set "
+                "spec.target.requireHiddenReplica to false to back up this server anyway.",
+            )
+        if not self.spec.options.disable_role_check:
+            roles = check_roles(topology, server.host)
+            if not roles.ok:
+                raise BackupFailed("RoleCheckFailed", f"{roles.message} {roles.explanation}")
+
+    # -- ipa-backup in the pod ----------------------------------------------------------------------------
+
+    def exec(self, argv: list[str], timeout: float) -> Any:
+        try:
+            return self.services.execs.run(self.pod, argv, timeout=min(timeout, self.remaining()))
+        except ExecError as err:
+            raise BackupFailed("ExecFailed", f"{' '.join(argv)} in pod {self.pod.name}: {err}") from None
+        except client.ApiException as err:
+            raise BackupFailed("ExecFailed", f"cannot exec in pod {self.pod.name}: {err.reason}") from None
+
+    def run_ipa_backup(self) -> BackupDirectory:
+        options = self.spec.options
+        argv = freeipa.ipa_backup_argv(options)
+        self.report.update(step="ipa-backup: starting", ipaBackup={"command": argv})
+        parser = freeipa.BackupOutputParser()
+
+        def on_line(line: str) -> None:
+            for step in parser.feed(line + "\n"):
+                self.report.update(step=f"ipa-backup: {step}")
+
+        exit_code: int | None = None
+        interruption = ""
+        try:
+            session = self.services.execs.open(
+                self.pod, argv, timeout=self.remaining(), on_stderr_line=on_line
+            )
+            try:
+                exit_code = session.finish().exit_code
+            finally:
+                session.close()
+        except (ExecError, client.ApiException, OSError) as err:
+            interruption = f" ({err})"
+            stop_orphaned_ipa_backup(self.services.execs, self.pod, wait=0)
+        result = parser.finish(exit_code)
+        self.report.update(
+            ipaBackup={
+                "exitCode": exit_code,
+                "directory": result.backup_dir,
+                "warnings": list(result.warnings),
+            }
+        )
+        if not result.succeeded:
+            if options.stops_services and (result.services_may_be_stopped or exit_code is None):
+                restart_services(self.services.execs, self.pod, self.report)
+            raise BackupFailed("IpaBackupFailed", f"ipa-backup failed: {result.message}{interruption}")
+        if options.stops_services:
+            check_services(self.services.execs, self.pod, self.report, started_by="ipa-backup")
+        try:
+            return result.directory(options.type)
+        except freeipa.UnsafeBackupPath as err:
+            raise BackupFailed(
+                "UnexpectedOutput", f"ipa-backup reported an unexpected directory: {err}"
+            ) from None
+
+    # -- transfer and verification ------------------------------------------------------------------------
+
+    def read_header(self, directory: BackupDirectory) -> tuple[bytes, BackupHeader]:
+        raw = self.exec(["cat", "--", str(directory.header_path)], timeout=60)
+        if raw.exit_code != 0:
+            raise BackupFailed("InvalidHeader", f"cannot read {directory.header_path}: {raw.stderr.strip()}")
+        try:
+            header = freeipa.parse_header(raw.stdout)
+        except freeipa.HeaderError as err:
+            raise BackupFailed("InvalidHeader", f"{directory.header_path}: {err}") from None
+        self.report.update(
+            header={
+                "type": header.type.name,
+                "time": _timestamp(header.time),
+                "host": header.host,
+                "ipaVersion": header.ipa_version,
+                "version": header.version,
+                "services": list(header.services),
+            }
+        )
+        return raw.stdout, header
+
+    def checksum_in_pod(self, directory: BackupDirectory) -> layout.FileRecord:
+        path = str(directory.archive_path)
+        self.report.update(step="computing the archive's checksum in the pod")
+        size = self.exec(["stat", "-c", "%s", "--", path], timeout=60)
+        digest = self.exec(["sha256sum", "--", path], timeout=self.remaining())
+        if size.exit_code != 0 or digest.exit_code != 0:
+            raise BackupFailed(
+                "ArchiveMissing", f"cannot read {path} in the pod: {(size.stderr or digest.stderr).strip()}"
+            )
+        return layout.FileRecord(
+            name=directory.type.archive_name,
+            size=int(size.stdout.split()[0]),
+            sha256=digest.stdout.split()[0].decode(),
+        )
+
+    def archive_chunks(self, directory: BackupDirectory, tally: Tally) -> Iterator[bytes]:
+        argv = ["cat", "--", str(directory.archive_path)]
+        return tallied(self.services.execs.stream_stdout(self.pod, argv, timeout=self.remaining()), tally)
+
+    def store_backup(
+        self,
+        store: Store,
+        server: IpaServerConfig,
+        directory: BackupDirectory,
+        recipients: encryption.Recipients | None,
+    ) -> str:
+        header_bytes, header = self.read_header(directory)
+        in_pod = self.checksum_in_pod(directory)
+        keys = layout.backup_keys(
+            self.resource.namespace, server.host, directory, encrypted=recipients is not None
+        )
+        self.report.update(step=f"uploading {human_size(in_pod.size)} to {store.uri(keys.archive)}")
+        written: list[str] = []
+        try:
+            header_obj = store.put_bytes(keys.header, header_bytes)
+            written.append(keys.header)
+            plain = Tally()
+            stored = self.upload_archive(
+                store, keys.archive, self.archive_chunks(directory, plain), recipients
+            )
+            written.append(keys.archive)
+            self.verify(store, keys, in_pod, plain, stored)
+            manifest = layout.build_manifest(
+                resource=self.resource,
+                host=server.host,
+                pod=self.pod.name,
+                header=header,
+                header_file=layout.FileRecord("header", header_obj.size, Tally.of(header_bytes).sha256),
+                archive=layout.FileRecord(keys.archive.rsplit("/", 1)[1], stored.size, stored.sha256 or ""),
+                plaintext=in_pod,
+                recipients=recipients.fingerprints if recipients else (),
+                options=self.spec.raw,
+                created=_now(),
+            )
+            store.put_bytes(keys.manifest, manifest)
+        except BaseException:
+            for key in written:
+                try:
+                    store.delete(key)
+                except StorageError as err:
+                    log.warning("could not remove partial %s: %s", key, err)
+            raise
+        self.report.update(
+            archive={
+                "uri": store.uri(keys.archive),
+                "headerURI": store.uri(keys.header),
+                "manifestURI": store.uri(keys.manifest),
+                "size": human_size(stored.size),
+                "sizeBytes": stored.size,
+                "sha256": stored.sha256,
+                "plaintextSizeBytes": in_pod.size,
+                "plaintextSHA256": in_pod.sha256,
+                "encrypted": recipients is not None,
+                "recipients": list(recipients.fingerprints) if recipients else [],
+            }
+        )
+        return store.uri(keys.archive)
+
+    def upload_archive(
+        self, store: Store, key: str, chunks: Iterator[bytes], recipients: encryption.Recipients | None
+    ) -> StoredObject:
+        try:
+            with store.open_upload(key) as upload:
+                if recipients is None:
+                    for chunk in chunks:
+                        upload.write(chunk)
+                else:
+                    with encryption.encrypt(chunks, recipients) as ciphertext:
+                        for chunk in ciphertext:
+                            upload.write(chunk)
+                return upload.commit()
+        except ExecError as err:
+            raise BackupFailed("TransferFailed", f"reading the archive from the pod failed: {err}") from None
+        except encryption.GpgError as err:
+            raise BackupFailed("EncryptionFailed", str(err)) from None
+        except StorageError as err:
+            raise BackupFailed("UploadFailed", f"upload failed: {err}") from None
+
+    def verify(
+        self,
+        store: Store,
+        keys: layout.BackupKeys,
+        in_pod: layout.FileRecord,
+        plain: Tally,
+        stored: StoredObject,
+    ) -> None:
+        """Succeeded is only ever reported for an archive whose bytes were checked on both ends."""
+        self.report.update(step="verifying the stored archive")
+        if (plain.size, plain.sha256) != (in_pod.size, in_pod.sha256):
+            raise BackupFailed(
+                "ChecksumMismatch",
+                f"the archive read from the pod ({plain.size} bytes, sha256 {plain.sha256}) differs from "
+                f"the file in the pod ({in_pod.size} bytes, sha256 {in_pod.sha256})",
+            )
+        found = store.stat(keys.archive)
+        if found is None or found.size != stored.size:
+            raise BackupFailed(
+                "VerificationFailed",
+                f"{store.uri(keys.archive)} has {found.size if found else 'no'} bytes in storage, "
+                f"expected {stored.size}",
+            )
+
+    def cleanup_pod(self, directory: BackupDirectory) -> str:
+        if self.spec.keep_in_pod:
+            return f"; kept {directory.path} in the pod"
+        result = self.exec(["rm", "-rf", "--", str(directory.path)], timeout=300)
+        if result.exit_code != 0:
+            self.report.event(
+                "PodCleanupFailed",
+                f"could not remove {directory.path}: {result.stderr.strip()}",
+                warning=True,
+            )
+            return f"; could not remove {directory.path} from the pod"
+        return ""
+
+
+# -- services and orphans, shared with recovery after an operator restart ------------------------------
+
+
+def check_services(execs: PodExec, pod: PodRef, report: Reporter, *, started_by: str) -> bool:
+    try:
+        result = execs.run(pod, list(freeipa.IPACTL_STATUS), timeout=120)
+    except (ExecError, client.ApiException) as err:
+        report.condition("ServicesRunning", False, "StatusUnknown", f"ipactl status could not run: {err}")
+        return False
+    status = freeipa.parse_ipactl_status(
+        result.stderr + "\n" + result.stdout.decode("utf-8", "replace"), result.exit_code
+    )
+    running = status.verdict is freeipa.IpaServicesVerdict.RUNNING
+    report.condition(
+        "ServicesRunning",
+        running,
+        f"StartedBy{started_by.title().replace('-', '').replace(' ', '')}" if running else "ServicesDown",
+        status.summary,
+    )
+    return running
+
+
+def restart_services(execs: PodExec, pod: PodRef, report: Reporter) -> bool:
+    """ipa-backup leaves IPA stopped when it fails: start it again and say whether it came back."""
+    report.update(step="starting IPA services again (ipactl start)")
+    try:
+        execs.run(pod, list(freeipa.IPACTL_START), timeout=SERVICE_START_TIMEOUT)
+    except (ExecError, client.ApiException) as err:
+        log.warning("ipactl start in %s: %s", pod, err)
+    running = check_services(execs, pod, report, started_by="operator")
+    if running:
+        report.event("ServicesRestarted", f"IPA services in pod {pod.name} are running again")
+    else:
+        report.event(
+            "ServicesDown",
+            f"IPA services in pod {pod.name} did not come back: check the server",
+            warning=True,
+        )
+    return running
+
+
+def stop_orphaned_ipa_backup(execs: PodExec, pod: PodRef, wait: float) -> None:
+    """Let an ipa-backup whose session was lost end on its own for `wait` seconds, then stop it."""
+    deadline = time.monotonic() + wait
+    try:
+        while time.monotonic() < deadline:
+            if execs.run(pod, ["pgrep", "-x", "ipa-backup"], timeout=30).exit_code != 0:
+                return
+            time.sleep(2)
+        execs.run(pod, ["pkill", "-TERM", "-x", "ipa-backup"], timeout=30)
+        time.sleep(2)
+        execs.run(pod, ["pkill", "-KILL", "-x", "ipa-backup"], timeout=30)
+    except (ExecError, client.ApiException) as err:
+        log.warning("stopping ipa-backup in %s: %s", pod, err)
+
+
+# -- after an operator restart -------------------------------------------------------------------------
+
+
+def recover_interrupted(
+    resource: layout.ResourceIdentity,
+    spec: BackupSpec,
+    status: dict[str, Any],
+    services: Services,
+    report: Reporter,
+) -> None:
+    """Finish a backup the previous operator process left Running; raises BackupFailed unless it completed.
+
+    A lost exec session cannot be resumed: the backup is abandoned, unless its manifest shows it was
+    stored completely. Either way the server gets its services back and storage keeps nothing partial.
+    """
+    step = status.get("step", "unknown")
+    target = status.get("target") or {}
+    notes: list[str] = []
+    pod = None
+    if target.get("pod"):
+        pod = PodRef(resource.namespace, target["pod"], target.get("container") or "")
+        try:
+            services.core.read_namespaced_pod(pod.name, pod.namespace)
+        except client.ApiException:
+            notes.append(f"pod {pod.name} is gone")
+            pod = None
+    if pod is not None and "ipaBackup" in status:
+        stop_orphaned_ipa_backup(services.execs, pod, wait=ORPHAN_WAIT_SECONDS)
+        if spec.options.stops_services:
+            running = restart_services(services.execs, pod, report)
+            notes.append("IPA services are running" if running else "IPA services did NOT come back")
+    outcome = _settle_storage(resource, spec, status, services)
+    if pod is not None:
+        TargetLock(services.coordination, pod, lock_holder(resource)).release()
+    if outcome is not None:
+        finished = _now()
+        report.update(
+            phase="Succeeded",
+            step="done",
+            completionTime=_timestamp(finished),
+            reason="BackupSucceeded",
+            message=f"stored {outcome} (completed before the operator restarted)",
+        )
+        report.condition("Completed", True, "BackupSucceeded", f"stored and verified {outcome}")
+        report.event(
+            "BackupCompleted", f"stored and verified {outcome} (found complete after an operator restart)"
+        )
+        return
+    notes.append("nothing partial is left in storage")
+    raise BackupFailed(
+        "OperatorRestarted",
+        f"the operator stopped while this backup was running (step: {step}) and an exec session cannot be "
+        f"resumed, so the backup was abandoned: {'; '.join(notes)}. Create a new IdmBackup to retry.",
+    )
+
+
+def _settle_storage(
+    resource: layout.ResourceIdentity, spec: BackupSpec, status: dict[str, Any], services: Services
+) -> str | None:
+    """The archive URI if the interrupted backup is completely stored; otherwise remove what it wrote."""
+    directory_path = (status.get("ipaBackup") or {}).get("directory")
+    host = (status.get("target") or {}).get("host")
+    if not directory_path or not host:
+        return None  # ipa-backup had not finished: nothing was uploaded yet
+    directory = freeipa.backup_directory(directory_path, spec.options.type)
+    keys = layout.backup_keys(resource.namespace, host, directory, encrypted=spec.encryption.enabled)
+    with tempfile.TemporaryDirectory(prefix="idm-backup-") as scratch:
+        store = cluster.open_store(
+            services.core, resource.namespace, spec.storage, services.pvc_root, Path(scratch)
+        )
+        manifest = store.stat(keys.manifest)
+        archive = store.stat(keys.archive)
+        if manifest is not None and archive is not None:
+            with store.open_read(keys.manifest) as f:
+                recorded = layout.parse_manifest(f.read())
+            if (
+                recorded["resource"]["uid"] == resource.uid
+                and recorded["files"]["archive"]["size"] == archive.size
+            ):
+                return store.uri(keys.archive)
+        for key in (keys.manifest, keys.archive, keys.header):
+            store.delete(key)
+        store.clean_incomplete(keys.directory, started_before=_now())
+    return None

@@ -1,0 +1,197 @@
+"""What the operator reads from Kubernetes for a backup: Secrets and the FreeIPA server's pod.
+
+Every failure is a ResolveError whose message tells the user which object to fix.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client
+
+from idm_backup_operator.encryption import Recipients, load_recipients
+from idm_backup_operator.model import (
+    Encryption,
+    LabelSelector,
+    LdapTarget,
+    PvcStorage,
+    S3Storage,
+    SecretKeyRef,
+    Target,
+)
+from idm_backup_operator.podexec import PodRef
+from idm_backup_operator.storage import PVCStore, S3Config, S3Store, StorageError, Store
+from idm_backup_operator.topology import LdapConnectionSettings
+
+# freeipa-container takes the server's host name from this variable.
+HOSTNAME_ENV = "IPA_SERVER_HOSTNAME"
+
+
+class ResolveError(Exception):
+    """A referenced object is missing or unusable; the message names it."""
+
+
+def _api_reason(err: client.ApiException) -> str:
+    return "not found" if err.status == 404 else f"cannot be read ({err.status} {err.reason})"
+
+
+def read_secret(core: client.CoreV1Api, namespace: str, name: str) -> Mapping[str, bytes]:
+    try:
+        secret = core.read_namespaced_secret(name, namespace)
+    except client.ApiException as err:
+        raise ResolveError(f"Secret {namespace}/{name} {_api_reason(err)}") from None
+    return {key: base64.b64decode(value) for key, value in (secret.data or {}).items()}
+
+
+def read_secret_key(core: client.CoreV1Api, namespace: str, ref: SecretKeyRef) -> bytes:
+    data = read_secret(core, namespace, ref.name)
+    if ref.key not in data:
+        keys = ", ".join(sorted(data)) or "none"
+        raise ResolveError(f"Secret {namespace}/{ref.name} has no key {ref.key!r} (it has: {keys})")
+    return data[ref.key]
+
+
+def _selector_string(selector: LabelSelector) -> str:
+    parts = [f"{k}={v}" for k, v in sorted(selector.match_labels.items())]
+    for expr in selector.match_expressions:
+        key, op, values = expr["key"], expr["operator"], ",".join(expr.get("values") or ())
+        parts.append(
+            {
+                "In": f"{key} in ({values})",
+                "NotIn": f"{key} notin ({values})",
+                "Exists": key,
+                "DoesNotExist": f"!{key}",
+            }[op]
+        )
+    return ",".join(parts)
+
+
+def _serves_host(pod: Any, host: str) -> bool:
+    for container in pod.spec.containers:
+        if any(
+            e.name == HOSTNAME_ENV and (e.value or "").lower() == host.lower() for e in container.env or ()
+        ):
+            return True
+        args = [*(container.command or ()), *(container.args or ())]
+        if f"--hostname={host}" in args or any(
+            a == "--hostname" and b == host for a, b in itertools.pairwise(args)
+        ):
+            return True
+    return False
+
+
+def _is_ready(pod: Any) -> bool:
+    return pod.status.phase == "Running" and any(
+        c.type == "Ready" and c.status == "True" for c in pod.status.conditions or ()
+    )
+
+
+def find_target_pod(core: client.CoreV1Api, namespace: str, target: Target) -> PodRef:
+    """The one pod the target designates; it must exist, run and be ready."""
+    if target.pod_name:
+        try:
+            pods = [core.read_namespaced_pod(target.pod_name, namespace)]
+        except client.ApiException as err:
+            raise ResolveError(f"target pod {namespace}/{target.pod_name} {_api_reason(err)}") from None
+    elif target.pod_selector is not None:
+        selector = _selector_string(target.pod_selector)
+        pods = core.list_namespaced_pod(namespace, label_selector=selector).items
+        if len(pods) != 1:
+            matched = ", ".join(p.metadata.name for p in pods) or "none"
+            raise ResolveError(
+                f"podSelector {selector!r} must match exactly one pod in {namespace}, matched: {matched}"
+            )
+    else:
+        assert target.host is not None
+        pods = [p for p in core.list_namespaced_pod(namespace).items if _serves_host(p, target.host)]
+        if len(pods) != 1:
+            matched = ", ".join(p.metadata.name for p in pods) or "none"
+            raise ResolveError(
+                f"host {target.host} must be served by exactly one pod in {namespace} "
+                f"(container env {HOSTNAME_ENV}), found: {matched}"
+            )
+    pod = pods[0]
+    if pod.metadata.deletion_timestamp is not None:
+        raise ResolveError(f"target pod {namespace}/{pod.metadata.name} is being deleted")
+    if not _is_ready(pod):
+        raise ResolveError(
+            f"target pod {namespace}/{pod.metadata.name} is not ready (phase {pod.status.phase})"
+        )
+    names = [c.name for c in pod.spec.containers]
+    container = target.container or names[0]
+    if container not in names:
+        raise ResolveError(
+            f"pod {namespace}/{pod.metadata.name} has no container {container!r} (it has: {', '.join(names)})"
+        )
+    return PodRef(namespace=namespace, name=pod.metadata.name, container=container)
+
+
+def _write_ca(core: client.CoreV1Api, namespace: str, ref: SecretKeyRef, scratch: Path, name: str) -> str:
+    path = scratch / name
+    path.write_bytes(read_secret_key(core, namespace, ref))
+    return str(path)
+
+
+def open_store(
+    core: client.CoreV1Api, namespace: str, storage: S3Storage | PvcStorage, pvc_root: Path, scratch: Path
+) -> Store:
+    """The store a spec names, with its credentials; PVCs must be mounted in the operator's pod."""
+    if isinstance(storage, PvcStorage):
+        mount = pvc_root / storage.claim_name
+        if not mount.is_dir():
+            raise ResolveError(
+                f"PVC {storage.claim_name} is not mounted in the operator at {mount}: "
+                "add it to the Helm chart's storage.pvcMounts"
+            )
+        return PVCStore(mount, storage.sub_path)
+    creds = read_secret(core, namespace, storage.credentials_secret)
+    missing = [k for k in (storage.access_key_id_key, storage.secret_access_key_key) if k not in creds]
+    if missing:
+        raise ResolveError(f"Secret {namespace}/{storage.credentials_secret} has no key {', '.join(missing)}")
+    verify: bool | str = True
+    if storage.ca is not None:
+        verify = _write_ca(core, namespace, storage.ca, scratch, "s3-ca.pem")
+    try:
+        return S3Store(
+            S3Config(
+                bucket=storage.bucket,
+                prefix=storage.prefix,
+                endpoint_url=storage.endpoint,
+                region=storage.region,
+                access_key_id=creds[storage.access_key_id_key].decode(),
+                secret_access_key=creds[storage.secret_access_key_key].decode(),
+                verify=verify,
+                force_path_style=storage.force_path_style,
+                server_side_encryption=storage.server_side_encryption,  # type: ignore[arg-type]
+                kms_key_id=storage.kms_key_id,
+                part_size=storage.part_size_mib * 1024 * 1024,
+            )
+        )
+    except StorageError as err:
+        raise ResolveError(str(err)) from None
+
+
+def load_public_keys(core: client.CoreV1Api, namespace: str, encryption: Encryption) -> Recipients:
+    """Raises ResolveError for a missing Secret, KeyMaterialError for unusable keys."""
+    assert encryption.public_keys_secret is not None
+    data = read_secret(core, namespace, encryption.public_keys_secret)
+    wanted = encryption.secret_keys or tuple(sorted(data))
+    missing = [k for k in wanted if k not in data]
+    if missing or not wanted:
+        what = f"no key {', '.join(missing)}" if missing else "no keys at all"
+        raise ResolveError(f"Secret {namespace}/{encryption.public_keys_secret} has {what}")
+    return load_recipients(*(data[k] for k in wanted), wanted=encryption.recipients)
+
+
+def ldap_settings(
+    core: client.CoreV1Api, namespace: str, ldap: LdapTarget, scratch: Path
+) -> LdapConnectionSettings:
+    password = read_secret_key(core, namespace, ldap.password).decode()
+    ca_file = None if ldap.ca is None else _write_ca(core, namespace, ldap.ca, scratch, "ldap-ca.pem")
+    return LdapConnectionSettings(
+        uri=ldap.url, bind_dn=ldap.bind_dn, password=password, ca_file=ca_file, starttls=ldap.start_tls
+    )

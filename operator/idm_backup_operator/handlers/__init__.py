@@ -1,0 +1,5 @@
+"""kopf handlers, one module per resource kind; importing this package registers them all."""
+
+from idm_backup_operator.handlers import idmbackup, startup
+
+__all__ = ["idmbackup", "startup"]

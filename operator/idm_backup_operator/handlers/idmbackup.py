@@ -1,0 +1,81 @@
+"""IdmBackup: one backup, taken once, by the pipeline in idm_backup_operator.backup."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from typing import Any
+
+import kopf
+
+from idm_backup_operator import backup
+from idm_backup_operator.freeipa import InvalidBackupOptions
+from idm_backup_operator.layout import ResourceIdentity
+from idm_backup_operator.model import GROUP, IDMBACKUPS, VERSION, Phase, parse_backup_spec
+from idm_backup_operator.reporting import StatusReporter
+
+# How often a backup waiting for another one of the same server checks again.
+WAIT_RETRY_SECONDS = 10
+
+
+def _reporter(memo: kopf.Memo, resource: ResourceIdentity, body: kopf.Body) -> StatusReporter:
+    return StatusReporter(
+        memo.api,
+        resource,
+        kind="IdmBackup",
+        plural=IDMBACKUPS,
+        generation=body.metadata.get("generation") or 1,
+        status=dict(body.status),
+    )
+
+
+def _fail(report: StatusReporter, status: kopf.Status, reason: str, message: str) -> None:
+    now = datetime.datetime.now(datetime.UTC)
+    fields: dict[str, Any] = {"phase": "Failed", "reason": reason, "message": message}
+    fields["completionTime"] = now.isoformat(timespec="seconds").replace("+00:00", "Z")
+    if started := status.get("startTime"):
+        began = datetime.datetime.fromisoformat(started.replace("Z", "+00:00"))
+        fields["durationSeconds"] = round((now - began).total_seconds(), 1)
+    report.update(**fields)
+    report.condition("Completed", False, reason, message)
+    report.event("BackupFailed", message, warning=True)
+
+
+@kopf.on.create(GROUP, VERSION, IDMBACKUPS)
+def take_backup(
+    body: kopf.Body,
+    spec: kopf.Spec,
+    status: kopf.Status,
+    memo: kopf.Memo,
+    logger: logging.Logger | logging.LoggerAdapter[Any],
+    **_: Any,
+) -> None:
+    resource = ResourceIdentity(
+        body.metadata.namespace or "", body.metadata.name or "", body.metadata.uid or ""
+    )
+    report = _reporter(memo, resource, body)
+    phase = status.get("phase")
+    if phase is not None and Phase(phase).finished:
+        return
+    try:
+        parsed = parse_backup_spec(spec)
+    except (InvalidBackupOptions, KeyError) as err:
+        _fail(report, status, "InvalidSpec", f"invalid spec: {err}")
+        return
+    try:
+        if phase == Phase.RUNNING:
+            # Only a previous operator process leaves a backup Running: this one never raises mid-run.
+            backup.recover_interrupted(resource, parsed, dict(status), memo.services, report)
+        else:
+            if phase is None:
+                report.update(phase="Pending", step="pre-flight checks", message="")
+            backup.take_backup(resource, parsed, memo.services, report)
+    except backup.TargetBusy as busy:
+        report.update(phase="Pending", step="waiting for the server's lock", message=str(busy))
+        report.condition("Waiting", True, "TargetBusy", str(busy))
+        raise kopf.TemporaryError(str(busy), delay=WAIT_RETRY_SECONDS) from None
+    except backup.BackupFailed as failed:
+        _fail(report, status, failed.reason, failed.message)
+    except Exception as err:
+        logger.exception("backup %s/%s failed unexpectedly", resource.namespace, resource.name)
+        _fail(report, status, "InternalError", f"unexpected {type(err).__name__}: {err}")

@@ -1,0 +1,48 @@
+"""Operator start-up: API clients shared by all handlers, and kopf's own settings."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import kopf
+from kubernetes import client, config
+
+from idm_backup_operator.backup import Services
+from idm_backup_operator.podexec import PodExec
+
+PVC_ROOT_ENV = "IDM_BACKUP_PVC_ROOT"
+DEFAULT_PVC_ROOT = "/var/lib/idm-backup-operator/pvc"
+WORKERS_ENV = "IDM_BACKUP_WORKERS"
+
+
+def api_client() -> client.ApiClient:
+    try:
+        config.load_incluster_config()
+        return client.ApiClient()
+    except config.ConfigException:
+        return config.new_client_from_config()
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # Progress and the last handled spec go into annotations of our own prefix; the CRD status schema
+    # has no room for kopf's bookkeeping, and the prefix makes clear who owns them.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="idm-backup.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="idm-backup.io", key="last-handled-configuration"
+    )
+    # Our handlers post their own, meaningful Events; kopf's per-handler ones would only add noise.
+    settings.posting.level = logging.WARNING
+    # Backups are blocking and long: each runs in a worker thread, so the pool bounds concurrent backups.
+    settings.execution.max_workers = int(os.environ.get(WORKERS_ENV, "16"))
+    api = api_client()
+    memo.api = api
+    memo.services = Services(
+        core=client.CoreV1Api(api),
+        coordination=client.CoordinationV1Api(api),
+        execs=PodExec(api),
+        pvc_root=Path(os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT)),
+    )

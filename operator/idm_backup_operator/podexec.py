@@ -1,0 +1,187 @@
+"""Running commands in a pod through the API server's exec endpoint, the way `kubectl exec` does.
+
+Stdout can be streamed: it is handed over frame by frame, never accumulated, so a multi-GiB archive
+passes through in constant memory. Stderr is delivered line by line while the command runs, so callers
+can follow ipa-backup's progress. The exit status arrives as a number, not as an exception.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from kubernetes import client
+from kubernetes.stream import stream
+from kubernetes.stream.ws_client import ERROR_CHANNEL, STDERR_CHANNEL, STDOUT_CHANNEL
+
+# How long one wait for a frame may block before the deadline is checked again.
+_POLL_SECONDS = 1.0
+
+
+class ExecError(RuntimeError):
+    """The command could not be run, or did not finish in time; not a non-zero exit status."""
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    exit_code: int
+    stdout: bytes
+    stderr: str
+
+    def check(self, what: str) -> ExecResult:
+        if self.exit_code != 0:
+            detail = self.stderr.strip().splitlines()[-1:] or [f"exit code {self.exit_code}"]
+            raise ExecError(f"{what} failed in the pod: {detail[0]}")
+        return self
+
+
+@dataclass(frozen=True)
+class PodRef:
+    namespace: str
+    name: str
+    container: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name} (container {self.container})"
+
+
+def _exit_code(status_text: str) -> int:
+    """Translate the API server's v1 Status on the error channel into an exit code."""
+    status = yaml.safe_load(status_text) if status_text else None
+    if not isinstance(status, dict):
+        raise ExecError("the exec connection closed without reporting how the command ended")
+    if status.get("status") == "Success":
+        return 0
+    for cause in (status.get("details") or {}).get("causes") or []:
+        if cause.get("reason") == "ExitCode":
+            return int(cause["message"])
+    raise ExecError(f"exec failed: {status.get('message') or status}")
+
+
+class Session:
+    """One exec'd command: read its stdout in chunks, see its stderr in lines, then its exit code."""
+
+    def __init__(self, ws: Any, deadline: float | None, on_stderr_line: Callable[[str], None] | None) -> None:
+        self._ws = ws
+        self._deadline = deadline
+        self._on_line = on_stderr_line
+        self._stderr_partial = b""
+        self._stderr: list[str] = []
+        self._error_channel = b""
+
+    def _pump(self) -> bytes:
+        """Wait for the next frame; return stdout bytes it carried (possibly none)."""
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            raise ExecError("the command did not finish before its deadline")
+        timeout = _POLL_SECONDS
+        if self._deadline is not None:
+            timeout = max(0.0, min(timeout, self._deadline - time.monotonic()))
+        self._ws.update(timeout=timeout)
+        out = self._ws.read_channel(STDOUT_CHANNEL)
+        err = self._ws.read_channel(STDERR_CHANNEL)
+        if err:
+            self._take_stderr(err)
+        status = self._ws.read_channel(ERROR_CHANNEL)
+        if status:
+            self._error_channel += status
+        return bytes(out)
+
+    def _take_stderr(self, data: bytes) -> None:
+        *lines, self._stderr_partial = (self._stderr_partial + data).split(b"\n")
+        for raw in lines:
+            self._emit(raw)
+
+    def _emit(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace")
+        self._stderr.append(line)
+        if self._on_line is not None:
+            self._on_line(line)
+
+    def stdout_chunks(self) -> Iterator[bytes]:
+        while self._ws.is_open():
+            chunk = self._pump()
+            if chunk:
+                yield chunk
+
+    def finish(self) -> ExecResult:
+        """Drain what is left, and return the exit status; stdout is discarded."""
+        for _ in self.stdout_chunks():
+            pass
+        return self.result(b"")
+
+    def result(self, stdout: bytes) -> ExecResult:
+        if self._stderr_partial:
+            self._emit(self._stderr_partial)
+            self._stderr_partial = b""
+        return ExecResult(_exit_code(self._error_channel.decode()), stdout, "\n".join(self._stderr))
+
+    def close(self) -> None:
+        self._ws.close()
+
+
+class PodExec:
+    """Exec in pods with one API client; blocking, to be called from a worker thread."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self._core = client.CoreV1Api(api)
+
+    def open(
+        self,
+        pod: PodRef,
+        argv: Sequence[str],
+        *,
+        timeout: float | None = None,
+        on_stderr_line: Callable[[str], None] | None = None,
+        stdin: bool = False,
+    ) -> Session:
+        ws = stream(
+            self._core.connect_get_namespaced_pod_exec,
+            pod.name,
+            pod.namespace,
+            container=pod.container,
+            command=list(argv),
+            stdin=stdin,
+            stdout=True,
+            stderr=True,
+            tty=False,
+            binary=True,
+            capture_all=False,
+            _preload_content=False,
+        )
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return Session(ws, deadline, on_stderr_line)
+
+    def run(
+        self,
+        pod: PodRef,
+        argv: Sequence[str],
+        *,
+        timeout: float | None = 120,
+        on_stderr_line: Callable[[str], None] | None = None,
+        max_stdout: int = 1 << 20,
+    ) -> ExecResult:
+        """Run to completion and keep stdout, which must be small (files such as a header)."""
+        session = self.open(pod, argv, timeout=timeout, on_stderr_line=on_stderr_line)
+        try:
+            out = bytearray()
+            for chunk in session.stdout_chunks():
+                out += chunk
+                if len(out) > max_stdout:
+                    raise ExecError(f"{argv[0]} printed more than {max_stdout} bytes")
+            return session.result(bytes(out))
+        finally:
+            session.close()
+
+    def stream_stdout(
+        self, pod: PodRef, argv: Sequence[str], *, timeout: float | None = None
+    ) -> Iterator[bytes]:
+        """Yield the command's stdout as it arrives; raise ExecError unless it then exits 0."""
+        session = self.open(pod, argv, timeout=timeout)
+        try:
+            yield from session.stdout_chunks()
+            session.result(b"").check(" ".join(argv))
+        finally:
+            session.close()
