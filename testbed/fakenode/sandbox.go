@@ -67,7 +67,7 @@ func startSandbox(dir, image, hostname string, mounts []bindMount) (*sandbox, er
 	}
 	fmt.Fprintf(&script, "mount -t tmpfs -o mode=1777 tmpfs %[1]s/tmp\nmount -t tmpfs tmpfs %[1]s/run\n"+
 		"mount --rbind /dev %[1]s/dev\nmount -t proc proc %[1]s/proc\nmount --rbind /sys %[1]s/sys\n"+
-		"hostname %[2]s\necho sandbox-ready\nexec chroot %[1]s /bin/sleep infinity\n",
+		"hostname %[2]s\nexec chroot %[1]s /bin/sh -c 'echo sandbox-ready; exec sleep infinity'\n",
 		shellQuote(root), shellQuote(hostname))
 
 	// With its own PID namespace a pod sees only its own processes, as in a container: `pgrep ipa-backup`
@@ -88,6 +88,7 @@ func startSandbox(dir, image, hostname string, mounts []bindMount) (*sandbox, er
 	if err := cmd.Start(); err != nil {
 		return nil, err
 	}
+	// Ready is announced from inside the chroot: an exec that joins earlier would see the host's root.
 	line, _ := bufio.NewReader(stdout).ReadString('\n')
 	if strings.TrimSpace(line) != "sandbox-ready" {
 		_ = cmd.Wait()
