@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from kubernetes import client, config, utils
 
 from testbed import freeipa_pod, stack
+from tests.gpgkeys import ExportedKey, Keyring
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +42,9 @@ def api(platform: stack.Platform) -> client.ApiClient:
 
 @pytest.fixture
 def namespace(api: client.ApiClient, request: pytest.FixtureRequest) -> Iterator[str]:
-    base = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    # Short: a FreeIPA pod's FQDN (host.subdomain.<namespace>.svc.cluster.local) must fit in 64
+    # characters, or the kubelet refuses to start it, as a real one does.
+    base = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower().removeprefix("test_"))[:20].strip("-")
     name = f"{base}-{uuid.uuid4().hex[:6]}"
     core = client.CoreV1Api(api)
     core.create_namespace({"metadata": {"name": name, "labels": {"idm-backup.io/test": "true"}}})
@@ -79,8 +86,12 @@ def freeipa(api: client.ApiClient, namespace: str, platform: stack.Platform) -> 
 
     def create(host: str = "ipa-hidden.example.test", name: str | None = None, **kwargs: Any) -> str:
         pod_name = name or host.split(".", 1)[0]
-        apply(api, namespace, freeipa_pod.data_claim(f"{pod_name}-data"),
-              freeipa_pod.freeipa_pod(pod_name, host, platform.ldap_uri, **kwargs))
+        apply(
+            api,
+            namespace,
+            freeipa_pod.data_claim(f"{pod_name}-data"),
+            freeipa_pod.freeipa_pod(pod_name, host, platform.ldap_uri, **kwargs),
+        )
 
         def ready() -> bool:
             pod = core.read_namespaced_pod(pod_name, namespace)
@@ -90,3 +101,95 @@ def freeipa(api: client.ApiClient, namespace: str, platform: stack.Platform) -> 
         return pod_name
 
     return create
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def crds(api: client.ApiClient) -> None:
+    """The operator's CRDs, applied from crds/ (the single source of truth) and established."""
+    ext = client.ApiextensionsV1Api(api)
+    for path in sorted((REPO / "crds").glob("*.yaml")):
+        crd = yaml.safe_load(path.read_text())
+        try:
+            ext.create_custom_resource_definition(crd)
+        except client.ApiException as err:
+            if err.status != 409:
+                raise
+            current = ext.read_custom_resource_definition(crd["metadata"]["name"])
+            crd["metadata"]["resourceVersion"] = current.metadata.resource_version
+            ext.replace_custom_resource_definition(crd["metadata"]["name"], crd)
+
+        def established(name: str = crd["metadata"]["name"]) -> bool:
+            conditions = ext.read_custom_resource_definition(name).status.conditions or []
+            return any(c.type == "Established" and c.status == "True" for c in conditions)
+
+        wait_for(f"CRD {path.name} established", established, timeout=30)
+
+
+class OperatorProcess:
+    """The real operator, as a separate process watching one namespace; it can be killed like a pod."""
+
+    def __init__(self, namespace: str, kubeconfig: str, pvc_root: Path, log: Path) -> None:
+        self.namespace, self.kubeconfig, self.pvc_root, self.log = namespace, kubeconfig, pvc_root, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "KUBECONFIG": self.kubeconfig, "IDM_BACKUP_PVC_ROOT": str(self.pvc_root)}
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "idm_backup_operator",
+                    "run",
+                    "--namespace",
+                    self.namespace,
+                    "--verbose",
+                ],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+            )
+
+    def kill(self) -> None:
+        """SIGKILL: no handler gets to clean up, as when a node dies or the OOM killer strikes."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def operator(
+    platform: stack.Platform, crds: None, namespace: str, tmp_path: Path
+) -> Iterator[OperatorProcess]:
+    pvc_root = tmp_path / "pvc"
+    pvc_root.mkdir()
+    proc = OperatorProcess(namespace, platform.kubeconfig, pvc_root, tmp_path / "operator.log")
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def backup_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExportedKey]:
+    """The key pair of the person who will restore: the operator only ever sees its public half."""
+    home = tmp_path_factory.mktemp("restore-gnupg")
+    home.chmod(0o700)
+    ring = Keyring(home)
+    yield ring.export(ring.make("IdM Restore <restore@example.test>"))
+    subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"], check=False)

@@ -7,6 +7,7 @@ can follow ipa-backup's progress. The exit status arrives as a number, not as an
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -14,8 +15,12 @@ from typing import Any
 
 import yaml
 from kubernetes import client
-from kubernetes.stream import stream
-from kubernetes.stream.ws_client import ERROR_CHANNEL, STDERR_CHANNEL, STDOUT_CHANNEL
+from kubernetes.stream.stream import _websocket_request
+from kubernetes.stream.ws_client import ERROR_CHANNEL, STDERR_CHANNEL, STDOUT_CHANNEL, websocket_call
+
+# kubernetes.stream.stream() keeps a copy of all output (capture_all) and offers no way to turn that off,
+# since the generated API method refuses unknown arguments: the flag is bound into the request instead.
+_stream = functools.partial(_websocket_request, functools.partial(websocket_call, capture_all=False), None)
 
 # How long one wait for a frame may block before the deadline is checked again.
 _POLL_SECONDS = 1.0
@@ -137,7 +142,7 @@ class PodExec:
         on_stderr_line: Callable[[str], None] | None = None,
         stdin: bool = False,
     ) -> Session:
-        ws = stream(
+        ws = _stream(
             self._core.connect_get_namespaced_pod_exec,
             pod.name,
             pod.namespace,
@@ -148,7 +153,6 @@ class PodExec:
             stderr=True,
             tty=False,
             binary=True,
-            capture_all=False,
             _preload_content=False,
         )
         deadline = None if timeout is None else time.monotonic() + timeout

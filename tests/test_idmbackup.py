@@ -1,0 +1,279 @@
+"""IdmBackup end to end: the real operator process, API server, stand-in FreeIPA pods, S3 and LDAP."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from kubernetes import client
+from kubernetes.stream import stream
+
+from idm_backup_operator.encryption import decrypt
+from testbed import freeipa_pod, stack
+from tests.conftest import OperatorProcess, apply, wait_for
+from tests.gpgkeys import ExportedKey
+
+GROUP, VERSION, PLURAL = "idm-backup.io", "v1alpha1", "idmbackups"
+S3_SECRET, KEY_SECRET = "s3-credentials", "backup-public-key"
+
+
+@pytest.fixture
+def s3(platform: stack.Platform) -> Any:
+    return boto3.client(
+        "s3",
+        endpoint_url=platform.s3_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=platform.s3_access_key,
+        aws_secret_access_key=platform.s3_secret_key,
+    )
+
+
+@pytest.fixture
+def secrets(api: client.ApiClient, namespace: str, platform: stack.Platform, backup_key: ExportedKey) -> None:
+    apply(
+        api,
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": S3_SECRET},
+            "stringData": {
+                "AWS_ACCESS_KEY_ID": platform.s3_access_key,
+                "AWS_SECRET_ACCESS_KEY": platform.s3_secret_key,
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": KEY_SECRET},
+            "data": {"restore.asc": __import__("base64").b64encode(backup_key.armored).decode()},
+        },
+    )
+
+
+def s3_storage(platform: stack.Platform, prefix: str) -> dict[str, Any]:
+    return {
+        "s3": {
+            "bucket": platform.s3_bucket,
+            "prefix": prefix,
+            "endpoint": platform.s3_endpoint,
+            "forcePathStyle": True,
+            "credentialsSecretRef": {"name": S3_SECRET},
+            "partSizeMiB": 5,
+        }
+    }
+
+
+def backup_spec(platform: stack.Platform, storage: dict[str, Any], **spec: Any) -> dict[str, Any]:
+    target = {
+        "podName": "ipa-hidden",
+        "ldap": {"url": platform.ldap_uri, "passwordSecretRef": {"name": freeipa_pod.DM_PASSWORD_SECRET}},
+        **spec.pop("target", {}),
+    }
+    return {
+        "target": target,
+        "encryption": {"publicKeysSecretRef": {"name": KEY_SECRET}},
+        "storage": storage,
+        **spec,
+    }
+
+
+def create_backup(api: client.ApiClient, namespace: str, name: str, spec: dict[str, Any]) -> None:
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "IdmBackup", "metadata": {"name": name}, "spec": spec}
+    client.CustomObjectsApi(api).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+
+
+def get_backup(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
+    obj: dict[str, Any] = client.CustomObjectsApi(api).get_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, name
+    )
+    return obj
+
+
+def wait_finished(
+    api: client.ApiClient, namespace: str, name: str, operator: OperatorProcess, timeout: float = 180
+) -> dict[str, Any]:
+    def finished() -> dict[str, Any] | None:
+        obj = get_backup(api, namespace, name)
+        return obj if obj.get("status", {}).get("phase") in ("Succeeded", "Failed") else None
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (obj := finished()) is not None:
+            return obj
+        time.sleep(0.5)
+    pytest.fail(
+        f"{name} did not finish: {get_backup(api, namespace, name).get('status')}\n{operator.output()[-3000:]}"
+    )
+
+
+def pod_exec(api: client.ApiClient, namespace: str, pod: str, argv: list[str]) -> tuple[int, str]:
+    ws = stream(
+        client.CoreV1Api(api).connect_get_namespaced_pod_exec,
+        pod,
+        namespace,
+        command=argv,
+        stdout=True,
+        stderr=True,
+        stdin=False,
+        tty=False,
+        _preload_content=False,
+    )
+    ws.run_forever(timeout=120)
+    return ws.returncode, ws.read_stdout() + ws.read_stderr()
+
+
+def services_running(api: client.ApiClient, namespace: str, pod: str) -> bool:
+    code, _ = pod_exec(api, namespace, pod, ["ipactl", "status"])
+    return code == 0
+
+
+def decrypted_sha256(chunks: Iterator[bytes], key: ExportedKey) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    with decrypt(chunks, key.secret) as plaintext:
+        for chunk in plaintext:
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def s3_chunks(s3: Any, bucket: str, key: str) -> Iterator[bytes]:
+    body = s3.get_object(Bucket=bucket, Key=key)["Body"]
+    yield from body.iter_chunks(1 << 20)
+
+
+def s3_keys(s3: Any, bucket: str, prefix: str) -> list[str]:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+def events(api: client.ApiClient, namespace: str, name: str) -> list[str]:
+    items = (
+        client.CoreV1Api(api)
+        .list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}")
+        .items
+    )
+    return [e.reason for e in sorted(items, key=lambda e: e.first_timestamp)]
+
+
+Backup = Callable[..., dict[str, Any]]
+
+
+@pytest.fixture
+def run_backup(api: client.ApiClient, namespace: str, operator: OperatorProcess, secrets: None) -> Backup:
+    def run(name: str, spec: dict[str, Any], timeout: float = 180) -> dict[str, Any]:
+        create_backup(api, namespace, name, spec)
+        return wait_finished(api, namespace, name, operator, timeout)
+
+    return run
+
+
+def test_full_backup_to_s3_decrypts_to_the_archive_ipa_backup_made(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    freeipa: Callable[..., str],
+    run_backup: Backup,
+    s3: Any,
+    backup_key: ExportedKey,
+) -> None:
+    pod = freeipa()
+    prefix = f"test/{namespace}"
+    obj = run_backup(
+        "full", backup_spec(platform, s3_storage(platform, prefix), type="Full", podCleanup="Keep")
+    )
+    status = obj["status"]
+    assert status["phase"] == "Succeeded", status
+    archive = status["archive"]
+    directory = status["ipaBackup"]["directory"]
+    assert directory.startswith("/var/lib/ipa/backup/ipa-full-")
+    dirname = directory.rsplit("/", 1)[1]
+    expected_dir = f"{prefix}/{namespace}/ipa-hidden.example.test/{dirname}/"
+    assert archive["uri"] == f"s3://{platform.s3_bucket}/{expected_dir}ipa-full.tar.gpg"
+    assert s3_keys(s3, platform.s3_bucket, prefix) == [
+        f"{expected_dir}header",
+        f"{expected_dir}ipa-full.tar.gpg",
+        f"{expected_dir}manifest.json",
+    ]
+    # The stored archive decrypts, with the private key the operator never saw, to ipa-backup's own tar.
+    sha, size = decrypted_sha256(
+        s3_chunks(s3, platform.s3_bucket, f"{expected_dir}ipa-full.tar.gpg"), backup_key
+    )
+    code, out = pod_exec(api, namespace, pod, ["sha256sum", f"{directory}/ipa-full.tar"])
+    assert code == 0
+    assert sha == out.split()[0] == archive["plaintextSHA256"]
+    assert size == archive["plaintextSizeBytes"]
+    assert archive["encrypted"] is True and archive["recipients"] == [backup_key.fingerprint]
+    header = status["header"]
+    assert header["type"] == "FULL" and header["host"] == "ipa-hidden.example.test"
+    assert "KRA" in header["services"] and header["ipaVersion"]
+    assert (
+        status["target"]["host"] == "ipa-hidden.example.test" and status["target"]["realm"] == "EXAMPLE.TEST"
+    )
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Completed"]["status"] == "True"
+    assert conditions["ServicesRunning"]["status"] == "True"
+    assert services_running(api, namespace, pod)
+    assert status["observedGeneration"] == 1 and status["durationSeconds"] >= 0
+    assert events(api, namespace, "full") == ["BackupStarted", "BackupCompleted"]
+    manifest = __import__("json").loads(
+        s3.get_object(Bucket=platform.s3_bucket, Key=f"{expected_dir}manifest.json")["Body"].read()
+    )
+    assert manifest["resource"]["uid"] == obj["metadata"]["uid"]
+    assert manifest["files"]["archive"]["sha256"] == archive["sha256"]
+    assert manifest["files"]["archive"]["plaintext"]["sha256"] == archive["plaintextSHA256"]
+
+
+def test_data_backup_to_pvc_decrypts_and_removes_the_pod_copy(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    freeipa: Callable[..., str],
+    run_backup: Backup,
+    operator: OperatorProcess,
+    backup_key: ExportedKey,
+) -> None:
+    pod = freeipa()
+    apply(api, namespace, freeipa_pod.data_claim("backups", "20Gi"))
+    claim = wait_for(
+        "backup claim bound",
+        lambda: (
+            client.CoreV1Api(api)
+            .read_namespaced_persistent_volume_claim("backups", namespace)
+            .spec.volume_name
+        ),
+    )
+    volume_dir = Path(platform.volumes_dir) / claim
+    # What the Helm chart does with a volume mount: the claim appears under the operator's PVC root.
+    (operator.pvc_root / "backups").symlink_to(volume_dir)
+    obj = run_backup(
+        "data",
+        backup_spec(platform, {"pvc": {"claimName": "backups", "subPath": "idm"}}, type="Data", online=True),
+    )
+    status = obj["status"]
+    assert status["phase"] == "Succeeded", status
+    dirname = status["ipaBackup"]["directory"].rsplit("/", 1)[1]
+    stored = volume_dir / "idm" / namespace / "ipa-hidden.example.test" / dirname
+    assert sorted(p.name for p in stored.iterdir()) == ["header", "ipa-data.tar.gpg", "manifest.json"]
+    assert status["archive"]["uri"] == str(
+        operator.pvc_root
+        / "backups"
+        / "idm"
+        / namespace
+        / "ipa-hidden.example.test"
+        / dirname
+        / "ipa-data.tar.gpg"
+    )
+    with (stored / "ipa-data.tar.gpg").open("rb") as f:
+        sha, size = decrypted_sha256(iter(lambda: f.read(1 << 20), b""), backup_key)
+    assert (sha, size) == (status["archive"]["plaintextSHA256"], status["archive"]["plaintextSizeBytes"])
+    assert status["header"]["type"] == "DATA"
+    # podCleanup defaults to Remove: the server's volume does not fill up with old backups.
+    code, _ = pod_exec(api, namespace, pod, ["test", "-e", status["ipaBackup"]["directory"]])
+    assert code == 1
+    assert not list(stored.parent.glob(".*partial*"))
