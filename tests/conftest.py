@@ -44,7 +44,7 @@ def api(platform: stack.Platform) -> client.ApiClient:
 def namespace(api: client.ApiClient, request: pytest.FixtureRequest) -> Iterator[str]:
     # Short: a FreeIPA pod's FQDN (host.subdomain.<namespace>.svc.cluster.local) must fit in 64
     # characters, or the kubelet refuses to start it, as a real one does.
-    base = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower().removeprefix("test_"))[:20].strip("-")
+    base = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower().removeprefix("test_"))[:16].strip("-")
     name = f"{base}-{uuid.uuid4().hex[:6]}"
     core = client.CoreV1Api(api)
     core.create_namespace({"metadata": {"name": name, "labels": {"idm-backup.io/test": "true"}}})

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -51,7 +53,7 @@ def secrets(api: client.ApiClient, namespace: str, platform: stack.Platform, bac
             "apiVersion": "v1",
             "kind": "Secret",
             "metadata": {"name": KEY_SECRET},
-            "data": {"restore.asc": __import__("base64").b64encode(backup_key.armored).decode()},
+            "data": {"restore.asc": base64.b64encode(backup_key.armored).decode()},
         },
     )
 
@@ -107,9 +109,8 @@ def wait_finished(
         if (obj := finished()) is not None:
             return obj
         time.sleep(0.5)
-    pytest.fail(
-        f"{name} did not finish: {get_backup(api, namespace, name).get('status')}\n{operator.output()[-3000:]}"
-    )
+    status = get_backup(api, namespace, name).get("status")
+    pytest.fail(f"{name} did not finish: {status}\n{operator.output()[-3000:]}")
 
 
 def pod_exec(api: client.ApiClient, namespace: str, pod: str, argv: list[str]) -> tuple[int, str]:
@@ -221,7 +222,7 @@ def test_full_backup_to_s3_decrypts_to_the_archive_ipa_backup_made(
     assert services_running(api, namespace, pod)
     assert status["observedGeneration"] == 1 and status["durationSeconds"] >= 0
     assert events(api, namespace, "full") == ["BackupStarted", "BackupCompleted"]
-    manifest = __import__("json").loads(
+    manifest = json.loads(
         s3.get_object(Bucket=platform.s3_bucket, Key=f"{expected_dir}manifest.json")["Body"].read()
     )
     assert manifest["resource"]["uid"] == obj["metadata"]["uid"]
@@ -277,3 +278,251 @@ def test_data_backup_to_pvc_decrypts_and_removes_the_pod_copy(
     code, _ = pod_exec(api, namespace, pod, ["test", "-e", status["ipaBackup"]["directory"]])
     assert code == 1
     assert not list(stored.parent.glob(".*partial*"))
+
+
+def backup_dirs(api: client.ApiClient, namespace: str, pod: str) -> list[str]:
+    code, out = pod_exec(api, namespace, pod, ["ls", "/var/lib/ipa/backup"])
+    assert code == 0, out
+    return out.split()
+
+
+def test_role_mismatch_fails_before_any_service_stops(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    freeipa: Callable[..., str],
+    run_backup: Backup,
+    s3: Any,
+) -> None:
+    pod = freeipa("ipa-partial.example.test")
+    prefix = f"test/{namespace}"
+    obj = run_backup("roles", backup_spec(platform, s3_storage(platform, prefix), target={"podName": pod}))
+    status = obj["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "RoleCheckFailed"
+    # ipa-backup's own words, then which roles are missing and where they are.
+    assert status["message"].startswith(
+        "Error: Local roles CA do not match globally used roles ADTRUST, CA, DNS, DNSKeySync, KRA."
+    )
+    assert (
+        "KRA server (KRA on ipa-hidden.example.test, ipa-kra.example.test, ipa-visible.example.test)"
+        in status["message"]
+    )
+    assert "ipaBackup" not in status  # ipa-backup never ran: nothing was stopped
+    assert backup_dirs(api, namespace, pod) == []
+    assert services_running(api, namespace, pod)
+    assert s3_keys(s3, platform.s3_bucket, prefix) == []
+    assert events(api, namespace, "roles") == ["BackupStarted", "BackupFailed"]
+
+
+def test_a_server_that_is_not_a_hidden_replica_is_refused_unless_overridden(
+    namespace: str,
+    platform: stack.Platform,
+    freeipa: Callable[..., str],
+    run_backup: Backup,
+) -> None:
+    pod = freeipa("ipa-visible.example.test")
+    storage = s3_storage(platform, f"test/{namespace}")
+    refused = run_backup("visible", backup_spec(platform, storage, type="Data", target={"podName": pod}))[
+        "status"
+    ]
+    assert refused["phase"] == "Failed" and refused["reason"] == "NotHiddenReplica"
+    assert "ipa-visible.example.test is not a hidden replica (its services are enabled)" in refused["message"]
+    assert "requireHiddenReplica" in refused["message"]
+    allowed = run_backup(
+        "visible-ok",
+        backup_spec(platform, storage, type="Data", target={"podName": pod, "requireHiddenReplica": False}),
+    )["status"]
+    assert allowed["phase"] == "Succeeded", allowed
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"type": "Full", "online": True}, "online is only possible with type Data"),
+        ({"type": "Data", "logs": True}, "logs is only possible with type Full"),
+        ({"encryption": {}}, "encryption.publicKeysSecretRef is required"),
+        (
+            {"encryption": {"mode": "Sometimes"}},
+            'Unsupported value: "Sometimes": supported values: "GPG", "None"',
+        ),
+        ({"storage": {}}, "storage needs exactly one of s3 or pvc"),
+        ({"target": {"podName": "a", "host": "ipa.example.test"}}, "target needs exactly one of podName"),
+        ({"activeDeadlineSeconds": 5}, "should be greater than or equal to 60"),
+        ({"tmpDir": "relative/tmp"}, "spec.tmpDir in body should match '^/'"),
+    ],
+)
+def test_bad_specs_are_refused_at_apply_time_with_a_message(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    crds: None,
+    change: dict[str, Any],
+    message: str,
+) -> None:
+    spec = backup_spec(platform, s3_storage(platform, "x"))
+    if "target" in change:
+        spec["target"] = {**change.pop("target"), "ldap": spec["target"]["ldap"]}
+    spec.update(change)
+    with pytest.raises(client.ApiException) as refused:
+        create_backup(api, namespace, "bad", spec)
+    assert refused.value.status == 422
+    assert message in json.loads(refused.value.body)["message"]
+
+
+def test_spec_cannot_change_once_created(
+    api: client.ApiClient, namespace: str, platform: stack.Platform, crds: None
+) -> None:
+    create_backup(api, namespace, "fixed", backup_spec(platform, s3_storage(platform, "x")))
+    with pytest.raises(client.ApiException) as refused:
+        client.CustomObjectsApi(api).patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, "fixed", {"spec": {"type": "Data"}}
+        )
+    assert refused.value.status == 422
+    assert "spec is immutable" in refused.value.body
+
+
+def test_missing_or_unusable_keys_fail_with_a_clear_message(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    freeipa: Callable[..., str],
+    run_backup: Backup,
+    backup_key: ExportedKey,
+) -> None:
+    freeipa()
+    storage = s3_storage(platform, f"test/{namespace}")
+    apply(
+        api,
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "garbage"},
+            "stringData": {
+                "key.asc": "-----BEGIN PGP PUBLIC KEY BLOCK-----\n\nnot a key\n"
+                "-----END PGP PUBLIC KEY BLOCK-----\n"
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "private"},
+            "data": {"key.asc": base64.b64encode(backup_key.secret).decode()},
+        },
+    )
+    cases = {
+        "absent": (f"Secret {namespace}/nope not found", {"name": "nope"}),
+        "garbage": ("encryption keys unusable:", {"name": "garbage"}),
+        "private": ("private key", {"name": "private"}),
+        "wrongkey": ("has no key other.asc", {"name": KEY_SECRET, "keys": ["other.asc"]}),
+    }
+    for name, (expected, ref) in cases.items():
+        spec = backup_spec(platform, storage, type="Data", online=True)
+        spec["encryption"] = {"publicKeysSecretRef": ref}
+        status = run_backup(f"keys-{name}", spec)["status"]
+        assert status["phase"] == "Failed" and status["reason"] == "InvalidEncryptionKeys", (name, status)
+        assert expected in status["message"], (name, status["message"])
+        assert "Traceback" not in status["message"]
+        assert "ipaBackup" not in status
+
+
+def test_ipa_backup_failing_half_way_ends_failed_with_services_running(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    freeipa: Callable[..., str],
+    run_backup: Backup,
+    s3: Any,
+) -> None:
+    pod = freeipa(fault="ldif")
+    prefix = f"test/{namespace}"
+    status = run_backup("ldif", backup_spec(platform, s3_storage(platform, prefix), type="Full"))["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "IpaBackupFailed"
+    assert status["message"].startswith("ipa-backup failed: ")
+    assert "db2ldif" in status["message"]  # ipa-backup's own error line
+    assert status["ipaBackup"]["exitCode"] == 1
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["ServicesRunning"]["status"] == "True"
+    assert conditions["ServicesRunning"]["reason"] == "StartedByOperator"
+    assert services_running(api, namespace, pod)
+    assert "ServicesRestarted" in events(api, namespace, "ldif")
+    assert s3_keys(s3, platform.s3_bucket, prefix) == []
+
+
+def test_a_hanging_ipa_backup_is_stopped_at_the_deadline_and_services_restarted(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    freeipa: Callable[..., str],
+    run_backup: Backup,
+) -> None:
+    pod = freeipa(fault="hang")
+    spec = backup_spec(
+        platform, s3_storage(platform, f"test/{namespace}"), type="Full", activeDeadlineSeconds=60
+    )
+    status = run_backup("hang", spec, timeout=150)["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "IpaBackupFailed"
+    assert "deadline" in status["message"]
+    code, _ = pod_exec(api, namespace, pod, ["pgrep", "-x", "ipa-backup"])
+    assert code == 1  # no ipa-backup left running in the pod
+    assert services_running(api, namespace, pod)
+
+
+def test_operator_killed_during_transfer_leaves_no_success_no_partial_object_and_services_up(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    freeipa: Callable[..., str],
+    operator: OperatorProcess,
+    secrets: None,
+    s3: Any,
+) -> None:
+    pod = freeipa(payload_bytes=768 << 20)
+    prefix = f"test/{namespace}"
+    create_backup(
+        api,
+        namespace,
+        "killed",
+        backup_spec(platform, s3_storage(platform, prefix), type="Full", tmpDir="/data/tmp"),
+    )
+
+    def uploading() -> bool:
+        return get_backup(api, namespace, "killed").get("status", {}).get("step", "").startswith("uploading")
+
+    wait_for("the archive transfer to start", uploading, timeout=180, interval=0.1)
+    time.sleep(1.5)
+    assert get_backup(api, namespace, "killed")["status"]["phase"] == "Running"
+    operator.kill()
+    # A multipart upload is in progress on the server at this point.
+    assert s3.list_multipart_uploads(Bucket=platform.s3_bucket, Prefix=prefix).get("Uploads")
+    operator.start()
+    status = wait_finished(api, namespace, "killed", operator, timeout=300)["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "OperatorRestarted", status
+    assert "uploading" in status["message"] and "nothing partial is left in storage" in status["message"]
+    assert s3_keys(s3, platform.s3_bucket, prefix) == []
+    assert not s3.list_multipart_uploads(Bucket=platform.s3_bucket, Prefix=prefix).get("Uploads")
+    assert services_running(api, namespace, pod)
+    leases = client.CoordinationV1Api(api).list_namespaced_lease(namespace).items
+    assert leases == []
+
+
+def test_two_backups_of_one_server_run_one_after_the_other(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    freeipa: Callable[..., str],
+    operator: OperatorProcess,
+    secrets: None,
+) -> None:
+    freeipa(payload_bytes=64 << 20)
+    storage = s3_storage(platform, f"test/{namespace}")
+    for name in ("first", "second"):
+        create_backup(api, namespace, name, backup_spec(platform, storage, type="Data", online=True))
+    finished = [wait_finished(api, namespace, name, operator)["status"] for name in ("first", "second")]
+    assert [s["phase"] for s in finished] == ["Succeeded", "Succeeded"], finished
+    a, b = sorted(finished, key=lambda s: s["startTime"])
+    assert a["completionTime"] <= b["startTime"]  # never overlapping
+    waited = [s for s in finished if any(c["type"] == "Waiting" for c in s["conditions"])]
+    assert waited, "one backup must have waited visibly"
+    names = {n for n in ("first", "second") if "BackupWaiting" in events(api, namespace, n)}
+    assert len(names) == 1

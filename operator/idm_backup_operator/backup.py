@@ -147,6 +147,9 @@ class _Backup:
             step="pre-flight checks",
             target={"pod": self.pod.name, "container": self.pod.container},
         )
+        self.report.condition(
+            "Waiting", False, "LockAcquired", f"this backup holds pod {self.pod.name}'s lock"
+        )
         self.report.event("BackupStarted", f"backing up pod {self.pod.name}")
         recipients = self.load_keys()
         store = self.open_store()

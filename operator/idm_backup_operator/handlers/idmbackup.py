@@ -41,6 +41,10 @@ def _fail(report: StatusReporter, status: kopf.Status, reason: str, message: str
     report.event("BackupFailed", message, warning=True)
 
 
+def _condition_true(status: kopf.Status, type_: str) -> bool:
+    return any(c.get("type") == type_ and c.get("status") == "True" for c in status.get("conditions") or [])
+
+
 @kopf.on.create(GROUP, VERSION, IDMBACKUPS)
 def take_backup(
     body: kopf.Body,
@@ -72,6 +76,8 @@ def take_backup(
             backup.take_backup(resource, parsed, memo.services, report)
     except backup.TargetBusy as busy:
         report.update(phase="Pending", step="waiting for the server's lock", message=str(busy))
+        if not _condition_true(status, "Waiting"):
+            report.event("BackupWaiting", str(busy))
         report.condition("Waiting", True, "TargetBusy", str(busy))
         raise kopf.TemporaryError(str(busy), delay=WAIT_RETRY_SECONDS) from None
     except backup.BackupFailed as failed:
