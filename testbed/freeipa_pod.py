@@ -14,18 +14,33 @@ DM_PASSWORD_SECRET = "freeipa-dm-password"
 
 
 def dm_password_secret(password: str) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": DM_PASSWORD_SECRET},
-            "stringData": {"password": password}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": DM_PASSWORD_SECRET},
+        "stringData": {"password": password},
+    }
 
 
 def data_claim(name: str, size: str = "10Gi") -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name},
-            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": size}}}}
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": name},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": size}}},
+    }
 
 
-def freeipa_pod(name: str, host: str, ldap_uri: str, *, claim: str | None = None,
-                fault: str | None = None, payload_bytes: int | None = None,
-                labels: dict[str, str] | None = None) -> dict[str, Any]:
+def freeipa_pod(
+    name: str,
+    host: str,
+    ldap_uri: str,
+    *,
+    claim: str | None = None,
+    fault: str | None = None,
+    payload_bytes: int | None = None,
+    labels: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """A pod for FreeIPA server `host` with its state on the claim at /data, as in freeipa-container.
 
     `fault` and `payload_bytes` are the stand-in's failure injection and archive padding (see its README).
@@ -35,28 +50,41 @@ def freeipa_pod(name: str, host: str, ldap_uri: str, *, claim: str | None = None
         {"name": "IPA_SERVER_HOSTNAME", "value": host},
         {"name": "IPA_REALM", "value": REALM},
         {"name": "IPA_STANDIN_LDAP_URI", "value": ldap_uri},
-        {"name": "IPA_STANDIN_DM_PASSWORD",
-         "valueFrom": {"secretKeyRef": {"name": DM_PASSWORD_SECRET, "key": "password"}}},
+        {
+            "name": "IPA_STANDIN_DM_PASSWORD",
+            "valueFrom": {"secretKeyRef": {"name": DM_PASSWORD_SECRET, "key": "password"}},
+        },
     ]
     if fault:
         env.append({"name": "IPA_STANDIN_FAULT", "value": fault})
     if payload_bytes:
         env.append({"name": "IPA_STANDIN_PAYLOAD_BYTES", "value": str(payload_bytes)})
     return {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "freeipa", "freeipa/host": short,
-                                              **(labels or {})}},
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "labels": {"app.kubernetes.io/name": "freeipa", "freeipa/host": short, **(labels or {})},
+        },
         "spec": {
-            "hostname": short, "subdomain": "freeipa", "setHostnameAsFQDN": True,
-            "containers": [{
-                "name": "freeipa-server", "image": IMAGE,
-                "command": ["/usr/sbin/ipa-standin-init"],
-                "env": env,
-                "volumeMounts": [{"name": "data", "mountPath": "/data"}],
-                "readinessProbe": {"exec": {"command": ["/usr/sbin/ipactl", "status"]},
-                                   "periodSeconds": 2, "timeoutSeconds": 5},
-                "securityContext": {"readOnlyRootFilesystem": True},
-            }],
+            "hostname": short,
+            "subdomain": "freeipa",
+            "setHostnameAsFQDN": True,
+            "containers": [
+                {
+                    "name": "freeipa-server",
+                    "image": IMAGE,
+                    "command": ["/usr/sbin/ipa-standin-init"],
+                    "env": env,
+                    "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+                    "readinessProbe": {
+                        "exec": {"command": ["/usr/sbin/ipactl", "status"]},
+                        "periodSeconds": 2,
+                        "timeoutSeconds": 5,
+                    },
+                    "securityContext": {"readOnlyRootFilesystem": True},
+                }
+            ],
             "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": claim or f"{name}-data"}}],
         },
     }

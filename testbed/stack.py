@@ -7,6 +7,7 @@ start is quick and the test suite can share a platform a developer started by ha
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -132,7 +133,7 @@ def _etcd_dir() -> Path:
     # disk syncs would dominate start-up and every write.
     shm = Path("/dev/shm")
     base = shm if shm.is_dir() else state_dir()
-    return base / f"idm-testbed-etcd-{abs(hash(str(state_dir()))) % 10**8}"
+    return base / f"idm-testbed-etcd-{hashlib.sha256(str(state_dir()).encode()).hexdigest()[:12]}"
 
 
 def _start_control_plane(bins: dict[str, Path], run: Path, pki_dir: Path, kubeconfig: Path) -> None:

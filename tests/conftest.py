@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from kubernetes import client, config, utils
 
 from testbed import freeipa_pod, stack
-from tests.gpgkeys import ExportedKey, Keyring
+from testbed.deploy import OperatorProcess, install_crds
+from testbed.gpgkeys import ExportedKey, Keyring
 
 
 @pytest.fixture(scope="session")
@@ -103,74 +102,9 @@ def freeipa(api: client.ApiClient, namespace: str, platform: stack.Platform) -> 
     return create
 
 
-REPO = Path(__file__).resolve().parent.parent
-
-
 @pytest.fixture(scope="session")
 def crds(api: client.ApiClient) -> None:
-    """The operator's CRDs, applied from crds/ (the single source of truth) and established."""
-    ext = client.ApiextensionsV1Api(api)
-    for path in sorted((REPO / "crds").glob("*.yaml")):
-        crd = yaml.safe_load(path.read_text())
-        try:
-            ext.create_custom_resource_definition(crd)
-        except client.ApiException as err:
-            if err.status != 409:
-                raise
-            current = ext.read_custom_resource_definition(crd["metadata"]["name"])
-            crd["metadata"]["resourceVersion"] = current.metadata.resource_version
-            ext.replace_custom_resource_definition(crd["metadata"]["name"], crd)
-
-        def established(name: str = crd["metadata"]["name"]) -> bool:
-            conditions = ext.read_custom_resource_definition(name).status.conditions or []
-            return any(c.type == "Established" and c.status == "True" for c in conditions)
-
-        wait_for(f"CRD {path.name} established", established, timeout=30)
-
-
-class OperatorProcess:
-    """The real operator, as a separate process watching one namespace; it can be killed like a pod."""
-
-    def __init__(self, namespace: str, kubeconfig: str, pvc_root: Path, log: Path) -> None:
-        self.namespace, self.kubeconfig, self.pvc_root, self.log = namespace, kubeconfig, pvc_root, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        env = {**os.environ, "KUBECONFIG": self.kubeconfig, "IDM_BACKUP_PVC_ROOT": str(self.pvc_root)}
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "idm_backup_operator",
-                    "run",
-                    "--namespace",
-                    self.namespace,
-                    "--verbose",
-                ],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-            )
-
-    def kill(self) -> None:
-        """SIGKILL: no handler gets to clean up, as when a node dies or the OOM killer strikes."""
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
+    install_crds(api)
 
 
 @pytest.fixture

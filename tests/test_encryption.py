@@ -20,7 +20,7 @@ from idm_backup_operator.encryption import (
     encrypt,
     load_recipients,
 )
-from tests.gpgkeys import ExportedKey, Keyring
+from testbed.gpgkeys import ExportedKey, Keyring
 
 PASSPHRASE = "open sesame"
 

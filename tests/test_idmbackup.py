@@ -17,8 +17,9 @@ from kubernetes.stream import stream
 
 from idm_backup_operator.encryption import decrypt
 from testbed import freeipa_pod, stack
-from tests.conftest import OperatorProcess, apply, wait_for
-from tests.gpgkeys import ExportedKey
+from testbed.deploy import OperatorProcess
+from testbed.gpgkeys import ExportedKey
+from tests.conftest import apply, wait_for
 
 GROUP, VERSION, PLURAL = "idm-backup.io", "v1alpha1", "idmbackups"
 S3_SECRET, KEY_SECRET = "s3-credentials", "backup-public-key"
