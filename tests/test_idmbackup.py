@@ -527,3 +527,34 @@ def test_two_backups_of_one_server_run_one_after_the_other(
     assert waited, "one backup must have waited visibly"
     names = {n for n in ("first", "second") if "BackupWaiting" in events(api, namespace, n)}
     assert len(names) == 1
+
+
+def test_deletion_policy_delete_removes_the_stored_files_and_retain_keeps_them(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    freeipa: Callable[..., str],
+    run_backup: Backup,
+    s3: Any,
+) -> None:
+    freeipa()
+    custom = client.CustomObjectsApi(api)
+    kept_prefix, deleted_prefix = f"test/{namespace}/kept", f"test/{namespace}/deleted"
+    for name, prefix, policy in (("kept", kept_prefix, "Retain"), ("deleted", deleted_prefix, "Delete")):
+        spec = backup_spec(
+            platform, s3_storage(platform, prefix), type="Data", online=True, deletionPolicy=policy
+        )
+        assert run_backup(name, spec)["status"]["phase"] == "Succeeded"
+        assert len(s3_keys(s3, platform.s3_bucket, prefix)) == 3
+        custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+
+    def gone(name: str) -> bool:
+        try:
+            get_backup(api, namespace, name)
+        except client.ApiException as err:
+            return err.status == 404
+        return False
+
+    wait_for("both backups deleted", lambda: gone("kept") and gone("deleted"), timeout=60)
+    assert s3_keys(s3, platform.s3_bucket, deleted_prefix) == []
+    assert len(s3_keys(s3, platform.s3_bucket, kept_prefix)) == 3

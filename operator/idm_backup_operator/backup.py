@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from kubernetes import client
 
-from idm_backup_operator import cluster, encryption, freeipa, layout
+from idm_backup_operator import cluster, encryption, freeipa, layout, stored
 from idm_backup_operator.freeipa import BackupDirectory, BackupHeader, IpaServerConfig
 from idm_backup_operator.locking import TargetLock
 from idm_backup_operator.model import BackupSpec
@@ -566,27 +566,22 @@ def _settle_storage(
     resource: layout.ResourceIdentity, spec: BackupSpec, status: dict[str, Any], services: Services
 ) -> str | None:
     """The archive URI if the interrupted backup is completely stored; otherwise remove what it wrote."""
-    directory_path = (status.get("ipaBackup") or {}).get("directory")
-    host = (status.get("target") or {}).get("host")
-    if not directory_path or not host:
+    keys = stored.keys_from_status(resource, spec, status)
+    if keys is None:
         return None  # ipa-backup had not finished: nothing was uploaded yet
-    directory = freeipa.backup_directory(directory_path, spec.options.type)
-    keys = layout.backup_keys(resource.namespace, host, directory, encrypted=spec.encryption.enabled)
     with tempfile.TemporaryDirectory(prefix="idm-backup-") as scratch:
         store = cluster.open_store(
             services.core, resource.namespace, spec.storage, services.pvc_root, Path(scratch)
         )
-        manifest = store.stat(keys.manifest)
+        manifest = stored.read_manifest(store, keys)
+        if manifest is not None and not stored.owns(manifest, resource):
+            return None  # another resource's files: not ours to judge or delete
         archive = store.stat(keys.archive)
-        if manifest is not None and archive is not None:
-            with store.open_read(keys.manifest) as f:
-                recorded = layout.parse_manifest(f.read())
-            if (
-                recorded["resource"]["uid"] == resource.uid
-                and recorded["files"]["archive"]["size"] == archive.size
-            ):
-                return store.uri(keys.archive)
-        for key in (keys.manifest, keys.archive, keys.header):
-            store.delete(key)
-        store.clean_incomplete(keys.directory, started_before=_now())
+        if (
+            manifest is not None
+            and archive is not None
+            and manifest["files"]["archive"]["size"] == archive.size
+        ):
+            return store.uri(keys.archive)
+        stored.delete_files(store, keys)
     return None

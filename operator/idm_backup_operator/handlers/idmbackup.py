@@ -8,7 +8,7 @@ from typing import Any
 
 import kopf
 
-from idm_backup_operator import backup
+from idm_backup_operator import backup, stored
 from idm_backup_operator.freeipa import InvalidBackupOptions
 from idm_backup_operator.layout import ResourceIdentity
 from idm_backup_operator.model import GROUP, IDMBACKUPS, VERSION, Phase, parse_backup_spec
@@ -85,3 +85,27 @@ def take_backup(
     except Exception as err:
         logger.exception("backup %s/%s failed unexpectedly", resource.namespace, resource.name)
         _fail(report, status, "InternalError", f"unexpected {type(err).__name__}: {err}")
+
+
+def _deletes_stored(spec: kopf.Spec, **_: Any) -> bool:
+    return spec.get("deletionPolicy") == "Delete"
+
+
+# Only backups whose policy is Delete get a finalizer: deleting a Retain backup never waits for us.
+@kopf.on.delete(GROUP, VERSION, IDMBACKUPS, when=_deletes_stored)
+def delete_stored(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, memo: kopf.Memo, **_: Any) -> None:
+    resource = ResourceIdentity(
+        body.metadata.namespace or "", body.metadata.name or "", body.metadata.uid or ""
+    )
+    try:
+        parsed = parse_backup_spec(spec)
+        removed = stored.delete_stored_backup(
+            memo.services.core, memo.services.pvc_root, resource, parsed, dict(status)
+        )
+    except stored.StoredBackupError as err:
+        # Keeping the finalizer would block the deletion forever on, say, a revoked credential: the
+        # resource goes, and the Event says what was left behind.
+        _reporter(memo, resource, body).event("StoredBackupNotDeleted", str(err), warning=True)
+        return
+    if removed:
+        _reporter(memo, resource, body).event("StoredBackupDeleted", f"deleted {', '.join(removed)}")
