@@ -144,6 +144,7 @@ func (m *podManager) advance(ctx context.Context, p *runningPod, pod *corev1.Pod
 	}
 	if err := m.start(ctx, p, pod); err != nil {
 		klog.Errorf("starting pod %s/%s: %v", pod.Namespace, pod.Name, err)
+		m.warn(ctx, pod, "FailedCreatePodSandBox", err.Error())
 		m.mu.Lock()
 		delete(m.pods, pod.UID) // retried at the next resync
 		m.mu.Unlock()
@@ -434,5 +435,20 @@ func (m *podManager) reportStatus(ctx context.Context, p *runningPod, pod *corev
 	})
 	if err != nil && !apierrors.IsNotFound(err) {
 		klog.Errorf("status of %s/%s: %v", pod.Namespace, pod.Name, err)
+	}
+}
+
+// warn posts an Event on the pod, as a kubelet does, so `kubectl describe pod` says why it is stuck.
+func (m *podManager) warn(ctx context.Context, pod *corev1.Pod, reason, message string) {
+	now := metav1.Now()
+	event := &corev1.Event{
+		ObjectMeta: metav1.ObjectMeta{GenerateName: pod.Name + ".", Namespace: pod.Namespace},
+		InvolvedObject: corev1.ObjectReference{Kind: "Pod", APIVersion: "v1", Namespace: pod.Namespace,
+			Name: pod.Name, UID: pod.UID},
+		Reason: reason, Message: message, Type: corev1.EventTypeWarning, Count: 1,
+		FirstTimestamp: now, LastTimestamp: now, Source: corev1.EventSource{Component: "kubelet", Host: m.cfg.nodeName},
+	}
+	if _, err := m.client.CoreV1().Events(pod.Namespace).Create(ctx, event, metav1.CreateOptions{}); err != nil {
+		klog.Warningf("event for %s/%s: %v", pod.Namespace, pod.Name, err)
 	}
 }
