@@ -7,6 +7,7 @@ namespace, deleted afterwards.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import subprocess
@@ -16,12 +17,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
-from kubernetes import client, config, utils
+from kubernetes import client, config
 
 from testbed import freeipa_pod, stack
 from testbed.deploy import OperatorProcess, install_crds
 from testbed.gpgkeys import ExportedKey, Keyring
+from tests.helpers import KEY_SECRET, S3_SECRET, apply, wait_for
 
 
 @pytest.fixture(scope="session")
@@ -58,23 +61,6 @@ def namespace(api: client.ApiClient, request: pytest.FixtureRequest) -> Iterator
             time.sleep(0.2)
     yield name
     core.delete_namespace(name, propagation_policy="Background")
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0, interval: float = 0.25) -> Any:
-    """Poll until check() returns something truthy; fail the test with `what` otherwise."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
-
-
-def apply(api: client.ApiClient, namespace: str, *objects: dict[str, Any]) -> None:
-    for obj in objects:
-        utils.create_from_dict(api, obj, namespace=namespace)
 
 
 @pytest.fixture
@@ -127,3 +113,38 @@ def backup_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExportedKey
     ring = Keyring(home)
     yield ring.export(ring.make("IdM Restore <restore@example.test>"))
     subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"], check=False)
+
+
+@pytest.fixture
+def s3(platform: stack.Platform) -> Any:
+    """A client of the platform's S3 server."""
+    return boto3.client(
+        "s3",
+        endpoint_url=platform.s3_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=platform.s3_access_key,
+        aws_secret_access_key=platform.s3_secret_key,
+    )
+
+
+@pytest.fixture
+def secrets(api: client.ApiClient, namespace: str, platform: stack.Platform, backup_key: ExportedKey) -> None:
+    apply(
+        api,
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": S3_SECRET},
+            "stringData": {
+                "AWS_ACCESS_KEY_ID": platform.s3_access_key,
+                "AWS_SECRET_ACCESS_KEY": platform.s3_secret_key,
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": KEY_SECRET},
+            "data": {"restore.asc": base64.b64encode(backup_key.armored).decode()},
+        },
+    )

@@ -3,165 +3,37 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from kubernetes import client
-from kubernetes.stream import stream
 
-from idm_backup_operator.encryption import decrypt
 from testbed import freeipa_pod, stack
 from testbed.deploy import OperatorProcess
 from testbed.gpgkeys import ExportedKey
-from tests.conftest import apply, wait_for
-
-GROUP, VERSION, PLURAL = "idm-backup.io", "v1alpha1", "idmbackups"
-S3_SECRET, KEY_SECRET = "s3-credentials", "backup-public-key"
-
-
-@pytest.fixture
-def s3(platform: stack.Platform) -> Any:
-    return boto3.client(
-        "s3",
-        endpoint_url=platform.s3_endpoint,
-        region_name="us-east-1",
-        aws_access_key_id=platform.s3_access_key,
-        aws_secret_access_key=platform.s3_secret_key,
-    )
-
-
-@pytest.fixture
-def secrets(api: client.ApiClient, namespace: str, platform: stack.Platform, backup_key: ExportedKey) -> None:
-    apply(
-        api,
-        namespace,
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": S3_SECRET},
-            "stringData": {
-                "AWS_ACCESS_KEY_ID": platform.s3_access_key,
-                "AWS_SECRET_ACCESS_KEY": platform.s3_secret_key,
-            },
-        },
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": KEY_SECRET},
-            "data": {"restore.asc": base64.b64encode(backup_key.armored).decode()},
-        },
-    )
-
-
-def s3_storage(platform: stack.Platform, prefix: str) -> dict[str, Any]:
-    return {
-        "s3": {
-            "bucket": platform.s3_bucket,
-            "prefix": prefix,
-            "endpoint": platform.s3_endpoint,
-            "forcePathStyle": True,
-            "credentialsSecretRef": {"name": S3_SECRET},
-            "partSizeMiB": 5,
-        }
-    }
-
-
-def backup_spec(platform: stack.Platform, storage: dict[str, Any], **spec: Any) -> dict[str, Any]:
-    target = {
-        "podName": "ipa-hidden",
-        "ldap": {"url": platform.ldap_uri, "passwordSecretRef": {"name": freeipa_pod.DM_PASSWORD_SECRET}},
-        **spec.pop("target", {}),
-    }
-    return {
-        "target": target,
-        "encryption": {"publicKeysSecretRef": {"name": KEY_SECRET}},
-        "storage": storage,
-        **spec,
-    }
-
-
-def create_backup(api: client.ApiClient, namespace: str, name: str, spec: dict[str, Any]) -> None:
-    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "IdmBackup", "metadata": {"name": name}, "spec": spec}
-    client.CustomObjectsApi(api).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
-
-
-def get_backup(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
-    obj: dict[str, Any] = client.CustomObjectsApi(api).get_namespaced_custom_object(
-        GROUP, VERSION, namespace, PLURAL, name
-    )
-    return obj
-
-
-def wait_finished(
-    api: client.ApiClient, namespace: str, name: str, operator: OperatorProcess, timeout: float = 180
-) -> dict[str, Any]:
-    def finished() -> dict[str, Any] | None:
-        obj = get_backup(api, namespace, name)
-        return obj if obj.get("status", {}).get("phase") in ("Succeeded", "Failed") else None
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (obj := finished()) is not None:
-            return obj
-        time.sleep(0.5)
-    status = get_backup(api, namespace, name).get("status")
-    pytest.fail(f"{name} did not finish: {status}\n{operator.output()[-3000:]}")
-
-
-def pod_exec(api: client.ApiClient, namespace: str, pod: str, argv: list[str]) -> tuple[int, str]:
-    ws = stream(
-        client.CoreV1Api(api).connect_get_namespaced_pod_exec,
-        pod,
-        namespace,
-        command=argv,
-        stdout=True,
-        stderr=True,
-        stdin=False,
-        tty=False,
-        _preload_content=False,
-    )
-    ws.run_forever(timeout=120)
-    return ws.returncode, ws.read_stdout() + ws.read_stderr()
-
-
-def services_running(api: client.ApiClient, namespace: str, pod: str) -> bool:
-    code, _ = pod_exec(api, namespace, pod, ["ipactl", "status"])
-    return code == 0
-
-
-def decrypted_sha256(chunks: Iterator[bytes], key: ExportedKey) -> tuple[str, int]:
-    digest, size = hashlib.sha256(), 0
-    with decrypt(chunks, key.secret) as plaintext:
-        for chunk in plaintext:
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
-
-
-def s3_chunks(s3: Any, bucket: str, key: str) -> Iterator[bytes]:
-    body = s3.get_object(Bucket=bucket, Key=key)["Body"]
-    yield from body.iter_chunks(1 << 20)
-
-
-def s3_keys(s3: Any, bucket: str, prefix: str) -> list[str]:
-    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
-
-
-def events(api: client.ApiClient, namespace: str, name: str) -> list[str]:
-    items = (
-        client.CoreV1Api(api)
-        .list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}")
-        .items
-    )
-    return [e.reason for e in sorted(items, key=lambda e: e.first_timestamp)]
-
+from tests.helpers import (
+    GROUP,
+    KEY_SECRET,
+    PLURAL,
+    VERSION,
+    apply,
+    backup_spec,
+    create_backup,
+    decrypted_sha256,
+    events,
+    get_backup,
+    pod_exec,
+    s3_chunks,
+    s3_keys,
+    s3_storage,
+    services_running,
+    wait_finished,
+    wait_for,
+)
 
 Backup = Callable[..., dict[str, Any]]
 

@@ -14,11 +14,11 @@ from idm_backup_operator import __version__
 def _run(args: argparse.Namespace) -> int:
     import idm_backup_operator.handlers  # noqa: F401 - registers the handlers with kopf
 
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    # kopf sets up the root logger itself; a second handler here would print every line twice.
     kopf.configure(verbose=args.verbose)
+    # boto3 and the Kubernetes client log whole request and response bodies at DEBUG.
+    for noisy in ("botocore", "boto3", "urllib3", "kubernetes", "gnupg"):
+        logging.getLogger(noisy).setLevel(logging.INFO)
     kopf.run(
         clusterwide=not args.namespace,
         namespaces=args.namespace or (),

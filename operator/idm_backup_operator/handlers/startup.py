@@ -40,6 +40,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.execution.max_workers = int(os.environ.get(WORKERS_ENV, "16"))
     api = api_client()
     memo.api = api
+    memo.schedule_wakeups = {}  # schedule uid -> asyncio.Event, set when one of its backups ends
     memo.services = Services(
         core=client.CoreV1Api(api),
         coordination=client.CoordinationV1Api(api),

@@ -1,0 +1,91 @@
+"""IdmBackupSchedule: one sleeping task per schedule, woken at its next tick or when a backup ends."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from typing import Any
+
+import kopf
+from kubernetes import client
+
+from idm_backup_operator import schedules
+from idm_backup_operator.layout import ResourceIdentity
+from idm_backup_operator.model import GROUP, IDMBACKUPS, VERSION
+from idm_backup_operator.reporting import StatusReporter
+
+IDMBACKUPSCHEDULES = "idmbackupschedules"
+# Even with nothing due, look again this often: it bounds how long a missed wake-up (a lost watch
+# event) can delay a status update or retention.
+MAX_SLEEP_SECONDS = 300.0
+# Schedules are evaluated at whole minutes; waking a little late keeps a tick from being seen as
+# "not yet due" because of clock granularity.
+TICK_GRACE_SECONDS = 0.2
+
+
+def _wakeups(memo: kopf.Memo) -> dict[str, asyncio.Event]:
+    # Created at start-up in the operator-wide memo: each object's memo is a shallow copy of it, so
+    # all of them share this one dict.
+    wakeups: dict[str, asyncio.Event] = memo.schedule_wakeups
+    return wakeups
+
+
+def _reconcile(body: kopf.Body, memo: kopf.Memo) -> datetime.datetime:
+    schedule = {"metadata": dict(body.metadata), "spec": dict(body.spec), "status": dict(body.status)}
+    meta = schedule["metadata"]
+    report = StatusReporter(
+        memo.api,
+        ResourceIdentity(meta["namespace"], meta["name"], meta["uid"]),
+        kind="IdmBackupSchedule",
+        plural=IDMBACKUPSCHEDULES,
+        generation=meta.get("generation") or 1,
+        status=schedule["status"],
+    )
+    now = datetime.datetime.now(datetime.UTC)
+    return schedules.reconcile(memo.services, client.CustomObjectsApi(memo.api), schedule, report, now)
+
+
+@kopf.daemon(GROUP, VERSION, IDMBACKUPSCHEDULES, cancellation_timeout=10)
+async def follow_schedule(
+    stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any
+) -> None:
+    uid = body.metadata.uid or ""
+    wakeup = _wakeups(memo).setdefault(uid, asyncio.Event())
+    try:
+        while not stopped:
+            wakeup.clear()
+            try:
+                # The body is a live view: each pass sees the latest spec and status.
+                next_time = await asyncio.to_thread(_reconcile, body, memo)
+                delay = (next_time - datetime.datetime.now(datetime.UTC)).total_seconds() + TICK_GRACE_SECONDS
+            except client.ApiException as err:
+                logger.warning(f"schedule pass failed, retrying in 10s: {err.reason}")
+                delay = 10.0
+            await _sleep(min(max(delay, 0.0), MAX_SLEEP_SECONDS), wakeup, stopped)
+    finally:
+        _wakeups(memo).pop(uid, None)
+
+
+async def _sleep(seconds: float, wakeup: asyncio.Event, stopped: kopf.DaemonStopped) -> None:
+    waiters = [asyncio.ensure_future(wakeup.wait()), asyncio.ensure_future(stopped.wait())]
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+@kopf.on.event(GROUP, VERSION, IDMBACKUPS, labels={schedules.SCHEDULE_LABEL: kopf.PRESENT})
+async def backup_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A schedule's backup finished or vanished: its schedule updates status and retention now.
+
+    Async, so it runs on the event loop that owns the daemons' events.
+    """
+    if (
+        body.status.get("phase") not in ("Succeeded", "Failed")
+        and body.metadata.get("deletionTimestamp") is None
+    ):
+        return
+    for owner in body.metadata.get("ownerReferences") or []:
+        if owner.get("kind") == "IdmBackupSchedule" and (event := _wakeups(memo).get(owner.get("uid"))):
+            event.set()

@@ -1,0 +1,266 @@
+"""Following an IdmBackupSchedule: create the tick's IdmBackup, track the children, apply retention.
+
+`reconcile` reads the schedule and its children, asks the pure clock (scheduling) and retention
+(retention) what to do, does it, and writes the status. It is idempotent: children are named from
+their tick, so a repeated create is a harmless conflict, and lastScheduleTime is written after the
+child exists, so a crash in between never loses a tick and a restart never doubles one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client
+
+from idm_backup_operator import retention, scheduling, stored
+from idm_backup_operator.backup import Reporter, Services
+from idm_backup_operator.layout import ResourceIdentity
+from idm_backup_operator.model import GROUP, IDMBACKUPS, VERSION, parse_backup_spec
+
+log = logging.getLogger(__name__)
+
+SCHEDULE_LABEL = "idm-backup.io/schedule"
+PINNED_LABEL = "idm-backup.io/pinned"
+TICK_ANNOTATION = "idm-backup.io/scheduled-for"
+_DURATION_UNITS = {
+    "h": datetime.timedelta(hours=1),
+    "d": datetime.timedelta(days=1),
+    "w": datetime.timedelta(weeks=1),
+}
+
+
+def _parse_time(value: str | None) -> datetime.datetime | None:
+    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+
+
+def _timestamp(moment: datetime.datetime) -> str:
+    return moment.astimezone(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def parse_duration(text: str) -> datetime.timedelta:
+    return int(text[:-1]) * _DURATION_UNITS[text[-1]]
+
+
+def retention_policy(spec: Mapping[str, Any]) -> retention.RetentionPolicy:
+    keep = spec.get("retention") or {}
+    return retention.RetentionPolicy(
+        keep_last=keep.get("keepLast"),
+        keep_daily=keep.get("keepDaily"),
+        keep_weekly=keep.get("keepWeekly"),
+        keep_monthly=keep.get("keepMonthly"),
+        max_age=parse_duration(keep["maxAge"]) if keep.get("maxAge") else None,
+        min_successful=keep.get("minSuccessful", 1),
+        failed_history_limit=keep.get("failedHistoryLimit", 3),
+    )
+
+
+@dataclass(frozen=True)
+class Child:
+    name: str
+    uid: str
+    phase: str | None
+    completed: datetime.datetime | None
+    pinned: bool
+    body: Mapping[str, Any]
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in ("Succeeded", "Failed")
+
+
+def list_children(custom: client.CustomObjectsApi, schedule: ResourceIdentity) -> list[Child]:
+    """The schedule's IdmBackups: labelled with its name and owned by its uid (not a namesake's)."""
+    items = custom.list_namespaced_custom_object(
+        GROUP, VERSION, schedule.namespace, IDMBACKUPS, label_selector=f"{SCHEDULE_LABEL}={schedule.name}"
+    )["items"]
+    children = []
+    for item in items:
+        meta = item["metadata"]
+        if not any(ref.get("uid") == schedule.uid for ref in meta.get("ownerReferences") or []):
+            continue
+        status = item.get("status") or {}
+        children.append(
+            Child(
+                name=meta["name"],
+                uid=meta["uid"],
+                phase=status.get("phase"),
+                completed=_parse_time(status.get("completionTime")),
+                pinned=(meta.get("labels") or {}).get(PINNED_LABEL) == "true",
+                body=item,
+            )
+        )
+    return children
+
+
+def history_status(children: Sequence[Child]) -> dict[str, Any]:
+    done = sorted((c for c in children if c.finished and c.completed), key=lambda c: c.completed)  # type: ignore[arg-type,return-value]
+    fields: dict[str, Any] = {"active": sorted(c.name for c in children if not c.finished)}
+    succeeded = [c for c in done if c.phase == "Succeeded"]
+    failed = [c for c in done if c.phase == "Failed"]
+    if succeeded:
+        fields["lastSuccessfulTime"] = _timestamp(succeeded[-1].completed)  # type: ignore[arg-type]
+        fields["lastSuccessfulBackup"] = succeeded[-1].name
+    if failed:
+        fields["lastFailedTime"] = _timestamp(failed[-1].completed)  # type: ignore[arg-type]
+        fields["lastFailedBackup"] = failed[-1].name
+    streak = 0
+    for child in reversed(done):
+        if child.phase != "Failed":
+            break
+        streak += 1
+    fields["consecutiveFailures"] = streak
+    return fields
+
+
+def child_body(schedule: Mapping[str, Any], name: str, tick: datetime.datetime) -> dict[str, Any]:
+    meta, spec = schedule["metadata"], schedule["spec"]
+    template = spec["template"]
+    template_meta = template.get("metadata") or {}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "IdmBackup",
+        "metadata": {
+            "name": name,
+            "namespace": meta["namespace"],
+            "labels": {**(template_meta.get("labels") or {}), SCHEDULE_LABEL: meta["name"]},
+            "annotations": {**(template_meta.get("annotations") or {}), TICK_ANNOTATION: _timestamp(tick)},
+            # Owned, so that deleting the schedule deletes its backups' resources; their own
+            # deletionPolicy decides whether the stored archives go too.
+            "ownerReferences": [
+                {
+                    "apiVersion": f"{GROUP}/{VERSION}",
+                    "kind": "IdmBackupSchedule",
+                    "name": meta["name"],
+                    "uid": meta["uid"],
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": template["spec"],
+    }
+
+
+def create_child(custom: client.CustomObjectsApi, body: dict[str, Any]) -> bool:
+    """Create the tick's backup; False if it exists already (a retry after a crash): never a second one."""
+    try:
+        custom.create_namespaced_custom_object(
+            GROUP, VERSION, body["metadata"]["namespace"], IDMBACKUPS, body
+        )
+    except client.ApiException as err:
+        if err.status == 409:
+            return False
+        raise
+    return True
+
+
+def apply_retention(
+    services: Services,
+    custom: client.CustomObjectsApi,
+    schedule: Mapping[str, Any],
+    children: Sequence[Child],
+    now: datetime.datetime,
+    tz: Any,
+) -> dict[str, Any] | None:
+    """Delete the backups the policy lets go, stored files first; None when there is nothing to do."""
+    records = [
+        retention.BackupRecord(
+            name=c.name, completed=c.completed, succeeded=c.phase == "Succeeded", pinned=c.pinned
+        )
+        for c in children
+    ]
+    plan = retention.plan_retention(records, retention_policy(schedule["spec"]), now=now, tz=tz)
+    if not plan.delete:
+        return None
+    by_name = {c.name: c for c in children}
+    deleted, problems = [], []
+    for name in plan.delete:
+        child = by_name[name]
+        resource = ResourceIdentity(child.body["metadata"]["namespace"], name, child.uid)
+        try:
+            stored.delete_stored_backup(
+                services.core,
+                services.pvc_root,
+                resource,
+                parse_backup_spec(child.body["spec"]),
+                child.body.get("status") or {},
+            )
+            custom.delete_namespaced_custom_object(GROUP, VERSION, resource.namespace, IDMBACKUPS, name)
+            deleted.append(name)
+        except (stored.StoredBackupError, client.ApiException) as err:
+            # Kept rather than half-deleted: the resource stays as the record of what is still stored.
+            problems.append(f"{name}: {err}")
+    message = retention.summarize(plan) if not problems else f"could not delete: {'; '.join(problems)}"
+    return {"time": _timestamp(now), "deleted": deleted, "kept": len(plan.keep), "message": message}
+
+
+def reconcile(
+    services: Services,
+    custom: client.CustomObjectsApi,
+    schedule: Mapping[str, Any],
+    report: Reporter,
+    now: datetime.datetime,
+) -> datetime.datetime:
+    """One pass over the schedule; returns when the next pass is needed at the latest."""
+    meta, spec, status = schedule["metadata"], schedule["spec"], schedule.get("status") or {}
+    identity = ResourceIdentity(meta["namespace"], meta["name"], meta["uid"])
+    try:
+        cron = scheduling.CronSchedule.parse(spec["schedule"])
+        tz = scheduling.parse_time_zone(spec.get("timeZone") or "UTC")
+    except scheduling.InvalidSchedule as err:
+        report.condition("Ready", False, "InvalidSchedule", str(err))
+        return now + datetime.timedelta(hours=1)
+    children = list_children(custom, identity)
+    fields = history_status(children)
+    deadline = spec.get("startingDeadlineSeconds")
+    decision = scheduling.decide(
+        cron,
+        tz,
+        now=now,
+        state=scheduling.ScheduleState(
+            last_schedule_time=_parse_time(status.get("lastScheduleTime")),
+            created=_parse_time(meta["creationTimestamp"]),  # type: ignore[arg-type]
+            active=tuple(fields["active"]),
+        ),
+        suspend=spec.get("suspend", False),
+        immediate=spec.get("immediate", False),
+        concurrency=spec.get("concurrencyPolicy", "Forbid"),
+        starting_deadline=datetime.timedelta(seconds=deadline) if deadline else None,
+    )
+    fields["nextScheduleTime"] = _timestamp(decision.next_time)
+    if decision.missed:
+        fields["missedTicks"] = status.get("missedTicks", 0) + decision.missed
+        report.event("BackupsMissed", decision.reason, warning=True)
+    if decision.due is not None:
+        if decision.skipped_for_concurrency:
+            fields["lastSkipTime"] = _timestamp(decision.due)
+            report.event("BackupSkipped", decision.reason)
+        else:
+            name = scheduling.child_name(meta["name"], decision.due)
+            if create_child(custom, child_body(schedule, name, decision.due)):
+                report.event("BackupCreated", f"created IdmBackup {name}: {decision.reason}")
+            fields["active"] = sorted({*fields["active"], name})
+    if decision.last_schedule_time is not None:
+        # Also advanced for a tick missed past its deadline, so each miss is reported only once.
+        fields["lastScheduleTime"] = _timestamp(decision.last_schedule_time)
+    pruned = apply_retention(services, custom, schedule, children, now, tz)
+    if pruned is not None:
+        fields["retention"] = pruned
+        report.event("RetentionApplied", pruned["message"], warning=pruned["message"].startswith("could not"))
+    report.update(**fields)
+    report.condition("Ready", True, "Scheduled", f"next backup at {fields['nextScheduleTime']}")
+    last_ok = fields.get("consecutiveFailures", 0) == 0
+    if "lastSuccessfulTime" in fields or "lastFailedTime" in fields:
+        report.condition(
+            "LastBackupSucceeded",
+            last_ok,
+            "Succeeded" if last_ok else "Failed",
+            fields.get("lastSuccessfulBackup", "")
+            if last_ok
+            else f"{fields['consecutiveFailures']} failed in a row",
+        )
+    return decision.next_time

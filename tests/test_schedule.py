@@ -1,0 +1,248 @@
+"""IdmBackupSchedule on the real platform: ticks, Forbid, operator restarts, retention in S3 and the cluster.
+
+These tests follow a `* * * * *` schedule in real time, so each takes one to three minutes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from collections.abc import Callable
+from typing import Any
+
+from kubernetes import client
+
+from idm_backup_operator.scheduling import child_name
+from testbed import stack
+from testbed.deploy import OperatorProcess
+from tests.helpers import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    backup_spec,
+    events,
+    get_backup,
+    s3_keys,
+    s3_storage,
+    wait_finished,
+    wait_for,
+)
+
+SCHEDULES = "idmbackupschedules"
+
+
+def create_schedule(api: client.ApiClient, namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "IdmBackupSchedule",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+    created: dict[str, Any] = client.CustomObjectsApi(api).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, SCHEDULES, body
+    )
+    return created
+
+
+def get_schedule(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
+    obj: dict[str, Any] = client.CustomObjectsApi(api).get_namespaced_custom_object(
+        GROUP, VERSION, namespace, SCHEDULES, name
+    )
+    return obj
+
+
+def children(api: client.ApiClient, namespace: str, schedule: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = client.CustomObjectsApi(api).list_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, label_selector=f"idm-backup.io/schedule={schedule}"
+    )["items"]
+    return sorted(items, key=lambda b: b["metadata"]["name"])
+
+
+def minute(moment: datetime.datetime) -> datetime.datetime:
+    return moment.replace(second=0, microsecond=0)
+
+
+def sleep_until(moment: datetime.datetime) -> None:
+    time.sleep(max(0.0, (moment - datetime.datetime.now(datetime.UTC)).total_seconds()))
+
+
+def now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def test_every_minute_with_a_restart_neither_loses_nor_doubles_a_tick(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    freeipa: Callable[..., str],
+    operator: OperatorProcess,
+    secrets: None,
+) -> None:
+    freeipa()
+    # Start early in a minute, so the immediate backup and the next tick are clearly apart.
+    if now().second > 40:
+        sleep_until(minute(now()) + datetime.timedelta(minutes=1, seconds=1))
+    template = backup_spec(platform, s3_storage(platform, f"test/{namespace}"), type="Data", online=True)
+    create_schedule(
+        api,
+        namespace,
+        "nightly",
+        {"schedule": "* * * * *", "immediate": True, "template": {"spec": template}},
+    )
+    first = wait_for("the immediate backup", lambda: children(api, namespace, "nightly"), timeout=30)
+    assert len(first) == 1
+    wait_finished(api, namespace, first[0]["metadata"]["name"], operator)
+
+    second_tick = minute(now()) + datetime.timedelta(minutes=1)
+    sleep_until(second_tick)
+    wait_for("the next tick's backup", lambda: len(children(api, namespace, "nightly")) == 2, timeout=30)
+    assert children(api, namespace, "nightly")[1]["metadata"]["name"] == child_name("nightly", second_tick)
+    wait_finished(api, namespace, child_name("nightly", second_tick), operator)
+
+    # Down across the next tick, with nothing running (or Forbid would rightly skip it): on restart
+    # exactly one catch-up backup, for that tick.
+    operator.kill()
+    missed_tick = second_tick + datetime.timedelta(minutes=1)
+    sleep_until(missed_tick + datetime.timedelta(seconds=5))
+    operator.start()
+    wait_for("the catch-up backup", lambda: len(children(api, namespace, "nightly")) == 3, timeout=40)
+    names = [b["metadata"]["name"] for b in children(api, namespace, "nightly")]
+    assert names[1:] == [child_name("nightly", second_tick), child_name("nightly", missed_tick)]
+    for name in names:
+        assert wait_finished(api, namespace, name, operator)["status"]["phase"] == "Succeeded"
+    sleep_until(missed_tick + datetime.timedelta(seconds=40))
+    assert len(children(api, namespace, "nightly")) == 3  # no double firing after the restart
+    status = get_schedule(api, namespace, "nightly")["status"]
+    assert status["lastScheduleTime"] == missed_tick.isoformat().replace("+00:00", "Z")
+    assert status["nextScheduleTime"] == (missed_tick + datetime.timedelta(minutes=1)).isoformat().replace(
+        "+00:00", "Z"
+    )
+    assert status["lastSuccessfulBackup"] == names[-1] and status["consecutiveFailures"] == 0
+    for child in children(api, namespace, "nightly"):
+        owner = child["metadata"]["ownerReferences"][0]
+        assert owner["kind"] == "IdmBackupSchedule" and owner["name"] == "nightly" and owner["controller"]
+
+
+def test_forbid_skips_a_tick_while_the_previous_backup_runs(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    freeipa: Callable[..., str],
+    operator: OperatorProcess,
+    secrets: None,
+) -> None:
+    freeipa(fault="hang")
+    if now().second > 40:
+        sleep_until(minute(now()) + datetime.timedelta(minutes=1, seconds=1))
+    template = backup_spec(
+        platform, s3_storage(platform, f"test/{namespace}"), type="Full", activeDeadlineSeconds=100
+    )
+    create_schedule(
+        api, namespace, "forbid", {"schedule": "* * * * *", "immediate": True, "template": {"spec": template}}
+    )
+    wait_for("the immediate backup", lambda: children(api, namespace, "forbid"), timeout=30)
+    tick = minute(now()) + datetime.timedelta(minutes=1)
+    sleep_until(tick + datetime.timedelta(seconds=8))
+    status = get_schedule(api, namespace, "forbid")["status"]
+    assert status["lastSkipTime"] == tick.isoformat().replace("+00:00", "Z")
+    assert len(children(api, namespace, "forbid")) == 1
+    assert status["active"] == [children(api, namespace, "forbid")[0]["metadata"]["name"]]
+    assert "BackupSkipped" in events(api, namespace, "forbid")
+
+
+def test_an_invalid_schedule_says_why(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    operator: OperatorProcess,
+    secrets: None,
+) -> None:
+    template = backup_spec(platform, s3_storage(platform, "x"))
+    create_schedule(api, namespace, "sixfields", {"schedule": "0 0 2 * * *", "template": {"spec": template}})
+
+    def ready_condition() -> dict[str, Any] | None:
+        conditions = get_schedule(api, namespace, "sixfields").get("status", {}).get("conditions", [])
+        return next((c for c in conditions if c["type"] == "Ready"), None)
+
+    condition = wait_for("the Ready condition", ready_condition, timeout=30)
+    assert condition["status"] == "False" and condition["reason"] == "InvalidSchedule"
+    assert "6 fields" in condition["message"] and "seconds" in condition["message"]
+    assert children(api, namespace, "sixfields") == []
+
+
+def finished_or_gone(api: client.ApiClient, namespace: str, name: str) -> bool:
+    try:
+        return get_backup(api, namespace, name).get("status", {}).get("phase") in ("Succeeded", "Failed")
+    except client.ApiException as err:
+        return err.status == 404
+
+
+def test_retention_leaves_exactly_the_expected_backups_in_s3_and_the_cluster(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    freeipa: Callable[..., str],
+    operator: OperatorProcess,
+    secrets: None,
+    s3: Any,
+) -> None:
+    freeipa()
+    prefix = f"test/{namespace}"
+    template = backup_spec(platform, s3_storage(platform, prefix), type="Data", online=True)
+    schedule = create_schedule(
+        api,
+        namespace,
+        "kept",
+        {
+            "schedule": "0 3 * * *",
+            "suspend": True,
+            "template": {"spec": template},
+            "retention": {"keepLast": 2, "failedHistoryLimit": 0},
+        },
+    )
+    owner = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "IdmBackupSchedule",
+        "name": "kept",
+        "uid": schedule["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+    failing = {**template, "encryption": {"publicKeysSecretRef": {"name": "no-such-secret"}}}
+    plan = [
+        ("b1", template, False),
+        ("b2", template, True),
+        ("b3", failing, False),
+        ("b4", template, False),
+        ("b5", template, False),
+    ]
+    for name, spec, pinned in plan:
+        labels = {"idm-backup.io/schedule": "kept", **({"idm-backup.io/pinned": "true"} if pinned else {})}
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "IdmBackup",
+            "metadata": {"name": name, "labels": labels, "ownerReferences": [owner]},
+            "spec": spec,
+        }
+        client.CustomObjectsApi(api).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+        wait_for(
+            f"{name} to finish (or, failed, to be pruned at once)",
+            lambda n=name: finished_or_gone(api, namespace, n),
+        )
+        time.sleep(1.1)  # distinct completion times, to the second
+    expected = ["b2", "b4", "b5"]  # the two newest successful ones and the pinned one; b1 and failed b3 go
+
+    def settled() -> bool:
+        return [b["metadata"]["name"] for b in children(api, namespace, "kept")] == expected
+
+    wait_for("retention to settle", settled, timeout=60)
+    directories = sorted({k.rsplit("/", 1)[0] for k in s3_keys(s3, platform.s3_bucket, prefix)})
+    kept_dirs = sorted(
+        get_backup(api, namespace, n)["status"]["archive"]["uri"].rsplit("/", 1)[0].split("/", 3)[3]
+        for n in expected
+    )
+    assert directories == kept_dirs
+    assert len(s3_keys(s3, platform.s3_bucket, prefix)) == 3 * len(expected)
+    retention = get_schedule(api, namespace, "kept")["status"]["retention"]
+    assert set(retention["deleted"]) <= {"b1", "b3"}
+    assert "RetentionApplied" in events(api, namespace, "kept")
