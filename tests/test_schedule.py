@@ -246,3 +246,35 @@ def test_retention_leaves_exactly_the_expected_backups_in_s3_and_the_cluster(
     retention = get_schedule(api, namespace, "kept")["status"]["retention"]
     assert set(retention["deleted"]) <= {"b1", "b3"}
     assert "RetentionApplied" in events(api, namespace, "kept")
+
+
+def test_deleting_a_schedule_removes_its_backups_but_keeps_archives_they_retain(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    freeipa: Callable[..., str],
+    operator: OperatorProcess,
+    secrets: None,
+    s3: Any,
+) -> None:
+    freeipa()
+    prefix = f"test/{namespace}"
+    template = backup_spec(platform, s3_storage(platform, prefix), type="Data", online=True)
+    create_schedule(
+        api, namespace, "gone", {"schedule": "0 3 * * *", "immediate": True, "template": {"spec": template}}
+    )
+    backup = wait_for("the immediate backup", lambda: children(api, namespace, "gone"), timeout=30)[0]
+    assert (
+        wait_finished(api, namespace, backup["metadata"]["name"], operator)["status"]["phase"] == "Succeeded"
+    )
+    client.CustomObjectsApi(api).delete_namespaced_custom_object(
+        GROUP, VERSION, namespace, SCHEDULES, "gone", propagation_policy="Foreground"
+    )
+    # The controller-manager's garbage collector deletes the owned IdmBackup; deletionPolicy Retain
+    # (the default) keeps what it stored.
+    wait_for(
+        "the backup resource to be garbage-collected",
+        lambda: not children(api, namespace, "gone"),
+        timeout=60,
+    )
+    assert len(s3_keys(s3, platform.s3_bucket, prefix)) == 3
