@@ -43,8 +43,11 @@ def install_crds(api: client.ApiClient) -> None:
 class OperatorProcess:
     """The real operator, as a separate process watching one namespace; it can be killed like a pod."""
 
-    def __init__(self, namespace: str, kubeconfig: str, pvc_root: Path, log: Path) -> None:
+    def __init__(
+        self, namespace: str, kubeconfig: str, pvc_root: Path, log: Path, *, verbose: bool = True
+    ) -> None:
         self.namespace, self.kubeconfig, self.pvc_root, self.log = namespace, kubeconfig, pvc_root, log
+        self.verbose = verbose
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
