@@ -157,6 +157,8 @@ class _Backup:
         directory = self.run_ipa_backup()
         archive_uri = self.store_backup(store, server, directory, recipients)
         cleanup_note = self.cleanup_pod(directory)
+        # Conditions first: whoever sees the phase change also sees them.
+        self.report.condition("Completed", True, "BackupSucceeded", f"stored and verified {archive_uri}")
         finished = _now()
         self.report.update(
             phase="Succeeded",
@@ -166,7 +168,6 @@ class _Backup:
             reason="BackupSucceeded",
             message=f"stored {archive_uri}{cleanup_note}",
         )
-        self.report.condition("Completed", True, "BackupSucceeded", f"stored and verified {archive_uri}")
         self.report.event("BackupCompleted", f"stored and verified {archive_uri}")
 
     # -- pre-flight: nothing on the server is touched until all of this passed --------------------------
@@ -213,7 +214,19 @@ class _Backup:
         target = self.spec.target
         if target.require_hidden_replica or not self.spec.options.disable_role_check:
             self.check_topology(server)
+        if self.spec.options.type is freeipa.BackupType.FULL:
+            self.warn_about_symlinked_config()
         return server
+
+    def warn_about_symlinked_config(self) -> None:
+        """freeipa-container keeps /etc/ipa and friends as symlinks into /data: files.tar gets links only."""
+        if self.exec(["test", "-L", "/etc/ipa"], timeout=30).exit_code == 0:
+            self.report.event(
+                "ConfigFilesAreSymlinks",
+                f"/etc/ipa in pod {self.pod.name} is a symlink (freeipa-container): this full backup's "
+                "files.tar will hold symlinks, not configuration files; back up the /data volume as well",
+                warning=True,
+            )
 
     def check_topology(self, server: IpaServerConfig) -> None:
         target = self.spec.target
@@ -541,6 +554,7 @@ def recover_interrupted(
     if pod is not None:
         TargetLock(services.coordination, pod, lock_holder(resource)).release()
     if outcome is not None:
+        report.condition("Completed", True, "BackupSucceeded", f"stored and verified {outcome}")
         finished = _now()
         report.update(
             phase="Succeeded",
@@ -549,7 +563,6 @@ def recover_interrupted(
             reason="BackupSucceeded",
             message=f"stored {outcome} (completed before the operator restarted)",
         )
-        report.condition("Completed", True, "BackupSucceeded", f"stored and verified {outcome}")
         report.event(
             "BackupCompleted", f"stored and verified {outcome} (found complete after an operator restart)"
         )

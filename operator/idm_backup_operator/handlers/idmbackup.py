@@ -36,8 +36,8 @@ def _fail(report: StatusReporter, status: kopf.Status, reason: str, message: str
     if started := status.get("startTime"):
         began = datetime.datetime.fromisoformat(started.replace("Z", "+00:00"))
         fields["durationSeconds"] = round((now - began).total_seconds(), 1)
-    report.update(**fields)
     report.condition("Completed", False, reason, message)
+    report.update(**fields)
     report.event("BackupFailed", message, warning=True)
 
 
