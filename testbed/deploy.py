@@ -51,7 +51,13 @@ class OperatorProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        env = {**os.environ, "KUBECONFIG": self.kubeconfig, "IDM_BACKUP_PVC_ROOT": str(self.pvc_root)}
+        # Metrics off unless a test asks for them: several operators run at once and share 127.0.0.1.
+        env = {
+            "IDM_BACKUP_METRICS_PORT": "0",
+            **os.environ,
+            "KUBECONFIG": self.kubeconfig,
+            "IDM_BACKUP_PVC_ROOT": str(self.pvc_root),
+        }
         argv = [
             sys.executable,
             "-m",

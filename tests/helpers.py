@@ -138,4 +138,5 @@ def events(api: client.ApiClient, namespace: str, name: str) -> list[str]:
         .list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}")
         .items
     )
-    return [e.reason for e in sorted(items, key=lambda e: e.first_timestamp)]
+    # Timestamps have one-second resolution; the resourceVersion orders events as they were created.
+    return [e.reason for e in sorted(items, key=lambda e: int(e.metadata.resource_version))]

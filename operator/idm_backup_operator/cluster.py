@@ -13,6 +13,7 @@ from typing import Any
 
 from kubernetes import client
 
+from idm_backup_operator import logs
 from idm_backup_operator.encryption import Recipients, load_recipients
 from idm_backup_operator.model import (
     Encryption,
@@ -152,6 +153,7 @@ def open_store(
     missing = [k for k in (storage.access_key_id_key, storage.secret_access_key_key) if k not in creds]
     if missing:
         raise ResolveError(f"Secret {namespace}/{storage.credentials_secret} has no key {', '.join(missing)}")
+    logs.register_secret(creds[storage.secret_access_key_key])
     verify: bool | str = True
     if storage.ca is not None:
         verify = _write_ca(core, namespace, storage.ca, scratch, "s3-ca.pem")
@@ -191,6 +193,7 @@ def ldap_settings(
     core: client.CoreV1Api, namespace: str, ldap: LdapTarget, scratch: Path
 ) -> LdapConnectionSettings:
     password = read_secret_key(core, namespace, ldap.password).decode()
+    logs.register_secret(password)
     ca_file = None if ldap.ca is None else _write_ca(core, namespace, ldap.ca, scratch, "ldap-ca.pem")
     return LdapConnectionSettings(
         uri=ldap.url, bind_dn=ldap.bind_dn, password=password, ca_file=ca_file, starttls=ldap.start_tls

@@ -12,6 +12,7 @@ from typing import Any
 
 from kubernetes import client
 
+from idm_backup_operator import logs
 from idm_backup_operator.layout import ResourceIdentity
 from idm_backup_operator.model import GROUP, VERSION
 
@@ -75,7 +76,7 @@ class StatusReporter:
                 uid=self.resource.uid,
             ),
             reason=reason,
-            message=message[:1024],
+            message=logs.redact(message)[:1024],
             type="Warning" if warning else "Normal",
             first_timestamp=now,
             last_timestamp=now,

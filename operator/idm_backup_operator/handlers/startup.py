@@ -10,8 +10,12 @@ from typing import Any
 import kopf
 from kubernetes import client, config
 
+from idm_backup_operator import metrics
 from idm_backup_operator.backup import Services
+from idm_backup_operator.model import GROUP, IDMBACKUPS, VERSION
 from idm_backup_operator.podexec import PodExec
+
+log = logging.getLogger(__name__)
 
 PVC_ROOT_ENV = "IDM_BACKUP_PVC_ROOT"
 DEFAULT_PVC_ROOT = "/var/lib/idm-backup-operator/pvc"
@@ -47,3 +51,40 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         execs=PodExec(api),
         pvc_root=Path(os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT)),
     )
+    start_metrics(memo, api)
+
+
+def start_metrics(memo: kopf.Memo, api: client.ApiClient) -> None:
+    """Metrics from the resources as they are now, then the endpoint: never a scrape of empty gauges.
+
+    The command line puts its options into the memo; started some other way, the environment decides.
+    """
+    state = metrics.BackupMetrics()
+    memo.metrics = state
+    namespaces: list[str] = list(memo.get("namespaces") or ())
+    custom = client.CustomObjectsApi(api)
+    try:
+        state.seed(
+            metrics.list_resources(custom, GROUP, VERSION, IDMBACKUPS, namespaces),
+            metrics.list_resources(custom, GROUP, VERSION, "idmbackupschedules", namespaces),
+        )
+    except client.ApiException as err:
+        # The watches deliver the same objects moments later; only the very first scrapes are short.
+        log.warning("could not list the resources for the metrics (%s %s)", err.status, err.reason)
+    endpoint: metrics.MetricsConfig = memo.get("metrics_config") or metrics.MetricsConfig.from_env()
+    if endpoint.port == 0:
+        return
+    try:
+        memo.metrics_server = metrics.MetricsServer(state, endpoint)
+    except OSError as err:
+        # Backups matter more than their metrics: the operator runs on, and says so loudly.
+        log.error("metrics are not served: cannot listen on %s:%s: %s", endpoint.address, endpoint.port, err)
+        return
+    log.info("serving metrics on http://%s:%s/metrics", endpoint.address, memo.metrics_server.port)
+
+
+@kopf.on.cleanup()
+def stop_metrics(memo: kopf.Memo, **_: Any) -> None:
+    server: metrics.MetricsServer | None = memo.get("metrics_server")
+    if server is not None:
+        server.stop()
