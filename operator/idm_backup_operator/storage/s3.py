@@ -10,10 +10,12 @@ import contextlib
 import datetime
 import io
 import logging
+import queue
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO, Literal, TypedDict
+from typing import TYPE_CHECKING, BinaryIO, Literal, TypedDict, cast
 
 import boto3
 import botocore.config
@@ -188,7 +190,8 @@ def _translate(error: Exception, config: S3Config, doing: str, uri: str) -> Stor
             return ObjectNotFound(f"{uri} does not exist")
         if code == "NoSuchBucket":
             return StorageError(f"{what}: bucket {config.bucket!r} does not exist at {config.where}")
-        if code == "InvalidAccessKeyId":
+        # versitygw names the same refusal XAdminUserNotFound.
+        if code in ("InvalidAccessKeyId", "XAdminUserNotFound"):
             return StorageError(f"{what}: {config.where} does not know the access key ID")
         if code == "SignatureDoesNotMatch":
             return StorageError(f"{what}: the secret access key is wrong for this access key ID")
@@ -210,44 +213,66 @@ class _Encryption(TypedDict, total=False):
 
 
 class _MultipartUpload(Upload):
-    """One part in memory at a time; the multipart upload starts only once a first part is full.
+    """Parts are filled here and sent by a background thread, so reading never waits for the network.
 
-    An object smaller than a part (header, manifest, a small archive) is sent with a single PUT.
+    Sending a 16 MiB part takes long enough that, done inline, it stalls gpg and the stream from the pod
+    for a third of the transfer. At most one full part waits while one is being sent: memory stays at
+    three parts whatever the archive's size. The multipart upload starts only once a first part is full;
+    an object smaller than a part (header, manifest, a small archive) is sent with a single PUT.
     """
 
     def __init__(self, store: S3Store, key: str) -> None:
         self._s3_key = store._key(key)
         super().__init__(key, store.uri(key))
         self._store = store
-        self._buffer = bytearray()
+        self._part_size = store.config.part_size
+        self._part = bytearray(self._part_size)
+        self._filled = 0
         self._upload_id: str | None = None
         self._parts: list[CompletedPartTypeDef] = []
+        self._queued = 0
+        self._outbox: queue.Queue[tuple[int, bytes | bytearray] | None] = queue.Queue(maxsize=1)
+        self._sender: threading.Thread | None = None
+        self._failure: BaseException | None = None
 
     def _write(self, data: bytes) -> None:
-        self._buffer += data
-        if len(self._buffer) >= self._store.config.part_size:
-            self._send_part()
+        view = memoryview(data)
+        while view:
+            room = self._part_size - self._filled
+            chunk = view[:room]
+            self._part[self._filled : self._filled + len(chunk)] = chunk
+            self._filled += len(chunk)
+            view = view[len(chunk) :]
+            if self._filled == self._part_size:
+                # The full buffer itself goes to the sender: no copy, and a fresh one is filled meanwhile.
+                self._queue_part(self._part)
+                self._part = bytearray(self._part_size)
+                self._filled = 0
 
     def _commit(self) -> None:
         config = self._store.config
+        rest = bytes(memoryview(self._part)[: self._filled])
         if self._upload_id is None:
             with self._store._errors("upload", self.key):
                 self._store.client.put_object(
-                    Bucket=config.bucket, Key=self._s3_key, Body=bytes(self._buffer), **self._encryption()
+                    Bucket=config.bucket, Key=self._s3_key, Body=rest, **self._encryption()
                 )
             return
-        if self._buffer:
-            self._send_part()
+        if rest:
+            self._queue_part(rest)
+        self._stop_sender()
+        self._raise_failure()
         with self._store._errors("complete the upload of", self.key):
             self._store.client.complete_multipart_upload(
                 Bucket=config.bucket,
                 Key=self._s3_key,
                 UploadId=self._upload_id,
-                MultipartUpload={"Parts": self._parts},
+                MultipartUpload={"Parts": sorted(self._parts, key=lambda p: p["PartNumber"])},
             )
 
     def _abort(self) -> None:
-        self._buffer = bytearray()
+        self._part = bytearray()
+        self._stop_sender()
         if self._upload_id is None:
             return
         try:
@@ -259,29 +284,61 @@ class _MultipartUpload(Upload):
             # Raising here would hide the error that caused the abort; clean_incomplete catches up later.
             logger.warning("%s", error)
 
-    def _send_part(self) -> None:
+    def _queue_part(self, body: bytes | bytearray) -> None:
+        self._raise_failure()
         config = self._store.config
-        number = len(self._parts) + 1
-        if number > MAX_PARTS:
+        if self._queued >= MAX_PARTS:
             raise StorageError(
                 f"cannot upload {self.uri}: more than {MAX_PARTS} parts of {config.part_size} bytes, "
                 f"raise the part size"
             )
-        with self._store._errors("upload", self.key):
-            if self._upload_id is None:
+        if self._upload_id is None:
+            with self._store._errors("upload", self.key):
                 created = self._store.client.create_multipart_upload(
                     Bucket=config.bucket, Key=self._s3_key, **self._encryption()
                 )
-                self._upload_id = created["UploadId"]
-            sent = self._store.client.upload_part(
-                Bucket=config.bucket,
-                Key=self._s3_key,
-                UploadId=self._upload_id,
-                PartNumber=number,
-                Body=bytes(self._buffer),
+            self._upload_id = created["UploadId"]
+            self._sender = threading.Thread(
+                target=self._send_parts, name=f"s3-upload-{self.key}", daemon=True
             )
-        self._parts.append({"ETag": sent["ETag"], "PartNumber": number})
-        self._buffer = bytearray()
+            self._sender.start()
+        self._queued += 1
+        while True:
+            try:
+                self._outbox.put((self._queued, body), timeout=1)
+                return
+            except queue.Full:
+                self._raise_failure()
+
+    def _send_parts(self) -> None:
+        config = self._store.config
+        while (item := self._outbox.get()) is not None:
+            if self._failure is not None:
+                continue  # drain: the writer sees the failure at its next write
+            number, body = item
+            try:
+                with self._store._errors("upload", self.key):
+                    sent = self._store.client.upload_part(
+                        Bucket=config.bucket,
+                        Key=self._s3_key,
+                        UploadId=self._upload_id or "",
+                        PartNumber=number,
+                        # botocore sends any bytes-like body; the stubs only name bytes.
+                        Body=cast(bytes, body),
+                    )
+                self._parts.append({"ETag": sent["ETag"], "PartNumber": number})
+            except BaseException as error:  # handed to the writer's thread and raised there
+                self._failure = error
+
+    def _stop_sender(self) -> None:
+        if self._sender is not None:
+            self._outbox.put(None)
+            self._sender.join()
+            self._sender = None
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
 
     def _encryption(self) -> _Encryption:
         config = self._store.config
