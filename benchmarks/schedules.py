@@ -23,6 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+# Run as a script from anywhere: the repository root holds the testbed package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from kubernetes import client, config
 
 from testbed import processes, stack
