@@ -36,3 +36,4 @@ command -v go >/dev/null || { echo "setup: Go is required to build the platform 
 # An older local Go fetches the toolchain the Kubernetes modules ask for, through the module proxy.
 export GOTOOLCHAIN=${GOTOOLCHAIN:-auto}
 bash testbed/build.sh all >/dev/null
+bash testbed/build.sh helm >/dev/null   # for the chart's tests

@@ -60,7 +60,8 @@ def _run(args: argparse.Namespace) -> int:
         clusterwide=not args.namespace,
         namespaces=args.namespace or (),
         # Standalone by default: one replica. With --peering, replicas elect one active operator through
-        # kopf's (Cluster)KopfPeering object of that name, which must exist (the Helm chart creates it).
+        # kopf's (Cluster)KopfPeering object of that name, which must exist: the Helm chart does not
+        # create it (nor kopf's peering CRDs) yet, and runs a single replica.
         standalone=args.peering is None,
         peering_name=args.peering,
         liveness_endpoint=args.liveness,

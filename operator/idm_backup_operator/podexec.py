@@ -142,19 +142,27 @@ class PodExec:
         on_stderr_line: Callable[[str], None] | None = None,
         stdin: bool = False,
     ) -> Session:
-        ws = _stream(
-            self._core.connect_get_namespaced_pod_exec,
-            pod.name,
-            pod.namespace,
-            container=pod.container,
-            command=list(argv),
-            stdin=stdin,
-            stdout=True,
-            stderr=True,
-            tty=False,
-            binary=True,
-            _preload_content=False,
-        )
+        try:
+            ws = _stream(
+                self._core.connect_get_namespaced_pod_exec,
+                pod.name,
+                pod.namespace,
+                container=pod.container,
+                command=list(argv),
+                stdin=stdin,
+                stdout=True,
+                stderr=True,
+                tty=False,
+                binary=True,
+                _preload_content=False,
+            )
+        except (client.ApiException, AttributeError) as err:
+            # A refused websocket handshake (e.g. 403) surfaces from the client as an ApiException without
+            # a status, or, when the refusal has no body, as an AttributeError from inside the client.
+            raise ExecError(
+                f"the API server refused exec into pod {pod} ({getattr(err, 'reason', None) or err}); "
+                "the operator needs get and create on pods/exec there"
+            ) from None
         deadline = None if timeout is None else time.monotonic() + timeout
         return Session(ws, deadline, on_stderr_line)
 

@@ -35,6 +35,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # Progress and the last handled spec go into annotations of our own prefix; the CRD status schema
     # has no room for kopf's bookkeeping, and the prefix makes clear who owns them.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="idm-backup.io")
+    settings.persistence.finalizer = "idm-backup.io/finalizer"
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="idm-backup.io", key="last-handled-configuration"
     )

@@ -1,0 +1,108 @@
+{{/* Names and labels shared by every template. */}}
+
+{{- define "idm-backup-operator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "idm-backup-operator.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "idm-backup-operator.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "idm-backup-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "idm-backup-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "idm-backup-operator.labels" -}}
+helm.sh/chart: {{ include "idm-backup-operator.chart" . }}
+{{ include "idm-backup-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: idm-backup-operator
+{{- end }}
+
+{{- define "idm-backup-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "idm-backup-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The namespaces the operator watches in namespace mode (default: the release namespace). */}}
+{{- define "idm-backup-operator.watchNamespaces" -}}
+{{- $namespaces := .Values.watchNamespaces | default (list .Release.Namespace) }}
+{{- toJson (uniq $namespaces) }}
+{{- end }}
+
+{{- define "idm-backup-operator.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "idm-backup-operator.pvcRoot" -}}
+/var/lib/idm-backup-operator/pvc
+{{- end }}
+
+{{/*
+RBAC rules for the resources the operator handles and the objects a backup touches, in one namespace
+(a Role) or in all of them (the ClusterRole). Every verb is traced to the code in docs/install.md
+("What the RBAC grants, and why").
+*/}}
+{{- define "idm-backup-operator.namespacedRules" -}}
+# kopf lists and watches both kinds and merge-patches them (finalizers, its annotations);
+# schedules list, create and (retention) delete their IdmBackups.
+- apiGroups: [idm-backup.io]
+  resources: [idmbackups]
+  verbs: [get, list, watch, patch, create, delete]
+# The operator never creates or deletes schedules: it only follows them.
+- apiGroups: [idm-backup.io]
+  resources: [idmbackupschedules]
+  verbs: [get, list, watch, patch]
+# Phase, step, archive and conditions go to the status subresource.
+- apiGroups: [idm-backup.io]
+  resources: [idmbackups/status, idmbackupschedules/status]
+  verbs: [patch]
+# The target pod: by name (get) or by podSelector/host (list). Never created, changed or deleted.
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list]
+# ipa-backup, cat, sha256sum, ipactl in the FreeIPA pod. The Python client's exec is a websocket GET,
+# authorized as get pods/exec and, since Kubernetes 1.35 (AuthorizePodWebsocketUpgradeCreatePermission),
+# also as create pods/exec: both are needed.
+- apiGroups: [""]
+  resources: [pods/exec]
+  verbs: [get, create]
+# Referenced Secrets (S3 credentials, public keys, LDAP password and CAs) are read by name only:
+# no list or watch, so the operator cannot enumerate Secrets.
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get]
+# One backup per server at a time: a Lease next to the pod.
+- apiGroups: [coordination.k8s.io]
+  resources: [leases]
+  verbs: [get, create, update, delete]
+# BackupStarted, BackupCompleted, ... (the operator's own and kopf's warnings).
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+{{- end }}
+
+{{/* kopf's discovery: a watch on CRDs (cluster-scoped, read-only). */}}
+{{- define "idm-backup-operator.crdDiscoveryRules" -}}
+- apiGroups: [apiextensions.k8s.io]
+  resources: [customresourcedefinitions]
+  verbs: [list, watch]
+{{- end }}
