@@ -278,3 +278,26 @@ def test_deleting_a_schedule_removes_its_backups_but_keeps_archives_they_retain(
         timeout=60,
     )
     assert len(s3_keys(s3, platform.s3_bucket, prefix)) == 3
+
+
+def test_a_changed_schedule_takes_effect_at_once(
+    api: client.ApiClient, namespace: str, platform: stack.Platform, operator: OperatorProcess, secrets: None
+) -> None:
+    template = backup_spec(platform, s3_storage(platform, "x"))
+    create_schedule(api, namespace, "edited", {"schedule": "0 3 * * *", "template": {"spec": template}})
+    wait_for(
+        "the first pass",
+        lambda: get_schedule(api, namespace, "edited").get("status", {}).get("nextScheduleTime"),
+    )
+    client.CustomObjectsApi(api).patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, SCHEDULES, "edited", {"spec": {"schedule": "*/5 * * * *"}}
+    )
+    # The task was asleep until 03:00 (capped at five minutes): the change must wake it.
+    upcoming = minute(now())
+    upcoming += datetime.timedelta(minutes=5 - upcoming.minute % 5)
+
+    def rescheduled() -> bool:
+        status = get_schedule(api, namespace, "edited").get("status", {})
+        return status.get("nextScheduleTime") == upcoming.isoformat().replace("+00:00", "Z")
+
+    wait_for("nextScheduleTime to follow the new cron", rescheduled, timeout=10)

@@ -89,3 +89,14 @@ async def backup_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     for owner in body.metadata.get("ownerReferences") or []:
         if owner.get("kind") == "IdmBackupSchedule" and (event := _wakeups(memo).get(owner.get("uid"))):
             event.set()
+
+
+@kopf.on.event(GROUP, VERSION, IDMBACKUPSCHEDULES)
+async def schedule_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A changed spec (a new cron, a resume) takes effect now, not when the task would next wake.
+
+    Only a spec the task has not seen yet counts: its own status patches must not wake it in a loop.
+    """
+    unseen = body.metadata.get("generation") != body.status.get("observedGeneration")
+    if unseen and (event := _wakeups(memo).get(body.metadata.uid or "")):
+        event.set()
