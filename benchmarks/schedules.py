@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kubernetes import client, config
 
 from testbed import processes, stack
-from testbed.deploy import OperatorProcess, install_crds
+from testbed.deploy import OperatorProcess, drop_finalizers, install_crds
 
 GROUP, VERSION = "idm-backup.io", "v1alpha1"
 NAMESPACE = "bench-schedules"
@@ -85,6 +85,7 @@ def main() -> int:
     core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
     install_crds(api)
     try:
+        drop_finalizers(api, NAMESPACE)  # left by an interrupted earlier run
         core.delete_namespace(NAMESPACE)
         processes.wait_until("old namespace gone", lambda: _gone(core), 300)
     except client.ApiException:
@@ -150,6 +151,7 @@ def main() -> int:
     if lateness:
         print(f"lateness s: p50 {statistics.median(lateness):.0f}, p99 {p99:.0f}, max {lateness[-1]:.0f}")
     print(f"operator log: {operator.log}")
+    drop_finalizers(api, NAMESPACE)
     core.delete_namespace(NAMESPACE)
     return 0
 

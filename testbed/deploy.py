@@ -87,3 +87,29 @@ class OperatorProcess:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+def drop_finalizers(api: client.ApiClient, namespace: str) -> None:
+    """Release the operator's objects in a namespace whose operator is gone, so the namespace can go.
+
+    kopf puts finalizers on schedules (for their tasks) and on Delete-policy backups; with no operator
+    left to remove them, deleting the namespace would hang in Terminating for ever.
+    """
+    custom = client.CustomObjectsApi(api)
+    for plural in ("idmbackupschedules", "idmbackups"):
+        try:
+            items = custom.list_namespaced_custom_object("idm-backup.io", "v1alpha1", namespace, plural)[
+                "items"
+            ]
+        except client.ApiException:
+            continue  # the CRDs are not installed
+        for item in items:
+            if item["metadata"].get("finalizers"):
+                custom.patch_namespaced_custom_object(
+                    "idm-backup.io",
+                    "v1alpha1",
+                    namespace,
+                    plural,
+                    item["metadata"]["name"],
+                    {"metadata": {"finalizers": None}},
+                )

@@ -22,7 +22,7 @@ import pytest
 from kubernetes import client, config
 
 from testbed import freeipa_pod, stack
-from testbed.deploy import OperatorProcess, install_crds
+from testbed.deploy import OperatorProcess, drop_finalizers, install_crds
 from testbed.gpgkeys import ExportedKey, Keyring
 from tests.helpers import KEY_SECRET, S3_SECRET, apply, wait_for
 
@@ -60,24 +60,7 @@ def namespace(api: client.ApiClient, request: pytest.FixtureRequest) -> Iterator
         except client.ApiException:
             time.sleep(0.2)
     yield name
-    # The test's operator is gone by now: finalizers it put on schedules and Delete-policy backups
-    # would keep the namespace Terminating forever.
-    custom = client.CustomObjectsApi(api)
-    for plural in ("idmbackupschedules", "idmbackups"):
-        try:
-            items = custom.list_namespaced_custom_object("idm-backup.io", "v1alpha1", name, plural)["items"]
-        except client.ApiException:
-            continue  # CRDs not installed in this session
-        for item in items:
-            if item["metadata"].get("finalizers"):
-                custom.patch_namespaced_custom_object(
-                    "idm-backup.io",
-                    "v1alpha1",
-                    name,
-                    plural,
-                    item["metadata"]["name"],
-                    {"metadata": {"finalizers": None}},
-                )
+    drop_finalizers(api, name)  # the test's operator is gone by now
     core.delete_namespace(name, propagation_policy="Background")
 
 
