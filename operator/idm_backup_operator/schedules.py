@@ -214,8 +214,11 @@ def reconcile(
     except scheduling.InvalidSchedule as err:
         report.condition("Ready", False, "InvalidSchedule", str(err))
         return now + datetime.timedelta(hours=1)
-    children = list_children(custom, identity)
-    fields = history_status(children)
+    # The tick's backup is created before anything else is read or written: when many schedules fire
+    # together, every call before it is lateness. The children are listed first only when the last pass
+    # saw one still running, which Forbid must know about. (A backup started by hand since then is not
+    # seen here; it still never overlaps with this one, through the server's Lease.)
+    children = list_children(custom, identity) if status.get("active") else None
     deadline = spec.get("startingDeadlineSeconds")
     decision = scheduling.decide(
         cron,
@@ -224,26 +227,32 @@ def reconcile(
         state=scheduling.ScheduleState(
             last_schedule_time=_parse_time(status.get("lastScheduleTime")),
             created=_parse_time(meta["creationTimestamp"]),  # type: ignore[arg-type]
-            active=tuple(fields["active"]),
+            active=tuple(history_status(children)["active"]) if children is not None else (),
         ),
         suspend=spec.get("suspend", False),
         immediate=spec.get("immediate", False),
         concurrency=spec.get("concurrencyPolicy", "Forbid"),
         starting_deadline=datetime.timedelta(seconds=deadline) if deadline else None,
     )
+    due_name = None
+    created = False
+    if decision.due is not None and not decision.skipped_for_concurrency:
+        due_name = scheduling.child_name(meta["name"], decision.due)
+        created = create_child(custom, child_body(schedule, due_name, decision.due))
+    if children is None:
+        children = list_children(custom, identity)
+    fields = history_status(children)
     fields["nextScheduleTime"] = _timestamp(decision.next_time)
     if decision.missed:
         fields["missedTicks"] = status.get("missedTicks", 0) + decision.missed
         report.event("BackupsMissed", decision.reason, warning=True)
-    if decision.due is not None:
-        if decision.skipped_for_concurrency:
-            fields["lastSkipTime"] = _timestamp(decision.due)
-            report.event("BackupSkipped", decision.reason)
-        else:
-            name = scheduling.child_name(meta["name"], decision.due)
-            if create_child(custom, child_body(schedule, name, decision.due)):
-                report.event("BackupCreated", f"created IdmBackup {name}: {decision.reason}")
-            fields["active"] = sorted({*fields["active"], name})
+    if decision.due is not None and decision.skipped_for_concurrency:
+        fields["lastSkipTime"] = _timestamp(decision.due)
+        report.event("BackupSkipped", decision.reason)
+    if due_name is not None:
+        if created:
+            report.event("BackupCreated", f"created IdmBackup {due_name}: {decision.reason}")
+        fields["active"] = sorted({*fields["active"], due_name})
     if decision.last_schedule_time is not None:
         # Also advanced for a tick missed past its deadline, so each miss is reported only once.
         fields["lastScheduleTime"] = _timestamp(decision.last_schedule_time)

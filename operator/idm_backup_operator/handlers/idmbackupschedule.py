@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime
 from typing import Any
 
@@ -21,6 +22,7 @@ MAX_SLEEP_SECONDS = 300.0
 # Schedules are evaluated at whole minutes; waking a little late keeps a tick from being seen as
 # "not yet due" because of clock granularity.
 TICK_GRACE_SECONDS = 0.2
+PASS_THREADS = 32
 
 
 def _wakeups(memo: kopf.Memo) -> dict[str, asyncio.Event]:
@@ -43,6 +45,15 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo) -> datetime.datetime:
     )
     now = datetime.datetime.now(datetime.UTC)
     return schedules.reconcile(memo.services, client.CustomObjectsApi(memo.api), schedule, report, now)
+
+
+@kopf.on.startup()
+async def size_the_pass_threads(**_: Any) -> None:
+    # Passes run in the loop's default executor (asyncio.to_thread), which has only a handful of
+    # threads; passes mostly wait on the API server, and a minute's ticks must not queue behind them.
+    asyncio.get_running_loop().set_default_executor(
+        concurrent.futures.ThreadPoolExecutor(max_workers=PASS_THREADS, thread_name_prefix="schedule-pass")
+    )
 
 
 @kopf.daemon(GROUP, VERSION, IDMBACKUPSCHEDULES, cancellation_timeout=10)
