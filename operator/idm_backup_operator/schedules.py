@@ -198,26 +198,33 @@ def apply_retention(
     return {"time": _timestamp(now), "deleted": deleted, "kept": len(plan.keep), "message": message}
 
 
-def reconcile(
-    services: Services,
-    custom: client.CustomObjectsApi,
-    schedule: Mapping[str, Any],
-    report: Reporter,
-    now: datetime.datetime,
-) -> datetime.datetime:
-    """One pass over the schedule; returns when the next pass is needed at the latest."""
+@dataclass(frozen=True)
+class Tick:
+    """What the first, urgent half of a pass decided and did."""
+
+    decision: scheduling.Decision
+    children: list[Child] | None
+    due_name: str | None
+    created: bool
+
+
+def take_tick(
+    custom: client.CustomObjectsApi, schedule: Mapping[str, Any], now: datetime.datetime
+) -> Tick | str:
+    """Create the due tick's backup, if any; a string is the reason the schedule is invalid.
+
+    Nothing else is read or written before the create: when many schedules fire together, every call
+    before it is lateness. The children are listed first only when the last pass saw one still running,
+    which Forbid must know about. (A backup started by hand since then is not seen here; it still never
+    overlaps with this one, through the server's Lease.)
+    """
     meta, spec, status = schedule["metadata"], schedule["spec"], schedule.get("status") or {}
-    identity = ResourceIdentity(meta["namespace"], meta["name"], meta["uid"])
     try:
         cron = scheduling.CronSchedule.parse(spec["schedule"])
         tz = scheduling.parse_time_zone(spec.get("timeZone") or "UTC")
     except scheduling.InvalidSchedule as err:
-        report.condition("Ready", False, "InvalidSchedule", str(err))
-        return now + datetime.timedelta(hours=1)
-    # The tick's backup is created before anything else is read or written: when many schedules fire
-    # together, every call before it is lateness. The children are listed first only when the last pass
-    # saw one still running, which Forbid must know about. (A backup started by hand since then is not
-    # seen here; it still never overlaps with this one, through the server's Lease.)
+        return str(err)
+    identity = ResourceIdentity(meta["namespace"], meta["name"], meta["uid"])
     children = list_children(custom, identity) if status.get("active") else None
     deadline = spec.get("startingDeadlineSeconds")
     decision = scheduling.decide(
@@ -234,13 +241,34 @@ def reconcile(
         concurrency=spec.get("concurrencyPolicy", "Forbid"),
         starting_deadline=datetime.timedelta(seconds=deadline) if deadline else None,
     )
-    due_name = None
-    created = False
+    due_name, created = None, False
     if decision.due is not None and not decision.skipped_for_concurrency:
         due_name = scheduling.child_name(meta["name"], decision.due)
         created = create_child(custom, child_body(schedule, due_name, decision.due))
+    return Tick(decision, children, due_name, created)
+
+
+def record(
+    services: Services,
+    custom: client.CustomObjectsApi,
+    schedule: Mapping[str, Any],
+    report: Reporter,
+    now: datetime.datetime,
+    tick: Tick | str,
+) -> datetime.datetime:
+    """The second half of a pass: status, Events and retention; returns when the next pass is due.
+
+    Safe to delay: lastScheduleTime is only a record, since a tick's backup has a fixed name and a
+    second create of it is refused.
+    """
+    if isinstance(tick, str):
+        report.condition("Ready", False, "InvalidSchedule", tick)
+        return now + datetime.timedelta(hours=1)
+    meta, spec, status = schedule["metadata"], schedule["spec"], schedule.get("status") or {}
+    decision = tick.decision
+    children = tick.children if tick.children is not None and not tick.created else None
     if children is None:
-        children = list_children(custom, identity)
+        children = list_children(custom, ResourceIdentity(meta["namespace"], meta["name"], meta["uid"]))
     fields = history_status(children)
     fields["nextScheduleTime"] = _timestamp(decision.next_time)
     if decision.missed:
@@ -249,13 +277,14 @@ def reconcile(
     if decision.due is not None and decision.skipped_for_concurrency:
         fields["lastSkipTime"] = _timestamp(decision.due)
         report.event("BackupSkipped", decision.reason)
-    if due_name is not None:
-        if created:
-            report.event("BackupCreated", f"created IdmBackup {due_name}: {decision.reason}")
-        fields["active"] = sorted({*fields["active"], due_name})
+    if tick.due_name is not None:
+        if tick.created:
+            report.event("BackupCreated", f"created IdmBackup {tick.due_name}: {decision.reason}")
+        fields["active"] = sorted({*fields["active"], tick.due_name})
     if decision.last_schedule_time is not None:
         # Also advanced for a tick missed past its deadline, so each miss is reported only once.
         fields["lastScheduleTime"] = _timestamp(decision.last_schedule_time)
+    tz = scheduling.parse_time_zone(spec.get("timeZone") or "UTC")
     pruned = apply_retention(services, custom, schedule, children, now, tz)
     if pruned is not None:
         fields["retention"] = pruned

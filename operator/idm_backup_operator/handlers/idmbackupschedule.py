@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import datetime
+import hashlib
 from typing import Any
 
 import kopf
@@ -23,6 +24,7 @@ MAX_SLEEP_SECONDS = 300.0
 # "not yet due" because of clock granularity.
 TICK_GRACE_SECONDS = 0.2
 PASS_THREADS = 32
+RECORD_SPREAD_SECONDS = 20
 
 
 def _wakeups(memo: kopf.Memo) -> dict[str, asyncio.Event]:
@@ -32,8 +34,12 @@ def _wakeups(memo: kopf.Memo) -> dict[str, asyncio.Event]:
     return wakeups
 
 
-def _reconcile(body: kopf.Body, memo: kopf.Memo) -> datetime.datetime:
-    schedule = {"metadata": dict(body.metadata), "spec": dict(body.spec), "status": dict(body.status)}
+def _snapshot(body: kopf.Body) -> dict[str, Any]:
+    return {"metadata": dict(body.metadata), "spec": dict(body.spec), "status": dict(body.status)}
+
+
+def _record(body: kopf.Body, memo: kopf.Memo, tick: schedules.Tick | str) -> datetime.datetime:
+    schedule = _snapshot(body)
     meta = schedule["metadata"]
     report = StatusReporter(
         memo.api,
@@ -44,7 +50,13 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo) -> datetime.datetime:
         status=schedule["status"],
     )
     now = datetime.datetime.now(datetime.UTC)
-    return schedules.reconcile(memo.services, client.CustomObjectsApi(memo.api), schedule, report, now)
+    return schedules.record(memo.services, client.CustomObjectsApi(memo.api), schedule, report, now, tick)
+
+
+def _spread(uid: str) -> float:
+    """A fixed delay per schedule for the bookkeeping after a tick, so hundreds of schedules that fire
+    in the same minute do not all write their status at once while others still create their backups."""
+    return int(hashlib.sha256(uid.encode()).hexdigest()[:8], 16) % (RECORD_SPREAD_SECONDS * 1000) / 1000
 
 
 @kopf.on.startup()
@@ -67,7 +79,12 @@ async def follow_schedule(
             wakeup.clear()
             try:
                 # The body is a live view: each pass sees the latest spec and status.
-                next_time = await asyncio.to_thread(_reconcile, body, memo)
+                custom = client.CustomObjectsApi(memo.api)
+                now = datetime.datetime.now(datetime.UTC)
+                tick = await asyncio.to_thread(schedules.take_tick, custom, _snapshot(body), now)
+                if isinstance(tick, schedules.Tick) and tick.created:
+                    await _sleep(_spread(uid), asyncio.Event(), stopped)
+                next_time = await asyncio.to_thread(_record, body, memo, tick)
                 delay = (next_time - datetime.datetime.now(datetime.UTC)).total_seconds() + TICK_GRACE_SECONDS
             except client.ApiException as err:
                 logger.warning(f"schedule pass failed, retrying in 10s: {err.reason}")
