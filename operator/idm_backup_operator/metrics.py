@@ -87,6 +87,9 @@ class _Backup:
     phase: str | None
     completed: float | None
     size: int | None
+    # Breaks ties between backups finished in the same second (timestamps have 1 s resolution), the
+    # same way before and after a restart: the one created later counts as the later one.
+    order: tuple[str, str] = ("", "")
     attempt_counted: bool = False
     result_counted: bool = False
 
@@ -174,8 +177,14 @@ class BackupMetrics(Collector):
                 return
             record = self._backups.get(uid)
             if record is None:
+                meta = _meta(body)
                 record = _Backup(
-                    key=_backup_key(body), owner_uid=owner, phase=None, completed=None, size=None
+                    key=_backup_key(body),
+                    owner_uid=owner,
+                    phase=None,
+                    completed=None,
+                    size=None,
+                    order=(meta.get("creationTimestamp") or "", meta.get("name") or ""),
                 )
                 if initial:
                     record.attempt_counted = phase in _STARTED
@@ -280,7 +289,7 @@ class BackupMetrics(Collector):
         for key in keys:
             mine = [b for b in backups if b.key == key]
             done = sorted(
-                (b for b in mine if b.phase in _FINISHED and b.completed is not None), key=_completed
+                (b for b in mine if b.phase in _FINISHED and b.completed is not None), key=_finish_order
             )
             succeeded = [b for b in done if b.phase == "Succeeded"]
             failed = [b for b in done if b.phase == "Failed"]
@@ -332,6 +341,10 @@ class BackupMetrics(Collector):
 
 def _completed(backup: _Backup) -> float:
     return backup.completed or 0.0
+
+
+def _finish_order(backup: _Backup) -> tuple[float, tuple[str, str]]:
+    return (_completed(backup), backup.order)
 
 
 def _bound(value: float) -> str:
