@@ -27,7 +27,7 @@ from kubernetes import client
 from idm_backup_operator import cluster, encryption, freeipa, layout, stored
 from idm_backup_operator.freeipa import BackupDirectory, BackupHeader, IpaServerConfig
 from idm_backup_operator.locking import TargetLock
-from idm_backup_operator.model import BackupSpec
+from idm_backup_operator.model import BackupSpec, format_time
 from idm_backup_operator.podexec import ExecError, PodExec, PodRef
 from idm_backup_operator.storage import StorageError, Store, StoredObject
 from idm_backup_operator.streams import Tally, tallied
@@ -92,10 +92,6 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def _timestamp(moment: datetime.datetime) -> str:
-    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
 def take_backup(
     resource: layout.ResourceIdentity, spec: BackupSpec, services: Services, report: Reporter
 ) -> None:
@@ -143,7 +139,7 @@ class _Backup:
     def run(self) -> None:
         self.report.update(
             phase="Running",
-            startTime=_timestamp(self.started),
+            startTime=format_time(self.started),
             step="pre-flight checks",
             target={"pod": self.pod.name, "container": self.pod.container},
         )
@@ -163,7 +159,7 @@ class _Backup:
         self.report.update(
             phase="Succeeded",
             step="done",
-            completionTime=_timestamp(finished),
+            completionTime=format_time(finished),
             durationSeconds=round((finished - self.started).total_seconds(), 1),
             reason="BackupSucceeded",
             message=f"stored {archive_uri}{cleanup_note}",
@@ -318,7 +314,7 @@ class _Backup:
         self.report.update(
             header={
                 "type": header.type.name,
-                "time": _timestamp(header.time),
+                "time": format_time(header.time),
                 "host": header.host,
                 "ipaVersion": header.ipa_version,
                 "version": header.version,
@@ -559,7 +555,7 @@ def recover_interrupted(
         report.update(
             phase="Succeeded",
             step="done",
-            completionTime=_timestamp(finished),
+            completionTime=format_time(finished),
             reason="BackupSucceeded",
             message=f"stored {outcome} (completed before the operator restarted)",
         )

@@ -27,6 +27,7 @@ import kopf
 from kubernetes import client, config
 
 from idm_backup_operator import __version__, cluster, logs, metrics, schedules, stored, verify
+from idm_backup_operator.backup import human_size
 from idm_backup_operator.handlers.startup import DEFAULT_PVC_ROOT, PVC_ROOT_ENV
 from idm_backup_operator.layout import ResourceIdentity
 from idm_backup_operator.model import GROUP, IDMBACKUPS, VERSION, BackupSpec, parse_backup_spec
@@ -160,14 +161,7 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
 
 
 def _human(size: Any) -> str:
-    if not isinstance(size, int):
-        return ""
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return str(size)
+    return human_size(size) if isinstance(size, int) else ""
 
 
 def _list(args: argparse.Namespace) -> int:

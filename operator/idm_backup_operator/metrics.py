@@ -22,7 +22,6 @@ hence the lock.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import logging
 import os
 import threading
@@ -37,6 +36,8 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+
+from idm_backup_operator import model
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +76,8 @@ class MetricsConfig:
 
 
 def parse_time(value: str | None) -> float | None:
-    if not value:
-        return None
-    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    moment = model.parse_time(value)
+    return None if moment is None else moment.timestamp()
 
 
 @dataclasses.dataclass

@@ -14,14 +14,10 @@ from kubernetes import client
 
 from idm_backup_operator import logs
 from idm_backup_operator.layout import ResourceIdentity
-from idm_backup_operator.model import GROUP, VERSION
+from idm_backup_operator.model import GROUP, VERSION, format_time
 
 log = logging.getLogger(__name__)
 COMPONENT = "idm-backup-operator"
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 class StatusReporter:
@@ -51,13 +47,16 @@ class StatusReporter:
     def condition(self, type_: str, status: bool, reason: str, message: str) -> None:
         value = "True" if status else "False"
         previous = self._conditions.get(type_)
-        changed = previous is None or previous.get("status") != value
+        if previous is not None and previous.get("status") == value:
+            since = previous["lastTransitionTime"]
+        else:
+            since = format_time(datetime.datetime.now(datetime.UTC))
         self._conditions[type_] = {
             "type": type_,
             "status": value,
             "reason": reason,
             "message": message,
-            "lastTransitionTime": _now() if changed else previous["lastTransitionTime"],  # type: ignore[index]
+            "lastTransitionTime": since,
             "observedGeneration": self.generation,
         }
         self.update(conditions=list(self._conditions.values()))

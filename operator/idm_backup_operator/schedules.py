@@ -19,7 +19,7 @@ from kubernetes import client
 from idm_backup_operator import retention, scheduling, stored
 from idm_backup_operator.backup import Reporter, Services
 from idm_backup_operator.layout import ResourceIdentity
-from idm_backup_operator.model import GROUP, IDMBACKUPS, VERSION, parse_backup_spec
+from idm_backup_operator.model import GROUP, IDMBACKUPS, VERSION, format_time, parse_backup_spec, parse_time
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +31,6 @@ _DURATION_UNITS = {
     "d": datetime.timedelta(days=1),
     "w": datetime.timedelta(weeks=1),
 }
-
-
-def _parse_time(value: str | None) -> datetime.datetime | None:
-    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
-
-
-def _timestamp(moment: datetime.datetime) -> str:
-    return moment.astimezone(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def parse_duration(text: str) -> datetime.timedelta:
@@ -88,7 +80,7 @@ def list_children(custom: client.CustomObjectsApi, schedule: ResourceIdentity) -
                 name=meta["name"],
                 uid=meta["uid"],
                 phase=status.get("phase"),
-                completed=_parse_time(status.get("completionTime")),
+                completed=parse_time(status.get("completionTime")),
                 pinned=(meta.get("labels") or {}).get(PINNED_LABEL) == "true",
                 body=item,
             )
@@ -102,10 +94,10 @@ def history_status(children: Sequence[Child]) -> dict[str, Any]:
     succeeded = [c for c in done if c.phase == "Succeeded"]
     failed = [c for c in done if c.phase == "Failed"]
     if succeeded:
-        fields["lastSuccessfulTime"] = _timestamp(succeeded[-1].completed)  # type: ignore[arg-type]
+        fields["lastSuccessfulTime"] = format_time(succeeded[-1].completed)  # type: ignore[arg-type]
         fields["lastSuccessfulBackup"] = succeeded[-1].name
     if failed:
-        fields["lastFailedTime"] = _timestamp(failed[-1].completed)  # type: ignore[arg-type]
+        fields["lastFailedTime"] = format_time(failed[-1].completed)  # type: ignore[arg-type]
         fields["lastFailedBackup"] = failed[-1].name
     streak = 0
     for child in reversed(done):
@@ -127,7 +119,7 @@ def child_body(schedule: Mapping[str, Any], name: str, tick: datetime.datetime) 
             "name": name,
             "namespace": meta["namespace"],
             "labels": {**(template_meta.get("labels") or {}), SCHEDULE_LABEL: meta["name"]},
-            "annotations": {**(template_meta.get("annotations") or {}), TICK_ANNOTATION: _timestamp(tick)},
+            "annotations": {**(template_meta.get("annotations") or {}), TICK_ANNOTATION: format_time(tick)},
             # Owned, so that deleting the schedule deletes its backups' resources; their own
             # deletionPolicy decides whether the stored archives go too.
             "ownerReferences": [
@@ -195,7 +187,7 @@ def apply_retention(
             # Kept rather than half-deleted: the resource stays as the record of what is still stored.
             problems.append(f"{name}: {err}")
     message = retention.summarize(plan) if not problems else f"could not delete: {'; '.join(problems)}"
-    return {"time": _timestamp(now), "deleted": deleted, "kept": len(plan.keep), "message": message}
+    return {"time": format_time(now), "deleted": deleted, "kept": len(plan.keep), "message": message}
 
 
 @dataclass(frozen=True)
@@ -232,8 +224,8 @@ def take_tick(
         tz,
         now=now,
         state=scheduling.ScheduleState(
-            last_schedule_time=_parse_time(status.get("lastScheduleTime")),
-            created=_parse_time(meta["creationTimestamp"]),  # type: ignore[arg-type]
+            last_schedule_time=parse_time(status.get("lastScheduleTime")),
+            created=parse_time(meta["creationTimestamp"]),  # type: ignore[arg-type]
             active=tuple(history_status(children)["active"]) if children is not None else (),
         ),
         suspend=spec.get("suspend", False),
@@ -270,12 +262,12 @@ def record(
     if children is None:
         children = list_children(custom, ResourceIdentity(meta["namespace"], meta["name"], meta["uid"]))
     fields = history_status(children)
-    fields["nextScheduleTime"] = _timestamp(decision.next_time)
+    fields["nextScheduleTime"] = format_time(decision.next_time)
     if decision.missed:
         fields["missedTicks"] = status.get("missedTicks", 0) + decision.missed
         report.event("BackupsMissed", decision.reason, warning=True)
     if decision.due is not None and decision.skipped_for_concurrency:
-        fields["lastSkipTime"] = _timestamp(decision.due)
+        fields["lastSkipTime"] = format_time(decision.due)
         report.event("BackupSkipped", decision.reason)
     if tick.due_name is not None:
         if tick.created:
@@ -283,7 +275,7 @@ def record(
         fields["active"] = sorted({*fields["active"], tick.due_name})
     if decision.last_schedule_time is not None:
         # Also advanced for a tick missed past its deadline, so each miss is reported only once.
-        fields["lastScheduleTime"] = _timestamp(decision.last_schedule_time)
+        fields["lastScheduleTime"] = format_time(decision.last_schedule_time)
     tz = scheduling.parse_time_zone(spec.get("timeZone") or "UTC")
     pruned = apply_retention(services, custom, schedule, children, now, tz)
     if pruned is not None:

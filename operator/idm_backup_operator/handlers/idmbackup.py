@@ -11,7 +11,15 @@ import kopf
 from idm_backup_operator import backup, stored
 from idm_backup_operator.freeipa import InvalidBackupOptions
 from idm_backup_operator.layout import ResourceIdentity
-from idm_backup_operator.model import GROUP, IDMBACKUPS, VERSION, Phase, parse_backup_spec
+from idm_backup_operator.model import (
+    GROUP,
+    IDMBACKUPS,
+    VERSION,
+    Phase,
+    format_time,
+    parse_backup_spec,
+    parse_time,
+)
 from idm_backup_operator.reporting import StatusReporter
 
 # How often a backup waiting for another one of the same server checks again.
@@ -32,9 +40,8 @@ def _reporter(memo: kopf.Memo, resource: ResourceIdentity, body: kopf.Body) -> S
 def _fail(report: StatusReporter, status: kopf.Status, reason: str, message: str) -> None:
     now = datetime.datetime.now(datetime.UTC)
     fields: dict[str, Any] = {"phase": "Failed", "reason": reason, "message": message}
-    fields["completionTime"] = now.isoformat(timespec="seconds").replace("+00:00", "Z")
-    if started := status.get("startTime"):
-        began = datetime.datetime.fromisoformat(started.replace("Z", "+00:00"))
+    fields["completionTime"] = format_time(now)
+    if began := parse_time(status.get("startTime")):
         fields["durationSeconds"] = round((now - began).total_seconds(), 1)
     report.condition("Completed", False, reason, message)
     report.update(**fields)
