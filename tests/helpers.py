@@ -64,6 +64,22 @@ def backup_spec(platform: stack.Platform, storage: dict[str, Any], **spec: Any) 
     }
 
 
+SCHEDULES = "idmbackupschedules"
+
+
+def create_schedule(api: client.ApiClient, namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "IdmBackupSchedule",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+    created: dict[str, Any] = client.CustomObjectsApi(api).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, SCHEDULES, body
+    )
+    return created
+
+
 def create_backup(api: client.ApiClient, namespace: str, name: str, spec: dict[str, Any]) -> None:
     body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "IdmBackup", "metadata": {"name": name}, "spec": spec}
     client.CustomObjectsApi(api).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)

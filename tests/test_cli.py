@@ -20,7 +20,14 @@ from idm_backup_operator.encryption import encrypt, load_recipients
 from testbed import stack
 from testbed.deploy import OperatorProcess
 from testbed.gpgkeys import ExportedKey, Keyring
-from tests.helpers import GROUP, VERSION, backup_spec, create_backup, get_backup, s3_storage, wait_finished
+from tests.helpers import (
+    backup_spec,
+    create_backup,
+    create_schedule,
+    get_backup,
+    s3_storage,
+    wait_finished,
+)
 
 Run = Callable[..., tuple[int, str]]
 
@@ -223,17 +230,8 @@ def test_backup_now_creates_a_backup_of_the_schedule_that_the_operator_completes
 ) -> None:
     freeipa()
     template = backup_spec(platform, s3_storage(platform, f"test/{namespace}"), type="Data", online=True)
-    created = client.CustomObjectsApi(api).create_namespaced_custom_object(
-        GROUP,
-        VERSION,
-        namespace,
-        "idmbackupschedules",
-        {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "IdmBackupSchedule",
-            "metadata": {"name": "nightly"},
-            "spec": {"schedule": "0 2 * * *", "template": {"spec": template}},
-        },
+    created = create_schedule(
+        api, namespace, "nightly", {"schedule": "0 2 * * *", "template": {"spec": template}}
     )
     code, out = cli("backup-now", "nightly", "-n", namespace, "--wait", "--timeout", "180")
     assert code == 0, out

@@ -16,7 +16,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from idm_backup_operator.metrics import DURATION_BUCKETS, BackupMetrics, MetricsConfig, MetricsServer
 from testbed import stack
 from testbed.deploy import OperatorProcess
-from tests.helpers import GROUP, VERSION, backup_spec, create_backup, s3_storage, wait_finished, wait_for
+from tests.helpers import (
+    GROUP,
+    VERSION,
+    backup_spec,
+    create_backup,
+    create_schedule,
+    s3_storage,
+    wait_finished,
+    wait_for,
+)
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 NS = "identity"
@@ -238,20 +247,11 @@ def test_operator_metrics_survive_a_restart_and_follow_schedules(
     bad = wait_finished(api, namespace, "bad", operator)
     assert good["status"]["phase"] == "Succeeded" and bad["status"]["phase"] == "Failed"
     custom = client.CustomObjectsApi(api)
-    custom.create_namespaced_custom_object(
-        GROUP,
-        VERSION,
+    create_schedule(
+        api,
         namespace,
-        "idmbackupschedules",
-        {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "IdmBackupSchedule",
-            "metadata": {"name": "nightly"},
-            "spec": {
-                "schedule": "0 2 * * *",
-                "template": {"spec": backup_spec(platform, storage, type="Data")},
-            },
-        },
+        "nightly",
+        {"schedule": "0 2 * * *", "template": {"spec": backup_spec(platform, storage, type="Data")}},
     )
 
     def settled() -> Samples | None:

@@ -18,8 +18,10 @@ from testbed.deploy import OperatorProcess
 from tests.helpers import (
     GROUP,
     PLURAL,
+    SCHEDULES,
     VERSION,
     backup_spec,
+    create_schedule,
     events,
     get_backup,
     s3_keys,
@@ -27,21 +29,6 @@ from tests.helpers import (
     wait_finished,
     wait_for,
 )
-
-SCHEDULES = "idmbackupschedules"
-
-
-def create_schedule(api: client.ApiClient, namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-    body = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "IdmBackupSchedule",
-        "metadata": {"name": name},
-        "spec": spec,
-    }
-    created: dict[str, Any] = client.CustomObjectsApi(api).create_namespaced_custom_object(
-        GROUP, VERSION, namespace, SCHEDULES, body
-    )
-    return created
 
 
 def get_schedule(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
