@@ -94,9 +94,16 @@ def crds(api: client.ApiClient) -> None:
     install_crds(api)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
 @pytest.fixture
 def operator(
-    platform: stack.Platform, crds: None, namespace: str, tmp_path: Path
+    platform: stack.Platform, crds: None, namespace: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[OperatorProcess]:
     pvc_root = tmp_path / "pvc"
     pvc_root.mkdir()
@@ -104,6 +111,11 @@ def operator(
     proc.start()
     yield proc
     proc.stop()
+    call = getattr(request.node, "report_call", None)
+    if call is not None and call.failed:
+        # A failed test's assertion rarely says why the operator did what it did; its log does. Printed
+        # in teardown, pytest shows it under the failure.
+        print(f"--- operator log (last 6000 characters) ---\n{proc.output()[-6000:]}")
 
 
 @pytest.fixture(scope="session")

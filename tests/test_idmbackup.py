@@ -417,7 +417,8 @@ def test_deletion_policy_delete_removes_the_stored_files_and_retain_keeps_them(
         spec = backup_spec(
             platform, s3_storage(platform, prefix), type="Data", online=True, deletionPolicy=policy
         )
-        assert run_backup(name, spec)["status"]["phase"] == "Succeeded"
+        status = run_backup(name, spec)["status"]
+        assert status["phase"] == "Succeeded", status
         assert len(s3_keys(s3, platform.s3_bucket, prefix)) == 3
         custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
 
