@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -44,10 +45,18 @@ class OperatorProcess:
     """The real operator, as a separate process watching one namespace; it can be killed like a pod."""
 
     def __init__(
-        self, namespace: str, kubeconfig: str, pvc_root: Path, log: Path, *, verbose: bool = True
+        self,
+        namespace: str,
+        kubeconfig: str,
+        pvc_root: Path,
+        log: Path,
+        *,
+        verbose: bool = True,
+        args: Sequence[str] = (),
     ) -> None:
         self.namespace, self.kubeconfig, self.pvc_root, self.log = namespace, kubeconfig, pvc_root, log
         self.verbose = verbose
+        self.args = tuple(args)  # more `run` options, e.g. the webhook's or peering's
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -65,7 +74,8 @@ class OperatorProcess:
             "run",
             "--namespace",
             self.namespace,
-            "--verbose",
+            *(["--verbose"] if self.verbose else []),
+            *self.args,
         ]
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)

@@ -1,7 +1,8 @@
 """Certificates for the local control plane, made with openssl.
 
 One CA signs everything: the API server's serving certificate, the admin client (system:masters), the API
-server's client certificate towards the node, and the node's serving certificate. Tests never verify
+server's client certificate towards the node, the node's serving certificate, and the serving
+certificate of an operator's admission webhook on 127.0.0.1. Tests never verify
 anything against a public root, so a single throwaway CA keeps the wiring easy to follow.
 """
 
@@ -88,6 +89,8 @@ def ensure_pki(pki: Path) -> None:
         "clientAuth",
     )
     _issue(pki, "kubelet", "/CN=system:node:testbed-node", ["127.0.0.1", "localhost"], "serverAuth")
+    # An operator run on the host serves its admission webhook on loopback; the API server calls it there.
+    _issue(pki, "webhook", "/CN=idm-backup-operator-webhook", ["127.0.0.1"], "serverAuth")
     if not (pki / "sa.key").exists():
         _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
         _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)

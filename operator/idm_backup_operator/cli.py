@@ -16,6 +16,7 @@ import dataclasses
 import datetime
 import hashlib
 import os
+import random
 import sys
 import tempfile
 import time
@@ -28,7 +29,14 @@ from kubernetes import client, config
 
 from idm_backup_operator import __version__, cluster, logs, metrics, schedules, stored, verify
 from idm_backup_operator.backup import human_size
-from idm_backup_operator.handlers.startup import DEFAULT_PVC_ROOT, PVC_ROOT_ENV
+from idm_backup_operator.handlers.startup import (
+    DEFAULT_PVC_ROOT,
+    DEFAULT_WEBHOOK_CERT_DIR,
+    PVC_ROOT_ENV,
+    WEBHOOK_CERT_DIR_ENV,
+    WEBHOOK_PORT_ENV,
+    WebhookConfig,
+)
 from idm_backup_operator.layout import ResourceIdentity
 from idm_backup_operator.model import GROUP, IDMBACKUPS, VERSION, BackupSpec, parse_backup_spec
 from idm_backup_operator.storage import S3Store, StorageError, Store
@@ -50,21 +58,31 @@ def _run(args: argparse.Namespace) -> int:
     logs.configure(args.log_format, verbose=args.verbose)
     # The handlers register with kopf when imported: the package came in with handlers.startup (above);
     # the metrics' event handlers are named here too, in case the package does not import them.
-    import idm_backup_operator.handlers.observe  # noqa: F401
+    import idm_backup_operator.handlers.observe
 
+    webhook = None
+    if args.webhook_port:
+        # kopf refuses to start with validation handlers but no server: they are registered (imported)
+        # only when the webhook is asked for.
+        import idm_backup_operator.handlers.admission  # noqa: F401
+
+        webhook = WebhookConfig(args.webhook_port, args.webhook_address, Path(args.webhook_cert_dir))
     # kopf hands this memo to the start-up handler and copies it for every object.
     memo = kopf.Memo(
         namespaces=list(args.namespace or ()),
         metrics_config=metrics.MetricsConfig(port=args.metrics_port, address=args.metrics_address),
+        webhook_config=webhook,
     )
     kopf.run(
         clusterwide=not args.namespace,
         namespaces=args.namespace or (),
-        # Standalone by default: one replica. With --peering, replicas elect one active operator through
-        # kopf's (Cluster)KopfPeering object of that name, which must exist: the Helm chart does not
-        # create it (nor kopf's peering CRDs) yet, and runs a single replica.
+        # Standalone by default: one replica. With --peering, replicas find each other through kopf's
+        # (Cluster)KopfPeering object of that name. kopf pauses every operator that sees a live peer of
+        # higher priority, and all of them if priorities tie: a random priority per process makes
+        # exactly one replica active, and the next one takes over once its peer entry expires.
         standalone=args.peering is None,
         peering_name=args.peering,
+        priority=random.SystemRandom().randint(1, 2**31) if args.peering else 0,
         liveness_endpoint=args.liveness,
         memo=memo,
     )
@@ -375,6 +393,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get(metrics.ADDRESS_ENV) or metrics.default_address(),
         help=f"address to serve metrics on (env {metrics.ADDRESS_ENV}; default: %(default)s, "
         "all interfaces in a pod)",
+    )
+    hook = run.add_argument_group("admission webhook")
+    hook.add_argument(
+        "--webhook-port",
+        type=int,
+        default=_env_int(WEBHOOK_PORT_ENV, 0),
+        help="serve the validating admission webhook (HTTPS) on this port, 0 for none "
+        f"(env {WEBHOOK_PORT_ENV}; default: %(default)s); paths /validate-idmbackup and "
+        "/validate-idmbackupschedule",
+    )
+    hook.add_argument(
+        "--webhook-address",
+        default=metrics.default_address(),
+        help="address to serve the webhook on (default: %(default)s, all interfaces in a pod)",
+    )
+    hook.add_argument(
+        "--webhook-cert-dir",
+        default=os.environ.get(WEBHOOK_CERT_DIR_ENV) or DEFAULT_WEBHOOK_CERT_DIR,
+        help=f"directory with the webhook's tls.crt and tls.key, reloaded when they change (env "
+        f"{WEBHOOK_CERT_DIR_ENV}; default: %(default)s)",
     )
     ha = run.add_mutually_exclusive_group()
     ha.add_argument(

@@ -137,23 +137,34 @@ def _write_ca(core: client.CoreV1Api, namespace: str, ref: SecretKeyRef, scratch
     return str(path)
 
 
-def open_store(
-    core: client.CoreV1Api, namespace: str, storage: S3Storage | PvcStorage, pvc_root: Path, scratch: Path
-) -> Store:
-    """The store a spec names, with its credentials; PVCs must be mounted in the operator's pod."""
-    if isinstance(storage, PvcStorage):
-        mount = pvc_root / storage.claim_name
-        if not mount.is_dir():
-            raise ResolveError(
-                f"PVC {storage.claim_name} is not mounted in the operator at {mount}: "
-                "add it to the Helm chart's storage.pvcMounts"
-            )
-        return PVCStore(mount, storage.sub_path)
+def pvc_mount(storage: PvcStorage, pvc_root: Path) -> Path:
+    """Where the operator sees the claim: PVCs reach it as volumes of its own pod, never by themselves."""
+    mount = pvc_root / storage.claim_name
+    if not mount.is_dir():
+        raise ResolveError(
+            f"PVC {storage.claim_name} is not mounted in the operator at {mount}: "
+            "add it to the Helm chart's storage.pvcMounts"
+        )
+    return mount
+
+
+def s3_credentials(core: client.CoreV1Api, namespace: str, storage: S3Storage) -> tuple[str, str]:
+    """The access key id and secret access key from the spec's Secret."""
     creds = read_secret(core, namespace, storage.credentials_secret)
     missing = [k for k in (storage.access_key_id_key, storage.secret_access_key_key) if k not in creds]
     if missing:
         raise ResolveError(f"Secret {namespace}/{storage.credentials_secret} has no key {', '.join(missing)}")
     logs.register_secret(creds[storage.secret_access_key_key])
+    return creds[storage.access_key_id_key].decode(), creds[storage.secret_access_key_key].decode()
+
+
+def open_store(
+    core: client.CoreV1Api, namespace: str, storage: S3Storage | PvcStorage, pvc_root: Path, scratch: Path
+) -> Store:
+    """The store a spec names, with its credentials; PVCs must be mounted in the operator's pod."""
+    if isinstance(storage, PvcStorage):
+        return PVCStore(pvc_mount(storage, pvc_root), storage.sub_path)
+    access_key_id, secret_access_key = s3_credentials(core, namespace, storage)
     verify: bool | str = True
     if storage.ca is not None:
         verify = _write_ca(core, namespace, storage.ca, scratch, "s3-ca.pem")
@@ -164,8 +175,8 @@ def open_store(
                 prefix=storage.prefix,
                 endpoint_url=storage.endpoint,
                 region=storage.region,
-                access_key_id=creds[storage.access_key_id_key].decode(),
-                secret_access_key=creds[storage.secret_access_key_key].decode(),
+                access_key_id=access_key_id,
+                secret_access_key=secret_access_key,
                 verify=verify,
                 force_path_style=storage.force_path_style,
                 server_side_encryption=storage.server_side_encryption,  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -20,6 +21,28 @@ log = logging.getLogger(__name__)
 PVC_ROOT_ENV = "IDM_BACKUP_PVC_ROOT"
 DEFAULT_PVC_ROOT = "/var/lib/idm-backup-operator/pvc"
 WORKERS_ENV = "IDM_BACKUP_WORKERS"
+WEBHOOK_PORT_ENV = "IDM_BACKUP_WEBHOOK_PORT"
+WEBHOOK_CERT_DIR_ENV = "IDM_BACKUP_WEBHOOK_CERT_DIR"
+DEFAULT_WEBHOOK_CERT_DIR = "/etc/idm-backup-operator/webhook-tls"
+
+
+@dataclasses.dataclass(frozen=True)
+class WebhookConfig:
+    """Where the validating admission webhook listens, and its certificate (tls.crt, tls.key)."""
+
+    port: int
+    address: str
+    cert_dir: Path
+
+    def server(self) -> kopf.WebhookServer:
+        # The API server verifies us with the caBundle of the ValidatingWebhookConfiguration (the Helm
+        # chart's, or cert-manager's); kopf only serves, and reloads the files when they are renewed.
+        return kopf.WebhookServer(
+            addr=self.address,
+            port=self.port,
+            certfile=self.cert_dir / "tls.crt",
+            pkeyfile=self.cert_dir / "tls.key",
+        )
 
 
 def api_client() -> client.ApiClient:
@@ -43,6 +66,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.posting.level = logging.WARNING
     # Backups are blocking and long: each runs in a worker thread, so the pool bounds concurrent backups.
     settings.execution.max_workers = int(os.environ.get(WORKERS_ENV, "16"))
+    webhook: WebhookConfig | None = memo.get("webhook_config")
+    if webhook is not None:
+        settings.admission.server = webhook.server()
     api = api_client()
     memo.api = api
     memo.schedule_wakeups = {}  # schedule uid -> asyncio.Event, set when one of its backups ends
