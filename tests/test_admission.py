@@ -373,3 +373,18 @@ spec:
     status = wait_finished(api, namespace, backup["metadata"]["name"], webhook)["status"]
     assert status["phase"] == "Failed"
     assert f"Secret {namespace}/keys-applied-later not found" in status["message"]
+
+
+def test_without_the_webhook_the_same_spec_checks_fail_the_backup_before_it_touches_the_server(
+    api: client.ApiClient, namespace: str, platform: stack.Platform, operator: OperatorProcess, secrets: None
+) -> None:
+    spec = _spec(platform, "no-webhook", target={"podSelector": {}})
+    del spec["target"]["podName"]
+    spec["storage"]["s3"]["kmsKeyID"] = "alias/idm"
+    create_backup(api, namespace, "unchecked", spec)
+    status = wait_finished(api, namespace, "unchecked", operator)["status"]
+    assert (status["phase"], status["reason"]) == ("Failed", "InvalidSpec")
+    assert status["message"] == (
+        "invalid spec: spec.target.podSelector: an empty selector matches every pod in the namespace; "
+        "spec.storage.s3.kmsKeyID: only used with serverSideEncryption aws:kms"
+    )

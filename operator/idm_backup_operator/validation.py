@@ -55,7 +55,8 @@ class Cluster:
 # -- the spec alone -----------------------------------------------------------------------------------
 
 
-def _spec_problems(spec: BackupSpec, at: str) -> list[str]:
+def spec_problems(spec: BackupSpec, at: str = "spec") -> list[str]:
+    """Also run when a backup starts: without the webhook, this is the earliest point left."""
     problems = []
     ldap = spec.target.ldap
     if ldap.start_tls and ldap.url.lower().startswith("ldaps://"):
@@ -136,7 +137,7 @@ def backup_findings(
         spec = parse_backup_spec(raw)
     except ValueError as err:
         return Findings(errors=[f"{at}: {err}"])
-    findings = Findings(errors=_spec_problems(spec, at))
+    findings = Findings(errors=spec_problems(spec, at))
     references = _reference_problems(spec, at, where)
     if references_refuse:
         findings.errors.extend(references)

@@ -8,7 +8,7 @@ from typing import Any
 
 import kopf
 
-from idm_backup_operator import backup, stored
+from idm_backup_operator import backup, stored, validation
 from idm_backup_operator.freeipa import InvalidBackupOptions
 from idm_backup_operator.layout import ResourceIdentity
 from idm_backup_operator.model import (
@@ -72,6 +72,9 @@ def take_backup(
         parsed = parse_backup_spec(spec)
     except (InvalidBackupOptions, KeyError) as err:
         _fail(report, status, "InvalidSpec", f"invalid spec: {err}")
+        return
+    if problems := validation.spec_problems(parsed):
+        _fail(report, status, "InvalidSpec", f"invalid spec: {'; '.join(problems)}")
         return
     try:
         if phase == Phase.RUNNING:
