@@ -30,10 +30,12 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=builder /opt/venv /opt/venv
 # A fixed non-root uid/gid (the Helm chart runs as 65532 with a read-only root filesystem; TMPDIR and
-# HOME point to its /tmp emptyDir).
+# HOME point to its /tmp emptyDir). USER: kopf names itself with getpass.getuser(), which falls back to
+# the passwd entry, and a platform that picks an arbitrary uid (OpenShift) leaves none.
 RUN groupadd --gid 65532 operator \
     && useradd --uid 65532 --gid 65532 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin operator
 ENV PATH=/opt/venv/bin:$PATH \
+    USER=operator \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/tmp \
