@@ -37,6 +37,32 @@ def test_every_field_has_a_description(path: Path) -> None:
         assert undocumented == []
 
 
+# The structural-schema keywords the API server accepts; anything else in a schema node is a typo or a
+# wrapped description that YAML read as a key, and makes `kubectl apply` of the CRD fail strict decoding.
+SCHEMA_KEYWORDS = {
+    "type", "format", "description", "properties", "items", "required", "enum", "default", "pattern",
+    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength", "minItems",
+    "maxItems", "uniqueItems", "minProperties", "maxProperties", "additionalProperties", "nullable",
+    "anyOf", "allOf", "oneOf", "not", "example", "title", "multipleOf", "x-kubernetes-validations",
+    "x-kubernetes-preserve-unknown-fields", "x-kubernetes-int-or-string", "x-kubernetes-list-type",
+    "x-kubernetes-list-map-keys", "x-kubernetes-map-type", "x-kubernetes-embedded-resource",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("path", CRD_FILES, ids=lambda p: p.name)
+def test_every_schema_node_uses_only_schema_keywords(path: Path) -> None:
+    crd = yaml.safe_load(path.read_text())
+    for version in crd["spec"]["versions"]:
+        schema = version["schema"]["openAPIV3Schema"]
+        nodes = [("", schema), *fields(schema, crd["spec"]["names"]["kind"])]
+        unknown = {
+            p or "<root>": sorted(set(node) - SCHEMA_KEYWORDS)
+            for p, node in nodes
+            if set(node) - SCHEMA_KEYWORDS
+        }
+        assert unknown == {}
+
+
 @pytest.mark.parametrize("path", CRD_FILES, ids=lambda p: p.name)
 def test_status_has_phase_or_schedule_times_conditions_and_observed_generation(path: Path) -> None:
     crd = yaml.safe_load(path.read_text())
