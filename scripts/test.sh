@@ -7,7 +7,7 @@ bash scripts/setup.sh
 
 echo "== ruff, mypy"
 .venv/bin/ruff check .
-.venv/bin/ruff format --check operator testbed
+.venv/bin/ruff format --check .
 .venv/bin/mypy
 
 echo "== pytest"
