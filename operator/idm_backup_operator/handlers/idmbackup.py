@@ -68,6 +68,15 @@ def take_backup(
     phase = status.get("phase")
     if phase is not None and Phase(phase).finished:
         return
+    started: set[str] = memo.backups_started
+    if phase == Phase.RUNNING and resource.uid in started:
+        # A stale copy of a backup this process has run (kopf proceeds without its own last patch when
+        # the watch is slow to deliver it): "recovering" it would turn a finished backup into a failure.
+        logger.warning(
+            "ignoring a stale copy of %s/%s, which this process ran", resource.namespace, resource.name
+        )
+        return
+    started.add(resource.uid)
     try:
         parsed = parse_backup_spec(spec)
     except (InvalidBackupOptions, KeyError) as err:
@@ -78,7 +87,8 @@ def take_backup(
         return
     try:
         if phase == Phase.RUNNING:
-            # Only a previous operator process leaves a backup Running: this one never raises mid-run.
+            # Only a previous operator process leaves a backup Running: this one never raises mid-run,
+            # and stale copies of its own backups were set aside above.
             backup.recover_interrupted(resource, parsed, dict(status), memo.services, report)
         else:
             if phase is None:
