@@ -437,6 +437,59 @@ def test_deletion_policy_delete_removes_the_stored_files_and_retain_keeps_them(
     assert len(s3_keys(s3, platform.s3_bucket, kept_prefix)) == 3
 
 
+def test_without_a_credentials_secret_the_operators_own_identity_is_used_only_if_allowed(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    freeipa: Callable[..., str],
+    run_backup: Backup,
+    operator: OperatorProcess,
+    s3: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """IRSA and EKS Pod Identity reach boto3 through its credential chain, as AWS_* variables do; the
+    variables are what can be produced here (no STS), so they stand for the operator's own identity."""
+    freeipa()
+    prefix = f"test/{namespace}/ambient"
+    spec = backup_spec(
+        platform, s3_storage(platform, prefix), type="Data", online=True, deletionPolicy="Delete"
+    )
+    del spec["storage"]["s3"]["credentialsSecretRef"]
+    # The operator of this test's fixture was not allowed to lend its identity.
+    status = run_backup("refused", spec)["status"]
+    assert (status["phase"], status["reason"]) == ("Failed", "StorageUnavailable")
+    assert (
+        "credentialsSecretRef is required: this operator does not lend its own AWS identity"
+        in status["message"]
+    )
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", platform.s3_access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", platform.s3_secret_key)
+    allowed = OperatorProcess(
+        namespace, platform.kubeconfig, tmp_path, tmp_path / "ambient.log", args=["--s3-ambient-credentials"]
+    )
+    client.CustomObjectsApi(api).delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "refused")
+    operator.stop()
+    allowed.start()
+    try:
+        create_backup(api, namespace, "ambient", spec)
+        status = wait_finished(api, namespace, "ambient", allowed)["status"]
+        assert status["phase"] == "Succeeded", status
+        assert len(s3_keys(s3, platform.s3_bucket, prefix)) == 3
+        # Deleting (deletionPolicy Delete) goes through the same identity.
+        client.CustomObjectsApi(api).delete_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, "ambient"
+        )
+        wait_for(
+            "the stored files to be deleted",
+            lambda: s3_keys(s3, platform.s3_bucket, prefix) == [],
+            timeout=60,
+        )
+    finally:
+        allowed.stop()
+
+
 def test_a_stale_running_copy_of_a_backup_this_process_ran_is_not_recovered_as_interrupted() -> None:
     """kopf may hand over a body older than its own last patch; that copy says Running although this very
     process finished the backup. A stale watch delivery cannot be produced on demand, so the handler is

@@ -58,6 +58,8 @@ class Services:
     coordination: client.CoordinationV1Api
     execs: PodExec
     pvc_root: Path
+    # Whether an S3 spec without credentialsSecretRef may use the operator's own AWS identity.
+    ambient_s3_credentials: bool = False
 
 
 class BackupFailed(Exception):
@@ -187,6 +189,7 @@ class _Backup:
                 self.spec.storage,
                 self.services.pvc_root,
                 self.scratch,
+                ambient_credentials=self.services.ambient_s3_credentials,
             )
             store.check_writable()
         except (cluster.ResolveError, StorageError) as err:
@@ -580,7 +583,12 @@ def _settle_storage(
         return None  # ipa-backup had not finished: nothing was uploaded yet
     with tempfile.TemporaryDirectory(prefix="idm-backup-") as scratch:
         store = cluster.open_store(
-            services.core, resource.namespace, spec.storage, services.pvc_root, Path(scratch)
+            services.core,
+            resource.namespace,
+            spec.storage,
+            services.pvc_root,
+            Path(scratch),
+            ambient_credentials=services.ambient_s3_credentials,
         )
         manifest = stored.read_manifest(store, keys)
         if manifest is not None and not stored.owns(manifest, resource):

@@ -148,8 +148,26 @@ def pvc_mount(storage: PvcStorage, pvc_root: Path) -> Path:
     return mount
 
 
-def s3_credentials(core: client.CoreV1Api, namespace: str, storage: S3Storage) -> tuple[str, str]:
-    """The access key id and secret access key from the spec's Secret."""
+AMBIENT_REFUSED = (
+    "credentialsSecretRef is required: this operator does not lend its own AWS identity (IRSA, EKS Pod "
+    "Identity, environment) to backups; its administrator can allow that with the Helm value "
+    "s3.ambientCredentials (operator flag --s3-ambient-credentials)"
+)
+
+
+def s3_credentials(
+    core: client.CoreV1Api, namespace: str, storage: S3Storage, *, ambient: bool
+) -> tuple[str, str] | None:
+    """The access key id and secret access key from the spec's Secret; None for the operator's own.
+
+    Lending the operator's identity is opt-in: in a shared cluster it would let anyone who may create an
+    IdmBackup write to, and with deletionPolicy Delete remove from, whatever buckets the operator's role
+    reaches.
+    """
+    if storage.credentials_secret is None:
+        if not ambient:
+            raise ResolveError(AMBIENT_REFUSED)
+        return None
     creds = read_secret(core, namespace, storage.credentials_secret)
     missing = [k for k in (storage.access_key_id_key, storage.secret_access_key_key) if k not in creds]
     if missing:
@@ -159,12 +177,20 @@ def s3_credentials(core: client.CoreV1Api, namespace: str, storage: S3Storage) -
 
 
 def open_store(
-    core: client.CoreV1Api, namespace: str, storage: S3Storage | PvcStorage, pvc_root: Path, scratch: Path
+    core: client.CoreV1Api,
+    namespace: str,
+    storage: S3Storage | PvcStorage,
+    pvc_root: Path,
+    scratch: Path,
+    *,
+    ambient_credentials: bool,
 ) -> Store:
     """The store a spec names, with its credentials; PVCs must be mounted in the operator's pod."""
     if isinstance(storage, PvcStorage):
         return PVCStore(pvc_mount(storage, pvc_root), storage.sub_path)
-    access_key_id, secret_access_key = s3_credentials(core, namespace, storage)
+    access_key_id, secret_access_key = s3_credentials(
+        core, namespace, storage, ambient=ambient_credentials
+    ) or (None, None)
     verify: bool | str = True
     if storage.ca is not None:
         verify = _write_ca(core, namespace, storage.ca, scratch, "s3-ca.pem")

@@ -93,7 +93,7 @@ class S3Storage:
     endpoint: str | None
     region: str
     force_path_style: bool
-    credentials_secret: str
+    credentials_secret: str | None  # None: the operator's own AWS identity, if its administrator allows it
     access_key_id_key: str
     secret_access_key_key: str
     ca: SecretKeyRef | None
@@ -157,14 +157,14 @@ def _storage(data: Mapping[str, Any]) -> S3Storage | PvcStorage:
     if pvc := data.get("pvc"):
         return PvcStorage(claim_name=pvc["claimName"], sub_path=pvc.get("subPath") or "")
     s3 = data["s3"]
-    creds = s3["credentialsSecretRef"]
+    creds = s3.get("credentialsSecretRef") or {}
     return S3Storage(
         bucket=s3["bucket"],
         prefix=s3.get("prefix") or "",
         endpoint=s3.get("endpoint"),
         region=s3.get("region") or "us-east-1",
         force_path_style=s3.get("forcePathStyle", False),
-        credentials_secret=creds["name"],
+        credentials_secret=creds.get("name"),
         access_key_id_key=creds.get("accessKeyIDKey") or "AWS_ACCESS_KEY_ID",
         secret_access_key_key=creds.get("secretAccessKeyKey") or "AWS_SECRET_ACCESS_KEY",
         ca=_ref(s3.get("caSecretRef"), "ca.crt"),

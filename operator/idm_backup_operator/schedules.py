@@ -180,6 +180,7 @@ def apply_retention(
                 resource,
                 parse_backup_spec(child.body["spec"]),
                 child.body.get("status") or {},
+                ambient_credentials=services.ambient_s3_credentials,
             )
             custom.delete_namespaced_custom_object(GROUP, VERSION, resource.namespace, IDMBACKUPS, name)
             deleted.append(name)

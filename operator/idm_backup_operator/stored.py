@@ -70,6 +70,8 @@ def delete_stored_backup(
     resource: layout.ResourceIdentity,
     spec: BackupSpec,
     status: Mapping[str, Any],
+    *,
+    ambient_credentials: bool,
 ) -> list[str]:
     """Delete what this resource stored; returns the URIs removed. Raises StoredBackupError."""
     keys = keys_from_status(resource, spec, status)
@@ -77,7 +79,14 @@ def delete_stored_backup(
         return []
     with tempfile.TemporaryDirectory(prefix="idm-backup-") as scratch:
         try:
-            store = cluster.open_store(core, resource.namespace, spec.storage, pvc_root, Path(scratch))
+            store = cluster.open_store(
+                core,
+                resource.namespace,
+                spec.storage,
+                pvc_root,
+                Path(scratch),
+                ambient_credentials=ambient_credentials,
+            )
             manifest = read_manifest(store, keys)
             if manifest is not None and not owns(manifest, resource):
                 raise StoredBackupError(

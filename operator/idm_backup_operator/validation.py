@@ -50,6 +50,7 @@ class Cluster:
     core: client.CoreV1Api
     namespace: str
     pvc_root: Path
+    ambient_s3_credentials: bool
 
 
 # -- the spec alone -----------------------------------------------------------------------------------
@@ -111,7 +112,9 @@ def _reference_problems(spec: BackupSpec, at: str, where: Cluster) -> list[str]:
         checks.append(
             (
                 f"{at}.storage.s3.credentialsSecretRef",
-                lambda: cluster.s3_credentials(core, namespace, storage),
+                lambda: cluster.s3_credentials(
+                    core, namespace, storage, ambient=where.ambient_s3_credentials
+                ),
             )
         )
         if (s3_ca := storage.ca) is not None:

@@ -30,7 +30,9 @@ def _unchanged_or_leaving(body: kopf.Body, old: kopf.Body | None, operation: str
 
 def _cluster(body: kopf.Body, memo: kopf.Memo) -> validation.Cluster:
     services: Services = memo.services
-    return validation.Cluster(services.core, body.metadata.namespace or "", services.pvc_root)
+    return validation.Cluster(
+        services.core, body.metadata.namespace or "", services.pvc_root, services.ambient_s3_credentials
+    )
 
 
 def _answer(kind: str, body: kopf.Body, findings: validation.Findings, warnings: list[str]) -> None:

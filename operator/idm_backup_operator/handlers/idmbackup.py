@@ -119,8 +119,14 @@ def delete_stored(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, memo: k
     )
     try:
         parsed = parse_backup_spec(spec)
+        services: backup.Services = memo.services
         removed = stored.delete_stored_backup(
-            memo.services.core, memo.services.pvc_root, resource, parsed, dict(status)
+            services.core,
+            services.pvc_root,
+            resource,
+            parsed,
+            dict(status),
+            ambient_credentials=services.ambient_s3_credentials,
         )
     except stored.StoredBackupError as err:
         # Keeping the finalizer would block the deletion forever on, say, a revoked credential: the

@@ -79,6 +79,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         coordination=client.CoordinationV1Api(api),
         execs=PodExec(api),
         pvc_root=Path(os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT)),
+        ambient_s3_credentials=bool(memo.get("ambient_s3_credentials")),
     )
     start_metrics(memo, api)
 
