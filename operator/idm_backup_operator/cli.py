@@ -16,7 +16,6 @@ import dataclasses
 import datetime
 import hashlib
 import os
-import random
 import sys
 import tempfile
 import time
@@ -42,6 +41,7 @@ from idm_backup_operator.model import GROUP, IDMBACKUPS, VERSION, BackupSpec, pa
 from idm_backup_operator.storage import S3Store, StorageError, Store
 
 SCHEDULES = "idmbackupschedules"
+AMBIENT_ENV = "IDM_BACKUP_S3_AMBIENT_CREDENTIALS"
 MANUAL_ANNOTATION = "idm-backup.io/manual"
 NAME_LIMIT = 63  # the same bound as scheduled backups' names
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
@@ -72,17 +72,19 @@ def _run(args: argparse.Namespace) -> int:
         namespaces=list(args.namespace or ()),
         metrics_config=metrics.MetricsConfig(port=args.metrics_port, address=args.metrics_address),
         webhook_config=webhook,
+        ambient_s3_credentials=args.s3_ambient_credentials,
     )
     kopf.run(
         clusterwide=not args.namespace,
         namespaces=args.namespace or (),
         # Standalone by default: one replica. With --peering, replicas find each other through kopf's
         # (Cluster)KopfPeering object of that name. kopf pauses every operator that sees a live peer of
-        # higher priority, and all of them if priorities tie: a random priority per process makes
-        # exactly one replica active, and the next one takes over once its peer entry expires.
+        # higher priority, and all of them if priorities tie. The earliest started wins: a new pod of a
+        # rollout waits instead of taking over backups that are running, and when the active replica
+        # leaves (its entry is removed, or expires after 60 s if it was killed) the next oldest goes on.
         standalone=args.peering is None,
         peering_name=args.peering,
-        priority=random.SystemRandom().randint(1, 2**31) if args.peering else 0,
+        priority=-time.time_ns() // 1_000_000 if args.peering else 0,
         liveness_endpoint=args.liveness,
         memo=memo,
     )
@@ -270,8 +272,14 @@ def _open_spec_store(
     api: client.ApiClient, namespace: str, spec: BackupSpec, args: argparse.Namespace, scratch: Path
 ) -> Store:
     try:
+        # A person's own AWS environment is theirs to use when the spec names no Secret.
         store = cluster.open_store(
-            client.CoreV1Api(api), namespace, spec.storage, Path(args.pvc_root), scratch
+            client.CoreV1Api(api),
+            namespace,
+            spec.storage,
+            Path(args.pvc_root),
+            scratch,
+            ambient_credentials=True,
         )
     except cluster.ResolveError as err:
         raise CommandError(str(err)) from None
@@ -393,6 +401,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get(metrics.ADDRESS_ENV) or metrics.default_address(),
         help=f"address to serve metrics on (env {metrics.ADDRESS_ENV}; default: %(default)s, "
         "all interfaces in a pod)",
+    )
+    run.add_argument(
+        "--s3-ambient-credentials",
+        action="store_true",
+        default=os.environ.get(AMBIENT_ENV, "").lower() in ("1", "true", "yes"),
+        help="let S3 specs without credentialsSecretRef use the operator's own AWS identity (IRSA, EKS Pod "
+        f"Identity, AWS_* variables); off by default, since anyone who can create an IdmBackup then acts "
+        f"with it (env {AMBIENT_ENV})",
     )
     hook = run.add_argument_group("admission webhook")
     hook.add_argument(
