@@ -5,13 +5,20 @@ The chart's Deployment runs with replicaCount=0 here: the test node would run th
 the host, not the image. The operator runs instead as a local process (testbed.deploy.OperatorProcess)
 authenticated as the chart's ServiceAccount, with a token from the TokenRequest API. CRDs are owned by
 the session's `crds` fixture, so releases are installed after it; `helm install` then finds them present
-and skips them (checked), and never changes or deletes them.
+and skips them (checked), and never changes or deletes them. kopf's peering CRDs (crds/kopf/) are not
+the project's API and not in that fixture: the first release installed without --skip-crds creates them,
+and they stay, as they would in a cluster.
 """
 
 from __future__ import annotations
 
+import base64
+import concurrent.futures
+import contextlib
 import json
 import os
+import socket
+import ssl
 import subprocess
 import tarfile
 import uuid
@@ -60,7 +67,17 @@ NAMESPACED_RULES = {
 }
 CRD_DISCOVERY = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
 NAMESPACE_DISCOVERY = {("", "namespaces"): {"list", "watch"}}
+# The admission webhook reads the claims a resource names (and Secrets, granted already).
+WEBHOOK_RULES = {("", "persistentvolumeclaims"): {"get"}}
 METRICS_ARGS = ["--metrics-port", "9090", "--metrics-address", "0.0.0.0"]
+PEERING = "idm-backup-operator"  # peering.name's default
+
+
+def peering_rules(resource: str, name: str = PEERING) -> dict[tuple[str, str], set[str]]:
+    """kopf's peering, read from its code (kopf 1.45): it lists and watches the peering objects of its
+    scope and merge-patches its keep-alive into the one named by --peering; it never gets one by name."""
+    return {("kopf.dev", resource): {"list", "watch"}, ("kopf.dev", f"{resource}[{name}]"): {"patch"}}
+
 
 # (verb, resource) the ServiceAccount must be refused in a namespace it serves.
 DENIED_IN_SERVED_NAMESPACE = [
@@ -181,12 +198,15 @@ def render(helm: Callable[..., str], *args: str, namespace: str = "ops") -> list
 
 
 def rules_of(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
+    """{(group, resource): verbs}; a rule narrowed to resourceNames counts as (group, "resource[name]")."""
     granted: dict[tuple[str, str], set[str]] = {}
     for rule in role["rules"]:
-        assert "resourceNames" not in rule and "nonResourceURLs" not in rule, rule
+        assert "nonResourceURLs" not in rule, rule
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
-                granted.setdefault((group, resource), set()).update(rule["verbs"])
+                for name in rule.get("resourceNames") or [None]:
+                    key = (group, f"{resource}[{name}]" if name else resource)
+                    granted.setdefault(key, set()).update(rule["verbs"])
     return granted
 
 
@@ -216,12 +236,16 @@ def test_chart_lints_and_packages_with_the_crds_from_the_top_level_directory(
     helm("lint", "--strict", str(CHART))
     helm("lint", "--strict", str(CHART), "--set", "rbac.scope=namespace", "--set", "watchNamespaces={a,b}")
     helm("lint", "--strict", str(CHART), "--set", "logFormat=json", "--set", "storage.pvcMounts={backups}")
+    helm(
+        "lint", "--strict", str(CHART), "--set", "replicaCount=2", "--set", "peering.enabled=true",
+        "--set", "webhook.enabled=true", "--set", "rbac.scope=namespace",
+    )  # fmt: skip
     # A packaged chart carries the CRDs as regular files: the symlink is resolved.
     helm("package", str(CHART), "-d", str(tmp_path))
     with tarfile.open(tmp_path / "idm-backup-operator-0.1.0.tgz") as tar:
         members = {m.name: m for m in tar.getmembers()}
-        for crd in sorted((REPO / "crds").glob("*.yaml")):
-            member = members[f"idm-backup-operator/crds/{crd.name}"]
+        for crd in sorted((REPO / "crds").rglob("*.yaml")):
+            member = members[f"idm-backup-operator/crds/{crd.relative_to(REPO / 'crds')}"]
             assert member.isfile()
             extracted = tar.extractfile(member)
             assert extracted is not None and extracted.read() == crd.read_bytes()
@@ -232,24 +256,42 @@ def test_rendered_crds_are_the_top_level_crds(helm: Callable[..., str]) -> None:
     rendered = {d["metadata"]["name"]: d for d in of_kind(docs, "CustomResourceDefinition")}
     expected = {
         (crd := yaml.safe_load(path.read_text()))["metadata"]["name"]: crd
-        for path in sorted((REPO / "crds").glob("*.yaml"))
+        for path in sorted((REPO / "crds").rglob("*.yaml"))
     }
     assert rendered == expected
+    # crds/kopf/: kopf's own peering CRDs, status free-form (kopf keeps its peers there), no subresource
+    # (kopf patches status through the object itself).
+    for name, scope in (("kopfpeerings.kopf.dev", "Namespaced"), ("clusterkopfpeerings.kopf.dev", "Cluster")):
+        crd = rendered[name]
+        assert crd["spec"]["group"] == "kopf.dev" and crd["spec"]["scope"] == scope
+        (version,) = crd["spec"]["versions"]
+        assert version["name"] == "v1" and "subresources" not in version
+        status = version["schema"]["openAPIV3Schema"]["properties"]["status"]
+        assert status == {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+    # Nothing of kopf's in crds/*.yaml, the project's API (tests/test_crds.py, testbed's install_crds).
+    assert all(p.name.startswith("idm-backup.io_") for p in (REPO / "crds").glob("*.yaml"))
 
 
 @pytest.mark.parametrize(
     "bad",
     [
-        ["--set", "replicaCount=2"],
+        ["--set", "replicaCount=-1"],
         ["--set", "rbac.scope=everything"],
-        ["--set", "webhook.enabled=true"],
+        ["--set", "webhook.certificate.mode=vault"],
+        ["--set", "webhook.failurePolicy=Sometimes"],
+        ["--set", "webhook.timeoutSeconds=31"],
+        ["--set", "webhook.url=http://127.0.0.1:9443"],
+        ["--set", "peering.name=Not_A_Name"],
         ["--set", "logFormat=xml"],
         ["--set", "watchNamespaces={Not_A_Namespace}"],
         ["--set", "storage.pvcMounts={Bad/Claim}"],
         ["--set", "unknownKey=1"],
     ],
-    ids=["replicas", "scope", "webhook", "log-format", "namespace-name", "claim-name", "unknown-key"],
-)
+    ids=[
+        "replicas", "scope", "webhook-certificate-mode", "webhook-failure-policy", "webhook-timeout",
+        "webhook-url-not-https", "peering-name", "log-format", "namespace-name", "claim-name", "unknown-key",
+    ],
+)  # fmt: skip
 def test_values_schema_refuses_bad_values(helm: Callable[..., str], bad: list[str]) -> None:
     out = helm("template", "rel", str(CHART), "--kube-version", KUBE_VERSION, *bad, check=False)
     assert not out.startswith("rc=0"), out
@@ -383,6 +425,367 @@ def test_the_operators_command_line_accepts_the_rendered_arguments(
     assert args.liveness == "http://0.0.0.0:8080/healthz"
     assert (args.metrics_port, args.metrics_address) == (9090, "0.0.0.0")
     assert args.log_format == "json" and args.verbose and args.peering is None
+    assert args.webhook_port == 0
+    # Peering and the webhook: --peering, and the webhook where the chart mounts its certificate.
+    docs = render(
+        helm, "--set", "peering.enabled=true", "--set", "replicaCount=2", "--set", "webhook.enabled=true",
+    )  # fmt: skip
+    (deploy,) = of_kind(docs, "Deployment")
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    assert cli.main(container["args"]) == 0
+    args = seen[-1]
+    assert args.peering == PEERING and not args.standalone and args.namespace is None
+    assert (args.webhook_port, args.webhook_address) == (9443, "0.0.0.0")
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "webhook-tls"]
+    assert args.webhook_cert_dir == mount["mountPath"]
+
+
+def test_more_than_one_replica_is_refused_without_peering(helm: Callable[..., str]) -> None:
+    out = helm(
+        "template", "rel", str(CHART), "--kube-version", KUBE_VERSION, "--set", "replicaCount=2", check=False
+    )
+    assert not out.startswith("rc=0"), out
+    assert (
+        "replicaCount=2 needs peering.enabled=true: standalone kopf operators do not know of each other, "
+        "and every replica would run every backup"
+    ) in out, out
+    # With peering, any number; 0 and 1 stay allowed without it.
+    assert len(render(helm, "--set", "replicaCount=3", "--set", "peering.enabled=true")) > 0
+    for replicas in ("0", "1"):
+        (deploy,) = of_kind(render(helm, "--set", f"replicaCount={replicas}"), "Deployment")
+        assert deploy["spec"]["replicas"] == int(replicas)
+
+
+def test_cluster_mode_peering_renders_a_cluster_kopf_peering_its_rbac_and_several_replicas(
+    helm: Callable[..., str],
+) -> None:
+    docs = render(helm, "--set", "peering.enabled=true", "--set", "replicaCount=3")
+    assert_no_wildcards(docs)
+    (peering,) = of_kind(docs, "ClusterKopfPeering")
+    assert peering["apiVersion"] == "kopf.dev/v1" and peering["metadata"]["name"] == PEERING
+    assert "namespace" not in peering["metadata"]
+    assert not of_kind(docs, "KopfPeering")
+    (role,) = of_kind(docs, "ClusterRole")
+    assert rules_of(role) == {**NAMESPACED_RULES, **CRD_DISCOVERY, **peering_rules("clusterkopfpeerings")}
+    (deploy,) = of_kind(docs, "Deployment")
+    spec = deploy["spec"]
+    assert spec["replicas"] == 3
+    # Peering lets old and new pods overlap: a new one is up before an old one goes.
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    (container,) = spec["template"]["spec"]["containers"]
+    assert container["args"] == [
+        "run", "--liveness", "http://0.0.0.0:8080/healthz", *METRICS_ARGS, "--peering", PEERING,
+    ]  # fmt: skip
+    # kopf's identity in the peering object is the pod's name.
+    (pod_id,) = [e for e in container["env"] if e["name"] == "POD_ID"]
+    assert pod_id["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    (budget,) = of_kind(docs, "PodDisruptionBudget")
+    assert budget["spec"]["maxUnavailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    # One replica with peering: no budget (it would block every drain).
+    docs = render(helm, "--set", "peering.enabled=true", "--set", "peering.name=ops.peers")
+    assert not of_kind(docs, "PodDisruptionBudget")
+    (peering,) = of_kind(docs, "ClusterKopfPeering")
+    assert peering["metadata"]["name"] == "ops.peers"
+    (role,) = of_kind(docs, "ClusterRole")
+    assert rules_of(role) == {
+        **NAMESPACED_RULES,
+        **CRD_DISCOVERY,
+        **peering_rules("clusterkopfpeerings", "ops.peers"),
+    }
+
+
+def test_namespace_mode_peering_renders_a_kopf_peering_and_its_rules_in_each_watched_namespace(
+    helm: Callable[..., str],
+) -> None:
+    docs = render(
+        helm, "--set", "rbac.scope=namespace", "--set", "watchNamespaces={identity,identity-staging}",
+        "--set", "peering.enabled=true", "--set", "replicaCount=2",
+    )  # fmt: skip
+    assert_no_wildcards(docs)
+    peerings = of_kind(docs, "KopfPeering")
+    assert sorted((p["metadata"]["namespace"], p["metadata"]["name"]) for p in peerings) == [
+        ("identity", PEERING),
+        ("identity-staging", PEERING),
+    ]
+    assert all(p["apiVersion"] == "kopf.dev/v1" for p in peerings)
+    assert not of_kind(docs, "ClusterKopfPeering")
+    for role in of_kind(docs, "Role"):
+        assert rules_of(role) == {**NAMESPACED_RULES, **peering_rules("kopfpeerings")}
+    # Cluster-wide still only discovery: no peering object is cluster-scoped in this mode.
+    (discovery,) = of_kind(docs, "ClusterRole")
+    assert rules_of(discovery) == {**CRD_DISCOVERY, **NAMESPACE_DISCOVERY}
+    (deploy,) = of_kind(docs, "Deployment")
+    args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[-2:] == ["--peering", PEERING]
+    assert args.count("--namespace") == 2
+
+
+def tls_handshake(tmp_path: Path, cert: bytes, key: bytes, ca: bytes, server_name: str) -> dict[str, Any]:
+    """Serve cert/key over a local socket pair and connect as the API server does: verify the chain
+    against ca and the certificate against server_name. Returns the certificate the client saw."""
+    for name, pem in (("tls.crt", cert), ("tls.key", key), ("ca.crt", ca)):
+        (tmp_path / name).write_bytes(pem)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(tmp_path / "tls.crt", tmp_path / "tls.key")
+    client_ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+    server_sock, client_sock = socket.socketpair()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, server_sock, client_sock:
+
+        def serve() -> None:
+            # When the client refuses the certificate, the client's error says why.
+            with contextlib.suppress(ssl.SSLError, OSError):
+                server_ctx.wrap_socket(server_sock, server_side=True).close()
+
+        served = pool.submit(serve)
+        try:
+            with client_ctx.wrap_socket(client_sock, server_hostname=server_name) as tls:
+                peer = tls.getpeercert()
+        finally:
+            client_sock.close()
+            served.result(timeout=10)
+    assert peer is not None
+    return peer
+
+
+def webhook_parts(
+    docs: list[dict[str, Any]],
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(the ValidatingWebhookConfiguration, the Deployment's pod spec, its container)."""
+    (config,) = of_kind(docs, "ValidatingWebhookConfiguration")
+    (deploy,) = of_kind(docs, "Deployment")
+    pod = deploy["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    return config, pod, container
+
+
+def expected_webhooks(client_config: Callable[[str], dict[str, Any]], **extra: Any) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": f"validate.{plural}.idm-backup.io",
+            "admissionReviewVersions": ["v1"],
+            "sideEffects": "None",
+            "failurePolicy": "Fail",
+            "timeoutSeconds": 10,
+            "matchPolicy": "Equivalent",
+            "clientConfig": client_config(f"/validate-{plural[:-1]}"),
+            "rules": [
+                {
+                    "apiGroups": ["idm-backup.io"],
+                    "apiVersions": ["v1alpha1"],
+                    "operations": ["CREATE", "UPDATE"],
+                    "resources": [plural],
+                    "scope": "Namespaced",
+                }
+            ],
+            **extra,
+        }
+        for plural in ("idmbackups", "idmbackupschedules")
+    ]
+
+
+def test_webhook_helm_certificate_is_served_through_the_service_and_verified_by_the_ca_bundle(
+    helm: Callable[..., str], tmp_path: Path
+) -> None:
+    docs = render(helm, "--set", "webhook.enabled=true")
+    config, pod, container = webhook_parts(docs)
+    (secret,) = of_kind(docs, "Secret")
+    assert secret["metadata"]["name"] == "rel-idm-backup-operator-webhook-tls"
+    assert secret["type"] == "kubernetes.io/tls"
+    ca_bundle = config["webhooks"][0]["clientConfig"]["caBundle"]
+    assert ca_bundle == secret["data"]["ca.crt"]
+
+    def service(path: str) -> dict[str, Any]:
+        return {
+            "service": {
+                "name": "rel-idm-backup-operator-webhook",
+                "namespace": "ops",
+                "path": path,
+                "port": 443,
+            },
+            "caBundle": ca_bundle,
+        }
+
+    assert config["metadata"]["name"] == "rel-idm-backup-operator-ops"
+    assert "annotations" not in config["metadata"]
+    # Cluster mode: every namespace, so no namespaceSelector.
+    assert config["webhooks"] == expected_webhooks(service)
+    (webhook_service,) = [s for s in of_kind(docs, "Service") if s["metadata"]["name"].endswith("-webhook")]
+    assert webhook_service["spec"]["ports"] == [
+        {"name": "https", "port": 443, "targetPort": "webhook", "protocol": "TCP"}
+    ]
+    (deploy,) = of_kind(docs, "Deployment")
+    assert webhook_service["spec"]["selector"] == deploy["spec"]["selector"]["matchLabels"]
+    # The pod: the port, the arguments, the Secret mounted where --webhook-cert-dir points, readiness.
+    assert {"name": "webhook", "containerPort": 9443, "protocol": "TCP"} in container["ports"]
+    assert container["args"][-6:] == [
+        "--webhook-port", "9443", "--webhook-address", "0.0.0.0",
+        "--webhook-cert-dir", "/etc/idm-backup-operator/webhook-tls",
+    ]  # fmt: skip
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "webhook-tls"]
+    assert mount == {
+        "name": "webhook-tls",
+        "mountPath": "/etc/idm-backup-operator/webhook-tls",
+        "readOnly": True,
+    }
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "webhook-tls"]
+    assert volume == {"name": "webhook-tls", "secret": {"secretName": "rel-idm-backup-operator-webhook-tls"}}
+    assert container["readinessProbe"]["tcpSocket"] == {"port": "webhook"}
+    (role,) = of_kind(docs, "ClusterRole")
+    assert rules_of(role) == {**NAMESPACED_RULES, **CRD_DISCOVERY, **WEBHOOK_RULES}
+    # What the API server does: dial <service>.<namespace>.svc and verify against the caBundle. The key
+    # is the certificate's, too (the handshake needs both).
+    cert, key, ca = (base64.b64decode(secret["data"][k]) for k in ("tls.crt", "tls.key", "ca.crt"))
+    assert base64.b64decode(ca_bundle) == ca
+    peer = tls_handshake(tmp_path, cert, key, ca, "rel-idm-backup-operator-webhook.ops.svc")
+    assert ("DNS", "rel-idm-backup-operator-webhook.ops.svc") in peer["subjectAltName"]
+    with pytest.raises(ssl.SSLCertVerificationError, match="Hostname mismatch"):
+        tls_handshake(tmp_path, cert, key, ca, "rel-idm-backup-operator-webhook.elsewhere.svc")
+    # helm template cannot look the Secret up: each render is a new CA (install and upgrade reuse it,
+    # see test_webhook_certificate_survives_an_upgrade).
+    (again,) = of_kind(render(helm, "--set", "webhook.enabled=true"), "Secret")
+    assert again["data"]["ca.crt"] != secret["data"]["ca.crt"]
+
+
+def test_webhook_in_namespace_mode_reviews_only_the_watched_namespaces(helm: Callable[..., str]) -> None:
+    docs = render(
+        helm, "--set", "rbac.scope=namespace", "--set", "watchNamespaces={identity,identity-staging}",
+        "--set", "webhook.enabled=true", "--set", "webhook.failurePolicy=Ignore",
+        "--set", "webhook.timeoutSeconds=5", "--set", "webhook.port=8443",
+    )  # fmt: skip
+    config, _, container = webhook_parts(docs)
+    selector = {
+        "matchExpressions": [
+            {
+                "key": "kubernetes.io/metadata.name",
+                "operator": "In",
+                "values": ["identity", "identity-staging"],
+            }
+        ]
+    }
+    for webhook in config["webhooks"]:
+        assert webhook["namespaceSelector"] == selector
+        assert (webhook["failurePolicy"], webhook["timeoutSeconds"]) == ("Ignore", 5)
+        assert webhook["clientConfig"]["service"]["port"] == 443
+    assert container["args"][container["args"].index("--webhook-port") + 1] == "8443"
+    assert {"name": "webhook", "containerPort": 8443, "protocol": "TCP"} in container["ports"]
+    for role in of_kind(docs, "Role"):
+        assert rules_of(role) == {**NAMESPACED_RULES, **WEBHOOK_RULES}
+
+
+def test_webhook_url_calls_the_operator_there_with_a_certificate_for_its_host(
+    helm: Callable[..., str], tmp_path: Path
+) -> None:
+    docs = render(helm, "--set", "webhook.enabled=true", "--set", "webhook.url=https://127.0.0.1:9443/")
+    config, _, _ = webhook_parts(docs)
+    (secret,) = of_kind(docs, "Secret")
+    ca_bundle = secret["data"]["ca.crt"]
+
+    def url(path: str) -> dict[str, Any]:
+        return {"url": f"https://127.0.0.1:9443{path}", "caBundle": ca_bundle}
+
+    assert config["webhooks"] == expected_webhooks(url)
+    # No Service to call: only the metrics one.
+    assert [s["metadata"]["name"] for s in of_kind(docs, "Service")] == ["rel-idm-backup-operator-metrics"]
+    cert, key, ca = (base64.b64decode(secret["data"][k]) for k in ("tls.crt", "tls.key", "ca.crt"))
+    peer = tls_handshake(tmp_path, cert, key, ca, "127.0.0.1")
+    assert ("IP Address", "127.0.0.1") in peer["subjectAltName"]
+    # A host name goes into the DNS names.
+    docs = render(helm, "--set", "webhook.enabled=true", "--set", "webhook.url=https://dev.example.test:8443")
+    (secret,) = of_kind(docs, "Secret")
+    cert, key, ca = (base64.b64decode(secret["data"][k]) for k in ("tls.crt", "tls.key", "ca.crt"))
+    assert ("DNS", "dev.example.test") in tls_handshake(tmp_path, cert, key, ca, "dev.example.test")[
+        "subjectAltName"
+    ]
+
+
+def test_webhook_cert_manager_mode_renders_an_issuer_a_certificate_and_the_injection_annotation(
+    helm: Callable[..., str],
+) -> None:
+    docs = render(helm, "--set", "webhook.enabled=true", "--set", "webhook.certificate.mode=certManager")
+    config, pod, _ = webhook_parts(docs)
+    assert not of_kind(docs, "Secret")  # cert-manager writes it
+    (issuer,) = of_kind(docs, "Issuer")
+    assert issuer["apiVersion"] == "cert-manager.io/v1" and issuer["spec"] == {"selfSigned": {}}
+    (certificate,) = of_kind(docs, "Certificate")
+    assert certificate["apiVersion"] == "cert-manager.io/v1"
+    assert certificate["metadata"]["namespace"] == "ops"
+    assert certificate["spec"] == {
+        "secretName": "rel-idm-backup-operator-webhook-tls",
+        "dnsNames": [
+            "rel-idm-backup-operator-webhook",
+            "rel-idm-backup-operator-webhook.ops",
+            "rel-idm-backup-operator-webhook.ops.svc",
+        ],
+        "issuerRef": {"group": "cert-manager.io", "kind": "Issuer", "name": issuer["metadata"]["name"]},
+    }
+    assert config["metadata"]["annotations"] == {
+        "cert-manager.io/inject-ca-from": f"ops/{certificate['metadata']['name']}"
+    }
+
+    def service(path: str) -> dict[str, Any]:  # no caBundle: cert-manager's CA injector fills it in
+        return {
+            "service": {
+                "name": "rel-idm-backup-operator-webhook",
+                "namespace": "ops",
+                "path": path,
+                "port": 443,
+            }
+        }
+
+    assert config["webhooks"] == expected_webhooks(service)
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "webhook-tls"]
+    assert volume["secret"]["secretName"] == certificate["spec"]["secretName"]
+    # With a url, its host is in the certificate too.
+    docs = render(
+        helm, "--set", "webhook.enabled=true", "--set", "webhook.certificate.mode=certManager",
+        "--set", "webhook.url=https://127.0.0.1:9443",
+    )  # fmt: skip
+    (certificate,) = of_kind(docs, "Certificate")
+    assert certificate["spec"]["ipAddresses"] == ["127.0.0.1"]
+
+
+def test_webhook_secret_mode_uses_the_given_secret_and_ca_bundle(helm: Callable[..., str]) -> None:
+    pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    for given, expected in ((pem, base64.b64encode(pem.strip().encode()).decode()), ("TUlJQg==", "TUlJQg==")):
+        docs = render(
+            helm, "--set", "webhook.enabled=true", "--set", "webhook.certificate.mode=secret",
+            "--set", "webhook.certificate.secretName=my-webhook-tls",
+            "--set", f"webhook.certificate.caBundle={given}",
+        )  # fmt: skip
+        config, pod, _ = webhook_parts(docs)
+        assert (
+            not of_kind(docs, "Secret") and not of_kind(docs, "Certificate") and not of_kind(docs, "Issuer")
+        )
+        assert {w["clientConfig"]["caBundle"] for w in config["webhooks"]} == {expected}
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "webhook-tls"]
+        assert volume["secret"]["secretName"] == "my-webhook-tls"
+    for missing, message in (
+        (["--set", "webhook.certificate.caBundle=TUlJQg=="], "webhook.certificate.secretName is required"),
+        (
+            ["--set", "webhook.certificate.secretName=my-webhook-tls"],
+            "webhook.certificate.caBundle is required",
+        ),
+    ):
+        out = helm(
+            "template", "rel", str(CHART), "--kube-version", KUBE_VERSION, "--set", "webhook.enabled=true",
+            "--set", "webhook.certificate.mode=secret", *missing, check=False,
+        )  # fmt: skip
+        assert not out.startswith("rc=0") and message in out, out
+
+
+def test_webhook_disabled_renders_nothing_of_it(helm: Callable[..., str]) -> None:
+    docs = render(helm)
+    assert not of_kind(docs, "ValidatingWebhookConfiguration") and not of_kind(docs, "Secret")
+    (deploy,) = of_kind(docs, "Deployment")
+    pod = deploy["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert not any(a.startswith("--webhook") for a in container["args"])
+    assert "readinessProbe" not in container
+    assert [v["name"] for v in pod["volumes"]] == ["tmp"]
 
 
 def test_the_image_and_the_chart_agree(helm: Callable[..., str]) -> None:
@@ -417,6 +820,12 @@ class Release:
             "--set", "replicaCount=0", "--debug", *args,
         )  # fmt: skip
 
+    def upgrade(self, *args: str) -> None:
+        self.helm(
+            "upgrade", self.name, str(CHART), "-n", self.namespace, "--kubeconfig", self.kubeconfig,
+            "--reuse-values", *args,
+        )  # fmt: skip
+
     def uninstall(self) -> None:
         self.helm("uninstall", self.name, "-n", self.namespace, "--kubeconfig", self.kubeconfig, check=False)
 
@@ -440,13 +849,21 @@ def kubectl(platform: stack.Platform) -> Path:
 
 
 def can_i(
-    kubectl: Path, platform: stack.Platform, rel: Release, verb: str, resource: str, ns: str | None
+    kubectl: Path,
+    platform: stack.Platform,
+    rel: Release,
+    verb: str,
+    resource: str,
+    ns: str | None,
+    name: str | None = None,
 ) -> bool:
     # The ServiceAccount's groups too, so grants to every authenticated user count as they would.
-    # kubectl reads "pods/exec" as the pod named "exec": a subresource goes into --subresource.
+    # kubectl reads "pods/exec" as the pod named "exec": a subresource goes into --subresource, and an
+    # object's name after the resource's.
     resource, _, subresource = resource.partition("/")
     argv = [
-        str(kubectl), "--kubeconfig", platform.kubeconfig, "auth", "can-i", verb, resource,
+        str(kubectl), "--kubeconfig", platform.kubeconfig, "auth", "can-i", verb,
+        f"{resource}/{name}" if name else resource,
         f"--subresource={subresource}",
         f"--as={rel.user}", "--as-group=system:serviceaccounts",
         f"--as-group=system:serviceaccounts:{rel.namespace}", "--as-group=system:authenticated",
@@ -600,3 +1017,198 @@ def test_the_operator_takes_and_deletes_a_backup_with_only_the_charts_rbac(
             assert sign not in log, next(line for line in log.splitlines() if sign in line)
     finally:
         operator.stop()
+
+
+# --- on the platform: peering and the webhook ---------------------------------------------------------
+
+
+def crd_present(api: client.ApiClient, name: str) -> bool:
+    try:
+        client.ApiextensionsV1Api(api).read_custom_resource_definition(name)
+    except client.ApiException as err:
+        if err.status == 404:
+            return False
+        raise
+    return True
+
+
+def test_namespace_mode_peering_install_creates_the_kopf_peering_and_grants_exactly_kopfs_peering_verbs(
+    release: Release, kubectl: Path, platform: stack.Platform, namespace: str, api: client.ApiClient
+) -> None:
+    # No --skip-crds: helm creates kopf's peering CRDs from crds/kopf/ unless an earlier release did.
+    release.install("--set", "rbac.scope=namespace", "--set", "peering.enabled=true")
+    assert crd_present(api, "kopfpeerings.kopf.dev") and crd_present(api, "clusterkopfpeerings.kopf.dev")
+    peering = client.CustomObjectsApi(api).get_namespaced_custom_object(
+        "kopf.dev", "v1", namespace, "kopfpeerings", PEERING
+    )
+    assert peering["metadata"]["labels"]["app.kubernetes.io/instance"] == release.name
+    resource = "kopfpeerings.kopf.dev"
+    allowed: list[tuple[str, str, str | None]] = [
+        ("list", resource, namespace),
+        ("watch", resource, namespace),
+    ]
+    denied: list[tuple[str, str, str | None]] = [
+        (verb, resource, namespace) for verb in ("get", "create", "update", "patch", "delete")
+    ]
+    denied += [("list", resource, "default"), ("list", resource, None)]
+    denied += [(verb, "clusterkopfpeerings.kopf.dev", None) for verb in ("list", "watch", "patch")]
+    check_grants(kubectl, platform, release, allowed=allowed, denied=denied)
+    # patch only the peering object kopf was told to use (--peering), and only in its namespace.
+    assert can_i(kubectl, platform, release, "patch", resource, namespace, name=PEERING)
+    assert not can_i(kubectl, platform, release, "patch", resource, namespace, name="another")
+    assert not can_i(kubectl, platform, release, "get", resource, namespace, name=PEERING)
+    assert not can_i(kubectl, platform, release, "patch", resource, "default", name=PEERING)
+
+
+def test_cluster_mode_peering_install_creates_the_cluster_kopf_peering_and_grants_patch_on_it_only(
+    release: Release, kubectl: Path, platform: stack.Platform, api: client.ApiClient
+) -> None:
+    # Cluster-scoped, and other sessions may run this test at the same time: a name of its own.
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    release.install(
+        "--set", "rbac.scope=cluster", "--set", "peering.enabled=true", "--set", f"peering.name={name}"
+    )
+    peering = client.CustomObjectsApi(api).get_cluster_custom_object(
+        "kopf.dev", "v1", "clusterkopfpeerings", name
+    )
+    assert peering["metadata"]["labels"]["app.kubernetes.io/instance"] == release.name
+    resource = "clusterkopfpeerings.kopf.dev"
+    allowed: list[tuple[str, str, str | None]] = [("list", resource, None), ("watch", resource, None)]
+    denied: list[tuple[str, str, str | None]] = [
+        (verb, resource, None) for verb in ("get", "create", "update", "patch", "delete")
+    ]
+    check_grants(kubectl, platform, release, allowed=allowed, denied=denied)
+    assert can_i(kubectl, platform, release, "patch", resource, None, name=name)
+    assert not can_i(kubectl, platform, release, "patch", resource, None, name="another")
+    assert not can_i(kubectl, platform, release, "get", resource, None, name=name)
+
+
+def test_webhook_certificate_survives_an_upgrade_and_is_renewed_for_new_names(
+    release: Release, kubectl: Path, platform: stack.Platform, namespace: str, api: client.ApiClient
+) -> None:
+    # Namespace mode: the configuration reviews only this test's namespace, and Ignore lets a request
+    # through while no operator answers (replicaCount 0): other tests on the platform never meet it.
+    release.install(
+        "--skip-crds", "--set", "rbac.scope=namespace", "--set", "webhook.enabled=true",
+        "--set", "webhook.failurePolicy=Ignore",
+    )  # fmt: skip
+    core, admission = client.CoreV1Api(api), client.AdmissionregistrationV1Api(api)
+    fullname = f"{release.name}-idm-backup-operator"
+
+    def installed() -> tuple[dict[str, str], client.V1ValidatingWebhookConfiguration]:
+        secret = core.read_namespaced_secret(f"{fullname}-webhook-tls", namespace)
+        assert secret.type == "kubernetes.io/tls"
+        config = admission.read_validating_webhook_configuration(f"{fullname}-{namespace}")
+        assert {w.client_config.ca_bundle for w in config.webhooks} == {secret.data["ca.crt"]}
+        return secret.data, config
+
+    data, config = installed()
+    assert [w.name for w in config.webhooks] == [
+        "validate.idmbackups.idm-backup.io",
+        "validate.idmbackupschedules.idm-backup.io",
+    ]
+    for webhook in config.webhooks:
+        assert webhook.client_config.service.name == f"{fullname}-webhook"
+        assert webhook.namespace_selector.match_expressions[0].values == [namespace]
+    # The webhook reads claims: allowed, by name only, where the operator watches.
+    check_grants(
+        kubectl, platform, release,
+        allowed=[("get", "persistentvolumeclaims", namespace)],
+        denied=[("list", "persistentvolumeclaims", namespace), ("get", "persistentvolumeclaims", "default")],
+    )  # fmt: skip
+    # helm looks the Secret up on upgrade and keeps it: the caBundle does not change under the pods.
+    release.upgrade()
+    assert installed()[0] == data
+    # Other names (a url): a certificate for them, and the caBundle follows.
+    release.upgrade("--set", "webhook.url=https://127.0.0.1:9443")
+    renewed, config = installed()
+    assert renewed["ca.crt"] != data["ca.crt"] and renewed["tls.crt"] != data["tls.crt"]
+    assert [w.client_config.url for w in config.webhooks] == [
+        "https://127.0.0.1:9443/validate-idmbackup",
+        "https://127.0.0.1:9443/validate-idmbackupschedule",
+    ]
+    release.upgrade()
+    assert installed()[0] == renewed
+
+
+def kopf_paused(operator: OperatorProcess) -> bool:
+    """Whether kopf holds the operator paused: with --peering it starts so, until it has seen its peers."""
+    log = operator.output()
+    return log.count("Resuming operations after the pause") <= log.count("Pausing operations in favour of")
+
+
+def test_two_peered_operators_take_each_backup_once_and_the_standby_takes_over(
+    release: Release,
+    api: client.ApiClient,
+    platform: stack.Platform,
+    namespace: str,
+    freeipa: Callable[..., str],
+    secrets: None,
+    s3: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    release.install("--set", "rbac.scope=namespace", "--set", "peering.enabled=true")
+    kubeconfig = str(service_account_kubeconfig(api, platform, release, tmp_path / "operator.kubeconfig"))
+    freeipa()
+    custom = client.CustomObjectsApi(api)
+    operators: dict[str, OperatorProcess] = {}
+    for pod in ("op-a", "op-b"):
+        (tmp_path / pod).mkdir()
+        operators[pod] = OperatorProcess(
+            namespace, kubeconfig, tmp_path / pod, tmp_path / f"{pod}.log", args=["--peering", PEERING]
+        )
+    try:
+        for pod, operator in operators.items():
+            # kopf's identity in the KopfPeering, as the chart sets it to the pod's name: who is who.
+            monkeypatch.setenv("POD_ID", pod)
+            operator.start()
+
+        def both_peers() -> dict[str, Any] | None:
+            peering = custom.get_namespaced_custom_object(
+                "kopf.dev", "v1", namespace, "kopfpeerings", PEERING
+            )
+            status: dict[str, Any] = peering.get("status") or {}
+            return status if set(status) == set(operators) else None
+
+        peers = wait_for("both operators' keep-alives in the KopfPeering", both_peers, timeout=60)
+        # The higher priority (the earlier start) is the active one.
+        active_id = max(peers, key=lambda pod: peers[pod]["priority"])
+        active = operators[active_id]
+        (standby,) = [operator for pod, operator in operators.items() if pod != active_id]
+        wait_for(
+            "one active and one paused operator",
+            lambda: not kopf_paused(active) and kopf_paused(standby),
+            timeout=30,
+        )
+
+        prefix = f"peering/{namespace}"
+        create_backup(
+            api, namespace, "peered-1", backup_spec(platform, s3_storage(platform, prefix), type="Data")
+        )
+        obj = wait_finished(api, namespace, "peered-1", active)
+        assert obj["status"]["phase"] == "Succeeded", (obj["status"], active.output()[-3000:])
+        # Only the active one saw it: the standby's watch on IdmBackups stayed paused.
+        assert "peered-1" in active.output()
+        assert "peered-1" not in standby.output()
+        assert "Pausing the watch-stream for idmbackups" in standby.output()
+        assert kopf_paused(standby)
+
+        # A stopped operator takes its entry out of the KopfPeering: the standby resumes at once, not
+        # when the entry would expire (60 s; that is what happens after a SIGKILL).
+        active.stop()
+        wait_for("the standby to take over", lambda: not kopf_paused(standby), timeout=30)
+        create_backup(
+            api, namespace, "peered-2", backup_spec(platform, s3_storage(platform, prefix), type="Data")
+        )
+        obj = wait_finished(api, namespace, "peered-2", standby)
+        assert obj["status"]["phase"] == "Succeeded", (obj["status"], standby.output()[-3000:])
+        assert len(s3_keys(s3, platform.s3_bucket, prefix)) == 6  # two backups of three objects each
+        for operator in operators.values():
+            log = operator.output()
+            # The chart's RBAC is all kopf's peering needs.
+            for sign in ("Forbidden", "forbidden", "Not enough permissions", "(403)"):
+                assert sign not in log, next(line for line in log.splitlines() if sign in line)
+    finally:
+        for operator in operators.values():
+            operator.stop()

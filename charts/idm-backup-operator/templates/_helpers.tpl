@@ -98,6 +98,48 @@ RBAC rules for the resources the operator handles and the objects a backup touch
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
+{{- if .Values.webhook.enabled }}
+# The admission webhook reads the claims a resource names, by name only, as it reads the Secrets.
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
+  verbs: [get]
+{{- end }}
+{{- end }}
+
+{{/*
+kopf's peering, given the peering resource (kopfpeerings in a Role, clusterkopfpeerings in the
+ClusterRole): kopf lists and watches every peering object of its scope, with no field selector, so
+resourceNames cannot narrow list and watch; it merge-patches its keep-alive (status) into the object
+named by --peering only. It never reads one by name: kopf's docs grant get too, its code (1.45) has
+no use for it.
+*/}}
+{{- define "idm-backup-operator.peeringRules" -}}
+# kopf's peering (--peering): it watches its scope's peering objects and keeps itself alive in one.
+- apiGroups: [kopf.dev]
+  resources: [{{ .resource }}]
+  verbs: [list, watch]
+- apiGroups: [kopf.dev]
+  resources: [{{ .resource }}]
+  resourceNames: [{{ .root.Values.peering.name | quote }}]
+  verbs: [patch]
+{{- end }}
+
+{{/* The webhook: the Service in front of the pods, and the Secret with the serving certificate. */}}
+{{- define "idm-backup-operator.webhookService" -}}
+{{- printf "%s-webhook" (include "idm-backup-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "idm-backup-operator.webhookSecret" -}}
+{{- if eq .Values.webhook.certificate.mode "secret" }}
+{{- required "webhook.certificate.secretName is required with webhook.certificate.mode=secret (an existing kubernetes.io/tls Secret in the release namespace)" .Values.webhook.certificate.secretName }}
+{{- else }}
+{{- printf "%s-webhook-tls" (include "idm-backup-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{/* Where the pod mounts the Secret: the operator's --webhook-cert-dir (tls.crt, tls.key). */}}
+{{- define "idm-backup-operator.webhookCertDir" -}}
+/etc/idm-backup-operator/webhook-tls
 {{- end }}
 
 {{/* kopf's discovery: a watch on CRDs (cluster-scoped, read-only). */}}
