@@ -67,10 +67,13 @@ NAMESPACED_RULES = {
 }
 CRD_DISCOVERY = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
 NAMESPACE_DISCOVERY = {("", "namespaces"): {"list", "watch"}}
-# The admission webhook reads the claims a resource names (and Secrets, granted already).
-WEBHOOK_RULES = {("", "persistentvolumeclaims"): {"get"}}
 METRICS_ARGS = ["--metrics-port", "9090", "--metrics-address", "0.0.0.0"]
 PEERING = "idm-backup-operator"  # peering.name's default
+# On by default: the webhook, where the chart mounts its certificate.
+WEBHOOK_ARGS = [
+    "--webhook-port", "9443", "--webhook-address", "0.0.0.0",
+    "--webhook-cert-dir", "/etc/idm-backup-operator/webhook-tls",
+]  # fmt: skip
 
 
 def peering_rules(resource: str, name: str = PEERING) -> dict[tuple[str, str], set[str]]:
@@ -313,7 +316,13 @@ def test_cluster_mode_renders_one_cluster_role_with_exactly_the_needed_rules(
     (deploy,) = of_kind(docs, "Deployment")
     container = deploy["spec"]["template"]["spec"]["containers"][0]
     # No --namespace: all namespaces.
-    assert container["args"] == ["run", "--liveness", "http://0.0.0.0:8080/healthz", *METRICS_ARGS]
+    assert container["args"] == [
+        "run",
+        "--liveness",
+        "http://0.0.0.0:8080/healthz",
+        *METRICS_ARGS,
+        *WEBHOOK_ARGS,
+    ]
     # Not rendered by default: the ServiceMonitor (needs the Prometheus Operator).
     assert not of_kind(docs, "ServiceMonitor")
 
@@ -348,6 +357,7 @@ def test_namespace_mode_renders_a_role_per_watched_namespace_and_only_read_only_
         "--namespace",
         "identity-staging",
         *METRICS_ARGS,
+        *WEBHOOK_ARGS,
     ]
     # Without discovery, namespace mode has no cluster-scoped object at all.
     docs = render(helm, "--set", "rbac.scope=namespace", "--set", "rbac.clusterDiscovery=false")
@@ -356,8 +366,11 @@ def test_namespace_mode_renders_a_role_per_watched_namespace_and_only_read_only_
 
 
 def test_deployment_is_one_hardened_non_root_pod(helm: Callable[..., str]) -> None:
+    # The webhook's port, Service and volume have tests of their own.
     docs = render(
         helm,
+        "--set",
+        "webhook.enabled=false",
         "--set",
         "logFormat=json",
         "--set",
@@ -396,7 +409,7 @@ def test_deployment_is_one_hardened_non_root_pod(helm: Callable[..., str]) -> No
     (monitor,) = of_kind(docs, "ServiceMonitor")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     # Metrics off: the operator is told not to listen, and nothing points at the port.
-    docs = render(helm, "--set", "metrics.enabled=false")
+    docs = render(helm, "--set", "metrics.enabled=false", "--set", "webhook.enabled=false")
     (deploy,) = of_kind(docs, "Deployment")
     (container,) = deploy["spec"]["template"]["spec"]["containers"]
     assert container["args"][-2:] == ["--metrics-port", "0"]
@@ -415,6 +428,7 @@ def test_the_operators_command_line_accepts_the_rendered_arguments(
         helm,
         "--set", "rbac.scope=namespace", "--set", "watchNamespaces={identity,staging}",
         "--set", "logFormat=json", "--set", "verbose=true", "--set", "extraArgs={--standalone}",
+        "--set", "webhook.enabled=false",
     )  # fmt: skip
     (deploy,) = of_kind(docs, "Deployment")
     (container,) = deploy["spec"]["template"]["spec"]["containers"]
@@ -425,16 +439,18 @@ def test_the_operators_command_line_accepts_the_rendered_arguments(
     assert args.liveness == "http://0.0.0.0:8080/healthz"
     assert (args.metrics_port, args.metrics_address) == (9090, "0.0.0.0")
     assert args.log_format == "json" and args.verbose and args.peering is None
-    assert args.webhook_port == 0
+    assert args.webhook_port == 0 and not args.s3_ambient_credentials
     # Peering and the webhook: --peering, and the webhook where the chart mounts its certificate.
     docs = render(
         helm, "--set", "peering.enabled=true", "--set", "replicaCount=2", "--set", "webhook.enabled=true",
+        "--set", "s3.ambientCredentials=true",
     )  # fmt: skip
     (deploy,) = of_kind(docs, "Deployment")
     (container,) = deploy["spec"]["template"]["spec"]["containers"]
     assert cli.main(container["args"]) == 0
     args = seen[-1]
     assert args.peering == PEERING and not args.standalone and args.namespace is None
+    assert args.s3_ambient_credentials
     assert (args.webhook_port, args.webhook_address) == (9443, "0.0.0.0")
     (mount,) = [m for m in container["volumeMounts"] if m["name"] == "webhook-tls"]
     assert args.webhook_cert_dir == mount["mountPath"]
@@ -477,7 +493,8 @@ def test_cluster_mode_peering_renders_a_cluster_kopf_peering_its_rbac_and_severa
     }
     (container,) = spec["template"]["spec"]["containers"]
     assert container["args"] == [
-        "run", "--liveness", "http://0.0.0.0:8080/healthz", *METRICS_ARGS, "--peering", PEERING,
+        "run", "--liveness", "http://0.0.0.0:8080/healthz", *METRICS_ARGS,
+        "--peering", PEERING, *WEBHOOK_ARGS,
     ]  # fmt: skip
     # kopf's identity in the peering object is the pod's name.
     (pod_id,) = [e for e in container["env"] if e["name"] == "POD_ID"]
@@ -520,7 +537,7 @@ def test_namespace_mode_peering_renders_a_kopf_peering_and_its_rules_in_each_wat
     assert rules_of(discovery) == {**CRD_DISCOVERY, **NAMESPACE_DISCOVERY}
     (deploy,) = of_kind(docs, "Deployment")
     args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[-2:] == ["--peering", PEERING]
+    assert args[args.index("--peering") + 1] == PEERING
     assert args.count("--namespace") == 2
 
 
@@ -635,7 +652,7 @@ def test_webhook_helm_certificate_is_served_through_the_service_and_verified_by_
     assert volume == {"name": "webhook-tls", "secret": {"secretName": "rel-idm-backup-operator-webhook-tls"}}
     assert container["readinessProbe"]["tcpSocket"] == {"port": "webhook"}
     (role,) = of_kind(docs, "ClusterRole")
-    assert rules_of(role) == {**NAMESPACED_RULES, **CRD_DISCOVERY, **WEBHOOK_RULES}
+    assert rules_of(role) == {**NAMESPACED_RULES, **CRD_DISCOVERY}
     # What the API server does: dial <service>.<namespace>.svc and verify against the caBundle. The key
     # is the certificate's, too (the handshake needs both).
     cert, key, ca = (base64.b64decode(secret["data"][k]) for k in ("tls.crt", "tls.key", "ca.crt"))
@@ -673,7 +690,7 @@ def test_webhook_in_namespace_mode_reviews_only_the_watched_namespaces(helm: Cal
     assert container["args"][container["args"].index("--webhook-port") + 1] == "8443"
     assert {"name": "webhook", "containerPort": 8443, "protocol": "TCP"} in container["ports"]
     for role in of_kind(docs, "Role"):
-        assert rules_of(role) == {**NAMESPACED_RULES, **WEBHOOK_RULES}
+        assert rules_of(role) == NAMESPACED_RULES
 
 
 def test_webhook_url_calls_the_operator_there_with_a_certificate_for_its_host(
@@ -778,7 +795,7 @@ def test_webhook_secret_mode_uses_the_given_secret_and_ca_bundle(helm: Callable[
 
 
 def test_webhook_disabled_renders_nothing_of_it(helm: Callable[..., str]) -> None:
-    docs = render(helm)
+    docs = render(helm, "--set", "webhook.enabled=false")
     assert not of_kind(docs, "ValidatingWebhookConfiguration") and not of_kind(docs, "Secret")
     (deploy,) = of_kind(docs, "Deployment")
     pod = deploy["spec"]["template"]["spec"]
@@ -817,7 +834,8 @@ class Release:
         self.install_output = self.helm(
             "install", self.name, str(CHART), "-n", self.namespace, "--kubeconfig", self.kubeconfig,
             # The Deployment's pod cannot run here (see the module docstring); the operator runs locally.
-            "--set", "replicaCount=0", "--debug", *args,
+            # Nor can the webhook's Service reach it; tests that install the webhook enable it again.
+            "--set", "replicaCount=0", "--set", "webhook.enabled=false", "--debug", *args,
         )  # fmt: skip
 
     def upgrade(self, *args: str) -> None:
@@ -1110,11 +1128,14 @@ def test_webhook_certificate_survives_an_upgrade_and_is_renewed_for_new_names(
     for webhook in config.webhooks:
         assert webhook.client_config.service.name == f"{fullname}-webhook"
         assert webhook.namespace_selector.match_expressions[0].values == [namespace]
-    # The webhook reads claims: allowed, by name only, where the operator watches.
+    # The webhook needs nothing more than the operator: the PVC storage it checks is the operator's own
+    # mount, never a claim in the resource's namespace.
     check_grants(
-        kubectl, platform, release,
-        allowed=[("get", "persistentvolumeclaims", namespace)],
-        denied=[("list", "persistentvolumeclaims", namespace), ("get", "persistentvolumeclaims", "default")],
+        kubectl,
+        platform,
+        release,
+        allowed=[("get", "secrets", namespace)],
+        denied=[("get", "persistentvolumeclaims", namespace)],
     )  # fmt: skip
     # helm looks the Secret up on upgrade and keeps it: the caBundle does not change under the pods.
     release.upgrade()

@@ -98,12 +98,6 @@ RBAC rules for the resources the operator handles and the objects a backup touch
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
-{{- if .Values.webhook.enabled }}
-# The admission webhook reads the claims a resource names, by name only, as it reads the Secrets.
-- apiGroups: [""]
-  resources: [persistentvolumeclaims]
-  verbs: [get]
-{{- end }}
 {{- end }}
 
 {{/*
