@@ -22,7 +22,7 @@ import pytest
 from kubernetes import client, config
 
 from testbed import freeipa_pod, stack
-from testbed.deploy import OperatorProcess, drop_finalizers, install_crds
+from testbed.deploy import REPO, OperatorProcess, drop_finalizers, install_crds
 from testbed.gpgkeys import ExportedKey, Keyring
 from tests.helpers import KEY_SECRET, S3_SECRET, apply, wait_for
 
@@ -161,3 +161,41 @@ def secrets(api: client.ApiClient, namespace: str, platform: stack.Platform, bac
             "data": {"restore.asc": base64.b64encode(backup_key.armored).decode()},
         },
     )
+
+
+@pytest.fixture(scope="session")
+def helm_bin() -> Path:
+    """helm built from the Go module proxy by testbed/build.sh (a no-op once cached)."""
+    out = subprocess.run(
+        ["bash", str(REPO / "testbed" / "build.sh"), "helm"], check=True, stdout=subprocess.PIPE, text=True
+    )
+    bin_dir = Path(out.stdout.strip().splitlines()[-1])
+    versions = dict(
+        line.split("=", 1)
+        for line in (REPO / "testbed" / "versions.env").read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
+    path = bin_dir / f"helm-{versions['HELM_VERSION']}" / "helm"
+    assert path.is_file(), path
+    return path
+
+
+@pytest.fixture(scope="session")
+def helm(helm_bin: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:
+    home = tmp_path_factory.mktemp("helm-home")
+    env = {
+        **os.environ,
+        "HELM_CACHE_HOME": str(home / "cache"),
+        "HELM_CONFIG_HOME": str(home / "config"),
+        "HELM_DATA_HOME": str(home / "data"),
+    }
+
+    def run(*args: str, check: bool = True) -> str:
+        proc = subprocess.run(
+            [str(helm_bin), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        if check and proc.returncode != 0:
+            pytest.fail(f"helm {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}")
+        return proc.stdout if check else f"rc={proc.returncode}\n{proc.stdout}"
+
+    return run

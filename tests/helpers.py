@@ -8,15 +8,20 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import yaml
 from kubernetes import client, utils
 from kubernetes.stream import stream
 
 from idm_backup_operator.encryption import decrypt
 from testbed import freeipa_pod, stack
-from testbed.deploy import OperatorProcess
+from testbed.deploy import REPO, OperatorProcess
 from testbed.gpgkeys import ExportedKey
 
 GROUP, VERSION, PLURAL = "idm-backup.io", "v1alpha1", "idmbackups"
+CHART = REPO / "charts" / "idm-backup-operator"
+# helm's built-in default for `template` is Kubernetes v1.20 (helm built from source carries no version
+# ldflags); the chart requires >=1.30, so rendering names the platform's version.
+KUBE_VERSION = "v1.36.3"
 S3_SECRET, KEY_SECRET = "s3-credentials", "backup-public-key"
 
 
@@ -156,3 +161,20 @@ def events(api: client.ApiClient, namespace: str, name: str) -> list[str]:
     )
     # Timestamps have one-second resolution; the resourceVersion orders events as they were created.
     return [e.reason for e in sorted(items, key=lambda e: int(e.metadata.resource_version))]
+
+
+# -- the Helm chart (helm itself is the `helm` fixture) ---------------------------------------------------
+
+
+def _docs(rendered: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(rendered) if d]
+
+
+def render(helm: Callable[..., str], *args: str, namespace: str = "ops") -> list[dict[str, Any]]:
+    out = helm("template", "rel", str(CHART), "-n", namespace, "--kube-version", KUBE_VERSION, *args)
+    # helm reports the crds/ symlink on stderr (merged here): keep only the YAML documents.
+    return _docs("\n".join(line for line in out.splitlines() if not line.startswith("walk.go:")))
+
+
+def of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]

@@ -1,9 +1,9 @@
 """The validating admission webhook, called by the real API server over HTTPS on 127.0.0.1.
 
 The operator runs as a local process with --webhook-port and a serving certificate for 127.0.0.1 from the
-platform's CA; a ValidatingWebhookConfiguration limited to the test's namespace points the API server at
-it. Objects are created as users create them, with the API client and with kubectl, whose output is what a
-person sees.
+platform's CA. The Helm chart's ValidatingWebhookConfiguration, rendered for the test's namespace and
+that URL, points the API server at it. Objects are created as users create them, with the API client and
+with kubectl, whose output is what a person sees.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import base64
 import shutil
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,8 @@ from tests.helpers import (
     create_backup,
     create_schedule,
     get_backup,
+    of_kind,
+    render,
     s3_storage,
     wait_finished,
     wait_for,
@@ -48,7 +50,12 @@ def _free_port() -> int:
 
 @pytest.fixture
 def webhook(
-    api: client.ApiClient, platform: stack.Platform, crds: None, namespace: str, tmp_path: Path
+    api: client.ApiClient,
+    platform: stack.Platform,
+    crds: None,
+    namespace: str,
+    tmp_path: Path,
+    helm: Callable[..., str],
 ) -> Iterator[OperatorProcess]:
     """The operator with its webhook, and the API server configured to call it for this namespace."""
     pki_dir = Path(platform.state_dir) / "pki"
@@ -74,37 +81,23 @@ def webhook(
         ],
     )
     operator.start()
-    admission = client.AdmissionregistrationV1Api(api)
-    name = f"idm-backup-test-{namespace}"
+    # The chart's own configuration, pointed at this operator: namespace mode limits it to the test's
+    # namespace, and the CA is the platform's, which signed the serving certificate.
     ca_bundle = base64.b64encode((pki_dir / "ca.crt").read_bytes()).decode()
-    admission.create_validating_webhook_configuration(
-        {
-            "metadata": {"name": name},
-            "webhooks": [
-                {
-                    "name": f"validate.{plural}.idm-backup.io",
-                    "clientConfig": {
-                        "url": f"https://127.0.0.1:{port}/validate-{kind}",
-                        "caBundle": ca_bundle,
-                    },
-                    "rules": [
-                        {
-                            "apiGroups": [GROUP],
-                            "apiVersions": [VERSION],
-                            "operations": ["CREATE", "UPDATE"],
-                            "resources": [plural],
-                        }
-                    ],
-                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
-                    "sideEffects": "None",
-                    "admissionReviewVersions": ["v1"],
-                    "failurePolicy": "Fail",
-                    "timeoutSeconds": 10,
-                }
-                for plural, kind in ((PLURAL, "idmbackup"), (SCHEDULES, "idmbackupschedule"))
-            ],
-        }
-    )
+    (configuration,) = of_kind(
+        render(
+            helm,
+            "--set", "rbac.scope=namespace", "--set", f"watchNamespaces={{{namespace}}}",
+            "--set", f"webhook.url=https://127.0.0.1:{port}", "--set", "webhook.certificate.mode=secret",
+            "--set", "webhook.certificate.secretName=unused-with-a-url",
+            "--set", f"webhook.certificate.caBundle={ca_bundle}",
+            namespace=namespace,
+        ),
+        "ValidatingWebhookConfiguration",
+    )  # fmt: skip
+    admission = client.AdmissionregistrationV1Api(api)
+    admission.create_validating_webhook_configuration(configuration)
+    name = configuration["metadata"]["name"]
     try:
         # The configuration reaches the API server's webhook manager asynchronously, and the operator
         # needs a moment to listen: wait until a refusal that only the webhook can give comes back.

@@ -16,7 +16,6 @@ import base64
 import concurrent.futures
 import contextlib
 import json
-import os
 import socket
 import ssl
 import subprocess
@@ -31,25 +30,23 @@ import yaml
 from kubernetes import client
 
 from testbed import stack
-from testbed.deploy import OperatorProcess
+from testbed.deploy import REPO, OperatorProcess
 from tests.helpers import (
+    CHART,
     GROUP,
+    KUBE_VERSION,
     PLURAL,
     VERSION,
     backup_spec,
     create_backup,
     get_backup,
+    of_kind,
+    render,
     s3_keys,
     s3_storage,
     wait_finished,
     wait_for,
 )
-
-REPO = Path(__file__).resolve().parent.parent
-CHART = REPO / "charts" / "idm-backup-operator"
-# helm's built-in default for `template` is Kubernetes v1.20 (helm built from source carries no version
-# ldflags); the chart requires >=1.30, so rendering names the platform's version.
-KUBE_VERSION = "v1.36.3"
 
 # What the operator needs in a namespace it serves, derived from the code (see docs/install.md).
 NAMESPACED_RULES = {
@@ -152,54 +149,6 @@ ALLOWED_IN_SERVED_NAMESPACE = [
 # --- helm and kubectl ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def helm_bin() -> Path:
-    """helm built from the Go module proxy by testbed/build.sh (a no-op once cached)."""
-    out = subprocess.run(
-        ["bash", str(REPO / "testbed" / "build.sh"), "helm"], check=True, stdout=subprocess.PIPE, text=True
-    )
-    bin_dir = Path(out.stdout.strip().splitlines()[-1])
-    versions = dict(
-        line.split("=", 1)
-        for line in (REPO / "testbed" / "versions.env").read_text().splitlines()
-        if "=" in line and not line.startswith("#")
-    )
-    path = bin_dir / f"helm-{versions['HELM_VERSION']}" / "helm"
-    assert path.is_file(), path
-    return path
-
-
-@pytest.fixture(scope="session")
-def helm(helm_bin: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:
-    home = tmp_path_factory.mktemp("helm-home")
-    env = {
-        **os.environ,
-        "HELM_CACHE_HOME": str(home / "cache"),
-        "HELM_CONFIG_HOME": str(home / "config"),
-        "HELM_DATA_HOME": str(home / "data"),
-    }
-
-    def run(*args: str, check: bool = True) -> str:
-        proc = subprocess.run(
-            [str(helm_bin), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        if check and proc.returncode != 0:
-            pytest.fail(f"helm {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}")
-        return proc.stdout if check else f"rc={proc.returncode}\n{proc.stdout}"
-
-    return run
-
-
-def _docs(rendered: str) -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all(rendered) if d]
-
-
-def render(helm: Callable[..., str], *args: str, namespace: str = "ops") -> list[dict[str, Any]]:
-    out = helm("template", "rel", str(CHART), "-n", namespace, "--kube-version", KUBE_VERSION, *args)
-    # helm reports the crds/ symlink on stderr (merged here): keep only the YAML documents.
-    return _docs("\n".join(line for line in out.splitlines() if not line.startswith("walk.go:")))
-
-
 def rules_of(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
     """{(group, resource): verbs}; a rule narrowed to resourceNames counts as (group, "resource[name]")."""
     granted: dict[tuple[str, str], set[str]] = {}
@@ -223,10 +172,6 @@ def assert_no_wildcards(docs: list[dict[str, Any]]) -> None:
             granted = rules_of(doc)
             assert granted.get(("", "secrets"), {"get"}) == {"get"}, "secrets: read by name only"
             assert granted.get(("", "pods/exec"), set()) <= {"get", "create"}, "pods/exec: only exec"
-
-
-def of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [d for d in docs if d["kind"] == kind]
 
 
 # --- static: lint and render ------------------------------------------------------------------------

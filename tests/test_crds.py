@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+from testbed.deploy import REPO
+
 CRD_FILES = sorted((REPO / "crds").glob("*.yaml"))
 
 

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+from testbed.deploy import REPO
+
 REFERENCE = REPO / "docs" / "api-reference.md"
 CRD_FILES = sorted((REPO / "crds").glob("*.yaml"))
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
