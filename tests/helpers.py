@@ -97,6 +97,19 @@ def get_backup(api: client.ApiClient, namespace: str, name: str) -> dict[str, An
     return obj
 
 
+def wait_deleted(api: client.ApiClient, namespace: str, *names: str, timeout: float = 60) -> None:
+    """Until the IdmBackups are gone, finalizers and all."""
+
+    def gone(name: str) -> bool:
+        try:
+            get_backup(api, namespace, name)
+        except client.ApiException as err:
+            return err.status == 404
+        return False
+
+    wait_for(f"{', '.join(names)} to be deleted", lambda: all(gone(n) for n in names), timeout=timeout)
+
+
 def wait_finished(
     api: client.ApiClient, namespace: str, name: str, operator: OperatorProcess, timeout: float = 180
 ) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from tests.helpers import (
     of_kind,
     render,
     s3_storage,
+    wait_deleted,
     wait_finished,
     wait_for,
 )
@@ -237,15 +238,7 @@ spec:
         GROUP, VERSION, namespace, PLURAL, "good", {"metadata": {"labels": {"idm-backup.io/pinned": "true"}}}
     )
     custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "good")
-
-    def gone() -> bool:
-        try:
-            get_backup(api, namespace, "good")
-        except client.ApiException as err:
-            return err.status == 404
-        return False
-
-    wait_for("the Delete-policy backup to be deleted", gone, timeout=60)
+    wait_deleted(api, namespace, "good")
 
 
 @pytest.mark.parametrize(

@@ -39,11 +39,11 @@ from tests.helpers import (
     VERSION,
     backup_spec,
     create_backup,
-    get_backup,
     of_kind,
     render,
     s3_keys,
     s3_storage,
+    wait_deleted,
     wait_finished,
     wait_for,
 )
@@ -964,15 +964,7 @@ def test_the_operator_takes_and_deletes_a_backup_with_only_the_charts_rbac(
         client.CustomObjectsApi(api).delete_namespaced_custom_object(
             GROUP, VERSION, namespace, PLURAL, "with-chart-rbac"
         )
-
-        def gone() -> bool:
-            try:
-                get_backup(api, namespace, "with-chart-rbac")
-            except client.ApiException as err:
-                return err.status == 404
-            return False
-
-        wait_for("the IdmBackup and its finalizer to go", gone, timeout=60)
+        wait_deleted(api, namespace, "with-chart-rbac")
         assert s3_keys(s3, platform.s3_bucket, prefix) == []
         log = operator.output()
         # Neither kopf nor the operator ran into a missing permission anywhere.

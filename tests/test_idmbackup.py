@@ -34,6 +34,7 @@ from tests.helpers import (
     s3_keys,
     s3_storage,
     services_running,
+    wait_deleted,
     wait_finished,
     wait_for,
 )
@@ -425,14 +426,7 @@ def test_deletion_policy_delete_removes_the_stored_files_and_retain_keeps_them(
         assert len(s3_keys(s3, platform.s3_bucket, prefix)) == 3
         custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
 
-    def gone(name: str) -> bool:
-        try:
-            get_backup(api, namespace, name)
-        except client.ApiException as err:
-            return err.status == 404
-        return False
-
-    wait_for("both backups deleted", lambda: gone("kept") and gone("deleted"), timeout=60)
+    wait_deleted(api, namespace, "kept", "deleted")
     assert s3_keys(s3, platform.s3_bucket, deleted_prefix) == []
     assert len(s3_keys(s3, platform.s3_bucket, kept_prefix)) == 3
 
