@@ -203,6 +203,24 @@ gpg --homedir "$work/gnupg" --armor --export restore@example.test > "$work/resto
 kubectl -n "$IPA_NS" create secret generic backup-public-keys --from-file=restore.asc="$work/restore.asc" \
   --dry-run=client -o yaml | kubectl apply -f -
 
+log "the admission webhook refuses a backup whose key Secret does not exist"
+if refusal=$(kubectl -n "$IPA_NS" apply -f - 2>&1 <<YAML
+apiVersion: idm-backup.io/v1alpha1
+kind: IdmBackup
+metadata: {name: e2e-refused}
+spec:
+  type: Data
+  online: true
+  target: {podName: ipa-hidden-0, ldap: {url: "ldaps://$HIDDEN_HOST", passwordSecretRef: {name: freeipa-dm-password}}}
+  encryption: {publicKeysSecretRef: {name: no-such-keys}}
+  storage: {pvc: {claimName: backups}}
+YAML
+); then
+  echo "expected a refusal, got: $refusal" >&2; exit 1
+fi
+echo "$refusal"
+grep -q 'denied the request: IdmBackup e2e-refused refused' <<<"$refusal"
+
 log "IdmBackup: Full, offline, on the hidden replica, to the PVC"
 kubectl -n "$IPA_NS" apply -f - <<YAML
 apiVersion: idm-backup.io/v1alpha1
