@@ -24,7 +24,7 @@ from kubernetes import client, config
 from testbed import freeipa_pod, stack
 from testbed.deploy import REPO, OperatorProcess, drop_finalizers, install_crds
 from testbed.gpgkeys import ExportedKey, Keyring
-from tests.helpers import KEY_SECRET, S3_SECRET, apply, wait_for
+from tests.helpers import KEY_SECRET, S3_SECRET, apply, pod_ready, wait_for
 
 
 @pytest.fixture(scope="session")
@@ -67,7 +67,6 @@ def namespace(api: client.ApiClient, request: pytest.FixtureRequest) -> Iterator
 @pytest.fixture
 def freeipa(api: client.ApiClient, namespace: str, platform: stack.Platform) -> Callable[..., str]:
     """Create a ready stand-in FreeIPA pod for a host of the LDAP topology; returns the pod name."""
-    core = client.CoreV1Api(api)
     apply(api, namespace, freeipa_pod.dm_password_secret(platform.ldap_password))
 
     def create(host: str = "ipa-hidden.example.test", name: str | None = None, **kwargs: Any) -> str:
@@ -78,12 +77,7 @@ def freeipa(api: client.ApiClient, namespace: str, platform: stack.Platform) -> 
             freeipa_pod.data_claim(f"{pod_name}-data"),
             freeipa_pod.freeipa_pod(pod_name, host, platform.ldap_uri, **kwargs),
         )
-
-        def ready() -> bool:
-            pod = core.read_namespaced_pod(pod_name, namespace)
-            return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
-
-        wait_for(f"pod {pod_name} ready", ready, timeout=60)
+        wait_for(f"pod {pod_name} ready", lambda: pod_ready(api, namespace, pod_name), timeout=60)
         return pod_name
 
     return create

@@ -142,6 +142,11 @@ def pod_exec(api: client.ApiClient, namespace: str, pod: str, argv: list[str]) -
     return ws.returncode, ws.read_stdout() + ws.read_stderr()
 
 
+def pod_ready(api: client.ApiClient, namespace: str, pod: str) -> bool:
+    status = client.CoreV1Api(api).read_namespaced_pod(pod, namespace).status
+    return any(c.type == "Ready" and c.status == "True" for c in status.conditions or [])
+
+
 def services_running(api: client.ApiClient, namespace: str, pod: str) -> bool:
     code, _ = pod_exec(api, namespace, pod, ["ipactl", "status"])
     return code == 0

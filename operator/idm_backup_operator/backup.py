@@ -28,7 +28,7 @@ from idm_backup_operator import cluster, encryption, freeipa, layout, stored
 from idm_backup_operator.freeipa import BackupDirectory, BackupHeader, IpaServerConfig
 from idm_backup_operator.locking import TargetLock
 from idm_backup_operator.model import BackupSpec, format_time
-from idm_backup_operator.podexec import ExecError, PodExec, PodRef
+from idm_backup_operator.podexec import ExecCancelled, ExecError, PodExec, PodRef
 from idm_backup_operator.storage import StorageError, Store, StoredObject
 from idm_backup_operator.streams import Tally, tallied
 from idm_backup_operator.topology import TopologyError, check_roles, read_topology
@@ -49,6 +49,8 @@ class Reporter(Protocol):
 
     def event(self, reason: str, message: str, *, warning: bool = False) -> None: ...
 
+    def cancelled(self) -> bool: ...
+
 
 @dataclass(frozen=True)
 class Services:
@@ -60,6 +62,10 @@ class Services:
     pvc_root: Path
     # Whether an S3 spec without credentialsSecretRef may use the operator's own AWS identity.
     ambient_s3_credentials: bool = False
+
+
+CANCELLED = "Cancelled"
+CANCELLED_MESSAGE = "the IdmBackup was deleted while the backup ran: stopped, and nothing was stored"
 
 
 class BackupFailed(Exception):
@@ -129,6 +135,10 @@ class _Backup:
         self.started = _now()
         self.deadline = time.monotonic() + spec.deadline_seconds
 
+    def stop_if_cancelled(self) -> None:
+        if self.report.cancelled():
+            raise BackupFailed(CANCELLED, CANCELLED_MESSAGE)
+
     def remaining(self) -> float:
         left = self.deadline - time.monotonic()
         if left <= 0:
@@ -152,7 +162,11 @@ class _Backup:
         recipients = self.load_keys()
         store = self.open_store()
         server = self.preflight_server()
+        self.stop_if_cancelled()
         directory = self.run_ipa_backup()
+        if self.report.cancelled():
+            self.cleanup_pod(directory)
+            self.stop_if_cancelled()
         archive_uri = self.store_backup(store, server, directory, recipients)
         cleanup_note = self.cleanup_pod(directory)
         # Conditions first: whoever sees the phase change also sees them.
@@ -272,9 +286,14 @@ class _Backup:
 
         exit_code: int | None = None
         interruption = ""
+        cancelled = False
         try:
             session = self.services.execs.open(
-                self.pod, argv, timeout=self.remaining(), on_stderr_line=on_line
+                self.pod,
+                argv,
+                timeout=self.remaining(),
+                on_stderr_line=on_line,
+                should_stop=self.report.cancelled,
             )
             try:
                 exit_code = session.finish().exit_code
@@ -282,6 +301,7 @@ class _Backup:
                 session.close()
         except (ExecError, client.ApiException, OSError) as err:
             interruption = f" ({err})"
+            cancelled = isinstance(err, ExecCancelled)
             stop_orphaned_ipa_backup(self.services.execs, self.pod, wait=0)
         result = parser.finish(exit_code)
         self.report.update(
@@ -294,6 +314,8 @@ class _Backup:
         if not result.succeeded:
             if options.stops_services and (result.services_may_be_stopped or exit_code is None):
                 restart_services(self.services.execs, self.pod, self.report)
+            if cancelled:
+                raise BackupFailed(CANCELLED, f"{CANCELLED_MESSAGE}; ipa-backup was stopped")
             raise BackupFailed("IpaBackupFailed", f"ipa-backup failed: {result.message}{interruption}")
         if options.stops_services:
             check_services(self.services.execs, self.pod, self.report, started_by="ipa-backup")
@@ -343,7 +365,10 @@ class _Backup:
 
     def archive_chunks(self, directory: BackupDirectory, tally: Tally) -> Iterator[bytes]:
         argv = ["cat", "--", str(directory.archive_path)]
-        return tallied(self.services.execs.stream_stdout(self.pod, argv, timeout=self.remaining()), tally)
+        chunks = self.services.execs.stream_stdout(
+            self.pod, argv, timeout=self.remaining(), should_stop=self.report.cancelled
+        )
+        return tallied(chunks, tally)
 
     def store_backup(
         self,
@@ -417,6 +442,8 @@ class _Backup:
                         for chunk in ciphertext:
                             upload.write(chunk)
                 return upload.commit()
+        except ExecCancelled:
+            raise BackupFailed(CANCELLED, CANCELLED_MESSAGE) from None
         except ExecError as err:
             raise BackupFailed("TransferFailed", f"reading the archive from the pod failed: {err}") from None
         except encryption.GpgError as err:

@@ -30,6 +30,10 @@ class ExecError(RuntimeError):
     """The command could not be run, or did not finish in time; not a non-zero exit status."""
 
 
+class ExecCancelled(ExecError):
+    """The caller's should_stop said so; the command may still run in the pod."""
+
+
 @dataclass(frozen=True)
 class ExecResult:
     exit_code: int
@@ -69,10 +73,17 @@ def _exit_code(status_text: str) -> int:
 class Session:
     """One exec'd command: read its stdout in chunks, see its stderr in lines, then its exit code."""
 
-    def __init__(self, ws: Any, deadline: float | None, on_stderr_line: Callable[[str], None] | None) -> None:
+    def __init__(
+        self,
+        ws: Any,
+        deadline: float | None,
+        on_stderr_line: Callable[[str], None] | None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> None:
         self._ws = ws
         self._deadline = deadline
         self._on_line = on_stderr_line
+        self._should_stop = should_stop
         self._stderr_partial = b""
         self._stderr: list[str] = []
         self._error_channel = b""
@@ -81,6 +92,8 @@ class Session:
         """Wait for the next frame; return stdout bytes it carried (possibly none)."""
         if self._deadline is not None and time.monotonic() > self._deadline:
             raise ExecError("the command did not finish before its deadline")
+        if self._should_stop is not None and self._should_stop():
+            raise ExecCancelled("stopped waiting for the command: its caller was cancelled")
         timeout = _POLL_SECONDS
         if self._deadline is not None:
             timeout = max(0.0, min(timeout, self._deadline - time.monotonic()))
@@ -141,6 +154,7 @@ class PodExec:
         timeout: float | None = None,
         on_stderr_line: Callable[[str], None] | None = None,
         stdin: bool = False,
+        should_stop: Callable[[], bool] | None = None,
     ) -> Session:
         try:
             ws = _stream(
@@ -164,7 +178,7 @@ class PodExec:
                 "the operator needs get and create on pods/exec there"
             ) from None
         deadline = None if timeout is None else time.monotonic() + timeout
-        return Session(ws, deadline, on_stderr_line)
+        return Session(ws, deadline, on_stderr_line, should_stop)
 
     def run(
         self,
@@ -188,10 +202,15 @@ class PodExec:
             session.close()
 
     def stream_stdout(
-        self, pod: PodRef, argv: Sequence[str], *, timeout: float | None = None
+        self,
+        pod: PodRef,
+        argv: Sequence[str],
+        *,
+        timeout: float | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> Iterator[bytes]:
         """Yield the command's stdout as it arrives; raise ExecError unless it then exits 0."""
-        session = self.open(pod, argv, timeout=timeout)
+        session = self.open(pod, argv, timeout=timeout, should_stop=should_stop)
         try:
             yield from session.stdout_chunks()
             session.result(b"").check(" ".join(argv))

@@ -2,12 +2,16 @@
 
 kopf applies a handler's status patch only when the handler returns; a backup runs for minutes to
 hours, and its phase and current step must be visible meanwhile, so status is patched directly.
+
+The resource may be deleted meanwhile. Its status is then no longer written (there is nothing to write
+to), Events still are, and cancelled() tells the backup to stop, as deleting a Job stops its pods.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+import time
 from typing import Any
 
 from kubernetes import client
@@ -18,6 +22,8 @@ from idm_backup_operator.model import GROUP, VERSION, format_time
 
 log = logging.getLogger(__name__)
 COMPONENT = "idm-backup-operator"
+# How often a running backup asks whether its resource still exists: one GET per backup per interval.
+CANCEL_CHECK_SECONDS = 10.0
 
 
 class StatusReporter:
@@ -37,12 +43,50 @@ class StatusReporter:
         self._conditions: dict[str, dict[str, Any]] = {
             c["type"]: c for c in (status or {}).get("conditions") or [] if "type" in c
         }
+        self._deleted = False
+        self._next_check = 0.0
 
     def update(self, **status: Any) -> None:
+        if self._deleted:
+            return
         body = {"status": {**status, "observedGeneration": self.generation}}
-        self._custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, self.resource.namespace, self.plural, self.resource.name, body
-        )
+        try:
+            obj = self._custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, self.resource.namespace, self.plural, self.resource.name, body
+            )
+        except client.ApiException as err:
+            if err.status != 404:
+                raise
+            self._gone()
+            return
+        self._note(obj)
+
+    def cancelled(self) -> bool:
+        """Whether the resource was deleted (or is being deleted); asks the API server now and then."""
+        if not self._deleted and time.monotonic() >= self._next_check:
+            self._next_check = time.monotonic() + CANCEL_CHECK_SECONDS
+            try:
+                self._note(
+                    self._custom.get_namespaced_custom_object(
+                        GROUP, VERSION, self.resource.namespace, self.plural, self.resource.name
+                    )
+                )
+            except client.ApiException as err:
+                if err.status == 404:
+                    self._gone()
+                # Anything else is the API server's hiccup, not a decision to stop: ask again later.
+        return self._deleted
+
+    def _note(self, obj: dict[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        # Another uid: deleted, and a new resource created under the same name, which is not ours.
+        if meta.get("deletionTimestamp") or meta.get("uid") not in (None, self.resource.uid):
+            self._gone()
+
+    def _gone(self) -> None:
+        if not self._deleted:
+            log.info("%s %s/%s was deleted", self.kind, self.resource.namespace, self.resource.name)
+        self._deleted = True
 
     def condition(self, type_: str, status: bool, reason: str, message: str) -> None:
         value = "True" if status else "False"

@@ -55,7 +55,6 @@ def _condition_true(status: kopf.Status, type_: str) -> bool:
 @kopf.on.create(GROUP, VERSION, IDMBACKUPS)
 def take_backup(
     body: kopf.Body,
-    spec: kopf.Spec,
     status: kopf.Status,
     memo: kopf.Memo,
     logger: logging.Logger | logging.LoggerAdapter[Any],
@@ -64,19 +63,32 @@ def take_backup(
     resource = ResourceIdentity(
         body.metadata.namespace or "", body.metadata.name or "", body.metadata.uid or ""
     )
-    report = _reporter(memo, resource, body)
     phase = status.get("phase")
     if phase is not None and Phase(phase).finished:
         return
-    started: set[str] = memo.backups_started
-    if phase == Phase.RUNNING and resource.uid in started:
-        # A stale copy of a backup this process has run (kopf proceeds without its own last patch when
-        # the watch is slow to deliver it): "recovering" it would turn a finished backup into a failure.
-        logger.warning(
-            "ignoring a stale copy of %s/%s, which this process ran", resource.namespace, resource.name
-        )
+    finished: set[str] = memo.backups_finished
+    if resource.uid in finished:
+        # kopf replays older copies of an object it could not mark as handled: all the events queued
+        # during the backup once the object is deleted, or one whose watch was slow to deliver kopf's
+        # own last patch. Such a copy says Pending or Running: taking the backup again, or "recovering"
+        # it as interrupted, would undo what this process did.
+        logger.debug("%s/%s was already handled by this process", resource.namespace, resource.name)
         return
-    started.add(resource.uid)
+    # Returns once the backup has ended either way; waiting for the server's lock raises TemporaryError,
+    # and kopf calls again.
+    _take_or_recover(resource, body, memo, logger)
+    finished.add(resource.uid)
+
+
+def _take_or_recover(
+    resource: ResourceIdentity,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    logger: logging.Logger | logging.LoggerAdapter[Any],
+) -> None:
+    spec, status = body.spec, body.status
+    phase = status.get("phase")
+    report = _reporter(memo, resource, body)
     try:
         parsed = parse_backup_spec(spec)
     except (InvalidBackupOptions, KeyError) as err:
@@ -88,7 +100,7 @@ def take_backup(
     try:
         if phase == Phase.RUNNING:
             # Only a previous operator process leaves a backup Running: this one never raises mid-run,
-            # and stale copies of its own backups were set aside above.
+            # and stale copies of its own backups were set aside.
             backup.recover_interrupted(resource, parsed, dict(status), memo.services, report)
         else:
             if phase is None:

@@ -72,8 +72,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     api = api_client()
     memo.api = api
     memo.schedule_wakeups = {}  # schedule uid -> asyncio.Event, set when one of its backups ends
-    # uids of the backups this process has started; a few dozen bytes per backup ever taken.
-    memo.backups_started = set()
+    # uids of the backups this process has finished; a few dozen bytes per backup ever taken.
+    memo.backups_finished = set()
     memo.services = Services(
         core=client.CoreV1Api(api),
         coordination=client.CoordinationV1Api(api),
