@@ -56,17 +56,18 @@ build_tool() {
   rm -rf "$out" && mv "$out.tmp" "$out"
 }
 
-# The node simulator is this repository's own Go code: keyed by a hash of its sources.
-build_fakenode() {
-  local key
-  key=$(cd "$here/fakenode" && cat go.mod go.sum ./*.go | sha256sum | cut -c1-16)
-  local out="$cache/bin/fakenode-$key"
-  [ -x "$out/fakenode" ] && { echo "$out" > "$cache/fakenode.path"; return 0; }
-  log "fakenode $key"
+# This repository's own Go programs (testbed/<name>: the node simulator, and the runner of Argo CD health
+# checks): keyed by a hash of their sources; "$cache/<name>.path" names the directory of the current build.
+build_own() {
+  local name=$1 key
+  key=$(cd "$here/$name" && cat go.mod go.sum ./*.go | sha256sum | cut -c1-16)
+  local out="$cache/bin/$name-$key"
+  [ -x "$out/$name" ] && { echo "$out" > "$cache/$name.path"; return 0; }
+  log "$name $key"
   mkdir -p "$out.tmp"
-  (cd "$here/fakenode" && go build -trimpath -o "$out.tmp/fakenode" .)
+  (cd "$here/$name" && go build -trimpath -o "$out.tmp/$name" .)
   rm -rf "$out" && mv "$out.tmp" "$out"
-  echo "$out" > "$cache/fakenode.path"
+  echo "$out" > "$cache/$name.path"
 }
 
 what=${1:-all}
@@ -75,9 +76,10 @@ case $what in
   etcd) build_tool etcd go.etcd.io/etcd/server/v3 "$ETCD_VERSION" go.etcd.io/etcd/server/v3 ;;
   versitygw) build_tool versitygw github.com/versity/versitygw "$VERSITYGW_VERSION" github.com/versity/versitygw/cmd/versitygw ;;
   helm) build_tool helm helm.sh/helm/v3 "$HELM_VERSION" helm.sh/helm/v3/cmd/helm ;;
-  fakenode) build_fakenode ;;
+  fakenode) build_own fakenode ;;
+  argocd-lua) build_own argocd-lua ;;
   all)
     "$0" kubernetes; "$0" etcd; "$0" versitygw; "$0" fakenode ;;
-  *) echo "usage: $0 [all|kubernetes|etcd|versitygw|helm|fakenode]" >&2; exit 2 ;;
+  *) echo "usage: $0 [all|kubernetes|etcd|versitygw|helm|fakenode|argocd-lua]" >&2; exit 2 ;;
 esac
 echo "$cache/bin"
