@@ -153,6 +153,7 @@ class _Backup:
             phase="Running",
             startTime=format_time(self.started),
             step="pre-flight checks",
+            message="",  # the reason it waited for the server's lock, if it did, is over
             target={"pod": self.pod.name, "container": self.pod.container},
         )
         self.report.condition(
