@@ -318,6 +318,10 @@ def up() -> Platform:
     for d in (run, volumes, s3_data):
         d.mkdir(parents=True, exist_ok=True)
     bins = binaries()
+    if not (pki_dir / "ca.crt").exists():
+        # A new state directory (a fresh clone where an old one was) must not meet the old cluster's
+        # etcd data, which outlives it in /dev/shm and was written under another CA and signing key.
+        shutil.rmtree(_etcd_dir(), ignore_errors=True)
     pki.ensure_pki(pki_dir)
     kubeconfig = base / "kubeconfig"
     _write_kubeconfig(kubeconfig, pki_dir)
