@@ -20,6 +20,7 @@ import socket
 import ssl
 import subprocess
 import tarfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -1122,12 +1123,16 @@ def test_two_peered_operators_take_each_backup_once_and_the_standby_takes_over(
             monkeypatch.setenv("POD_ID", pod)
             operator.start()
 
-        def both_peers() -> dict[str, Any] | None:
+        def peers_now() -> dict[str, Any]:
             peering = custom.get_namespaced_custom_object(
                 "kopf.dev", "v1", namespace, "kopfpeerings", PEERING
             )
             status: dict[str, Any] = peering.get("status") or {}
-            return status if set(status) == set(operators) else None
+            return status
+
+        def both_peers() -> dict[str, Any] | None:
+            now = peers_now()
+            return now if set(now) == set(operators) else None
 
         peers = wait_for("both operators' keep-alives in the KopfPeering", both_peers, timeout=60)
         # The higher priority (the earlier start) is the active one.
@@ -1162,6 +1167,36 @@ def test_two_peered_operators_take_each_backup_once_and_the_standby_takes_over(
         obj = wait_finished(api, namespace, "peered-2", standby)
         assert obj["status"]["phase"] == "Succeeded", (obj["status"], standby.output()[-3000:])
         assert len(s3_keys(s3, platform.s3_bucket, prefix)) == 6  # two backups of three objects each
+
+        # A replica started later (a rollout's new pod, a restarted one) waits instead of taking over
+        # from the live active one, whose backups may be running.
+        (tmp_path / "op-c").mkdir()
+        monkeypatch.setenv("POD_ID", "op-c")
+        operators["op-c"] = late = OperatorProcess(
+            namespace, kubeconfig, tmp_path / "op-c", tmp_path / "op-c.log", args=["--peering", PEERING]
+        )
+        late.start()
+        wait_for("the late replica's keep-alive", lambda: "op-c" in peers_now(), timeout=60)
+        # kopf starts a peered operator paused and decides on every change of the peering object, so a
+        # late replica that was going to take over would have resumed within moments.
+        time.sleep(5)
+        assert kopf_paused(late) and "Resuming operations" not in late.output()
+        assert not kopf_paused(standby)
+        (standby_id,) = [pod for pod in peers if pod != active_id]
+        priorities = {pod: peer["priority"] for pod, peer in peers_now().items()}
+        assert priorities["op-c"] < priorities[standby_id], priorities
+        # Killed, the active one cannot take its entry out: the late replica resumes when it expires
+        # (kopf's peering lifetime, 60 s), as after a node failure.
+        killed_at = time.monotonic()
+        standby.kill()
+        wait_for("the late replica to take over", lambda: not kopf_paused(late), timeout=120)
+        takeover = time.monotonic() - killed_at
+        assert 30 < takeover < 100, takeover
+        create_backup(
+            api, namespace, "peered-3", backup_spec(platform, s3_storage(platform, prefix), type="Data")
+        )
+        obj = wait_finished(api, namespace, "peered-3", late)
+        assert obj["status"]["phase"] == "Succeeded", (obj["status"], late.output()[-3000:])
         for operator in operators.values():
             log = operator.output()
             # The chart's RBAC is all kopf's peering needs.
