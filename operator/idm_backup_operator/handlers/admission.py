@@ -56,7 +56,10 @@ async def validate_backup(
     # where metrics and alerts see them, not in a refusal only the operator's log would show.
     by_schedule = SCHEDULE_LABEL in (body.metadata.labels or {})
     findings = await asyncio.to_thread(
-        validation.backup_findings, body.spec, _cluster(body, memo), references_refuse=not by_schedule
+        validation.backup_findings,
+        body.spec,
+        _cluster(body, memo),
+        references="skip" if by_schedule else "refuse",
     )
     _answer("IdmBackup", body, findings, warnings)
 
