@@ -275,6 +275,19 @@ def test_a_schedule_that_cannot_fire_is_refused(
     assert f"IdmBackupSchedule nightly refused (1 problem): {message}" in _refusal(refused.value)
 
 
+def test_a_schedule_with_a_bad_cron_and_a_bad_zone_is_told_both(
+    api: client.ApiClient, namespace: str, platform: stack.Platform, webhook: OperatorProcess, secrets: None
+) -> None:
+    spec = {"schedule": "0 3 * * * *", "timeZone": "Berlin", "template": {"spec": _spec(platform, "both")}}
+    with pytest.raises(client.ApiException) as refused:
+        create_schedule(api, namespace, "nightly", spec)
+    assert (
+        "IdmBackupSchedule nightly refused (2 problems): spec.schedule: 6 fields given: this looks like a "
+        "cron expression with a seconds field (as in CloudNativePG) — use the standard 5 fields: minute "
+        "hour day-of-month month day-of-week; spec.timeZone: unknown time zone 'Berlin'"
+    ) in _refusal(refused.value)
+
+
 def test_a_schedule_update_is_checked_but_the_operators_own_writes_are_not(
     api: client.ApiClient, namespace: str, platform: stack.Platform, webhook: OperatorProcess, secrets: None
 ) -> None:

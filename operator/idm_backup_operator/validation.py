@@ -163,13 +163,20 @@ def backup_findings(
 
 def schedule_findings(spec: Mapping[str, Any], where: Cluster, now: datetime.datetime) -> Findings:
     findings = Findings()
+    cron = zone = None
     try:
         cron = scheduling.CronSchedule.parse(spec["schedule"])
-        zone = scheduling.parse_time_zone(spec.get("timeZone") or "UTC")
-        scheduling.next_tick(cron, now, zone)
     except scheduling.InvalidSchedule as err:
-        field = "spec.timeZone" if "time zone" in str(err) else "spec.schedule"
-        findings.errors.append(f"{field}: {err}")
+        findings.errors.append(f"spec.schedule: {err}")
+    try:
+        zone = scheduling.parse_time_zone(spec.get("timeZone") or "UTC")
+    except scheduling.InvalidSchedule as err:
+        findings.errors.append(f"spec.timeZone: {err}")
+    if cron is not None and zone is not None:
+        try:
+            scheduling.next_tick(cron, now, zone)
+        except scheduling.InvalidSchedule as err:
+            findings.errors.append(f"spec.schedule: {err}")
     try:
         schedules.retention_policy(spec)
     except ValueError as err:
