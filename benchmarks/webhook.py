@@ -32,13 +32,11 @@ import argparse
 import base64
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +45,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import yaml
 from kubernetes import client, config
-from kubernetes.stream import stream
 
-from testbed import freeipa_pod, pki, stack
+from testbed import freeipa_pod, pki, processes, stack
 from testbed.deploy import REPO, OperatorProcess, drop_finalizers, install_crds
 from testbed.gpgkeys import Keyring
+from tests.helpers import backup_spec, pod_exec, pod_ready, s3_storage
 
 GROUP, VERSION = "idm-backup.io", "v1alpha1"
 BACKUPS, SCHEDULES = "idmbackups", "idmbackupschedules"
@@ -75,39 +73,7 @@ def say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
 # -- the cluster ----------------------------------------------------------------------------------------
-
-
-def pod_exec(api: client.ApiClient, argv: list[str]) -> int:
-    ws = stream(
-        client.CoreV1Api(api).connect_get_namespaced_pod_exec,
-        POD,
-        NAMESPACE,
-        command=argv,
-        stdout=True,
-        stderr=True,
-        stdin=False,
-        tty=False,
-        _preload_content=False,
-    )
-    ws.run_forever(timeout=120)
-    code: int = ws.returncode
-    return code
-
-
-def pod_ready(core: client.CoreV1Api) -> bool:
-    status = core.read_namespaced_pod(POD, NAMESPACE).status
-    ready: bool = any(c.type == "Ready" and c.status == "True" for c in status.conditions or [])
-    return ready
 
 
 def namespace_gone(core: client.CoreV1Api) -> bool:
@@ -127,7 +93,7 @@ def remove_leftovers(api: client.ApiClient, core: client.CoreV1Api) -> None:
     if not namespace_gone(core):
         drop_finalizers(api, NAMESPACE)
         core.delete_namespace(NAMESPACE)
-        wait_for("the old namespace to go", lambda: namespace_gone(core), 300, 1)
+        processes.wait_until("the old namespace to go", lambda: namespace_gone(core), 300)
 
 
 def create_namespace(core: client.CoreV1Api, plat: stack.Platform) -> None:
@@ -140,7 +106,7 @@ def create_namespace(core: client.CoreV1Api, plat: stack.Platform) -> None:
             return False
         return True
 
-    wait_for("the default ServiceAccount", default_service_account, 30)
+    processes.wait_until("the default ServiceAccount", default_service_account, 30)
     # The public key of whoever will restore, made by gpg as a user would (a short home: gpg-agent's
     # socket path has a length limit).
     home = Path(tempfile.mkdtemp(prefix="idm-bw-", dir="/tmp"))
@@ -168,33 +134,12 @@ def create_namespace(core: client.CoreV1Api, plat: stack.Platform) -> None:
     )
     core.create_namespaced_persistent_volume_claim(NAMESPACE, freeipa_pod.data_claim(f"{POD}-data"))
     core.create_namespaced_pod(NAMESPACE, freeipa_pod.freeipa_pod(POD, HOST, plat.ldap_uri))
-    wait_for("the stand-in FreeIPA pod to be ready", lambda: pod_ready(core), 180, 0.5)
+    processes.wait_until(
+        "the stand-in FreeIPA pod to be ready", lambda: pod_ready(core.api_client, NAMESPACE, POD), 180
+    )
 
 
 # -- the webhook ----------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def helm_binary() -> Path:
-    """helm built from the Go module proxy by testbed/build.sh (a no-op once cached)."""
-    out = subprocess.run(
-        ["bash", str(REPO / "testbed" / "build.sh"), "helm"], check=True, stdout=subprocess.PIPE, text=True
-    )
-    path = Path(out.stdout.strip().splitlines()[-1]) / f"helm-{versions()['HELM_VERSION']}" / "helm"
-    if not path.is_file():
-        raise FileNotFoundError(path)
-    return path
-
-
-def versions() -> dict[str, str]:
-    lines = (REPO / "testbed" / "versions.env").read_text().splitlines()
-    return dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
 
 
 def webhook_configuration(port: int, ca: Path, work: Path) -> dict[str, Any]:
@@ -209,8 +154,8 @@ def webhook_configuration(port: int, ca: Path, work: Path) -> dict[str, Any]:
     ca_bundle = base64.b64encode(ca.read_bytes()).decode()
     rendered = subprocess.run(
         [
-            str(helm_binary()), "template", RELEASE, str(REPO / "charts" / "idm-backup-operator"),
-            "-n", NAMESPACE, "--kube-version", versions()["K8S_VERSION"],
+            str(stack.helm_binary()), "template", RELEASE, str(REPO / "charts" / "idm-backup-operator"),
+            "-n", NAMESPACE, "--kube-version", stack.versions()["K8S_VERSION"],
             "--set", "rbac.scope=namespace", "--set", f"watchNamespaces={{{NAMESPACE}}}",
             "--set", f"webhook.url=https://127.0.0.1:{port}", "--set", "webhook.certificate.mode=secret",
             "--set", "webhook.certificate.secretName=unused-with-a-url",
@@ -228,24 +173,9 @@ def webhook_configuration(port: int, ca: Path, work: Path) -> dict[str, Any]:
 # -- the objects ----------------------------------------------------------------------------------------
 
 
-def backup_spec(plat: stack.Platform, **spec: Any) -> dict[str, Any]:
-    return {
-        "target": {
-            "podName": POD,
-            "ldap": {"url": plat.ldap_uri, "passwordSecretRef": {"name": freeipa_pod.DM_PASSWORD_SECRET}},
-        },
-        "encryption": {"publicKeysSecretRef": {"name": KEY_SECRET}},
-        "storage": {
-            "s3": {
-                "bucket": plat.s3_bucket,
-                "prefix": "bench-webhook",
-                "endpoint": plat.s3_endpoint,
-                "forcePathStyle": True,
-                "credentialsSecretRef": {"name": S3_SECRET},
-            }
-        },
-        **spec,
-    }
+def spec(plat: stack.Platform, **fields: Any) -> dict[str, Any]:
+    """The tests' IdmBackup spec for the pod ipa-hidden, storing under this benchmark's prefix."""
+    return backup_spec(plat, s3_storage(plat, NAMESPACE), **fields)
 
 
 def body(kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -303,7 +233,11 @@ def cancel_once(
 ) -> tuple[float, float, int]:
     """Seconds from the delete until no ipa-backup runs, and until the services run; exec polls made."""
     custom.create_namespaced_custom_object(
-        GROUP, VERSION, NAMESPACE, BACKUPS, body("IdmBackup", name, backup_spec(plat, type="Full"))
+        GROUP,
+        VERSION,
+        NAMESPACE,
+        BACKUPS,
+        body("IdmBackup", name, spec(plat, type="Full")),
     )
 
     def step() -> str:
@@ -313,8 +247,12 @@ def cancel_once(
             raise AssertionError(f"{name} finished before it was deleted: {status}")
         return str(status.get("step") or "")
 
-    wait_for(f"{name}: ipa-backup to run", lambda: step().startswith("ipa-backup"), 180)
-    wait_for(f"{name}: the services to be stopped", lambda: pod_exec(api, ["ipactl", "status"]) != 0, 60)
+    processes.wait_until(f"{name}: ipa-backup to run", lambda: step().startswith("ipa-backup"), 180)
+    processes.wait_until(
+        f"{name}: the services to be stopped",
+        lambda: pod_exec(api, NAMESPACE, POD, ["ipactl", "status"])[0] != 0,
+        60,
+    )
     deleted = time.monotonic()
     custom.delete_namespaced_custom_object(GROUP, VERSION, NAMESPACE, BACKUPS, name)
     stopped = running = None
@@ -324,9 +262,9 @@ def cancel_once(
             raise TimeoutError(f"{name}: ipa-backup still running or services stopped after 120 s")
         polls += 1
         if stopped is None:
-            if pod_exec(api, ["pgrep", "-x", "ipa-backup"]) == 1:
+            if pod_exec(api, NAMESPACE, POD, ["pgrep", "-x", "ipa-backup"])[0] == 1:
                 stopped = time.monotonic() - deleted
-        elif pod_exec(api, ["ipactl", "status"]) == 0:
+        elif pod_exec(api, NAMESPACE, POD, ["ipactl", "status"])[0] == 0:
             running = time.monotonic() - deleted
     assert stopped is not None
     return stopped, running, polls
@@ -355,13 +293,9 @@ def main() -> int:
     create_namespace(core, plat)
 
     pki_dir = Path(plat.state_dir) / "pki"
-    pki.ensure_pki(pki_dir)
-    certs = work / "webhook-tls"
-    certs.mkdir()
-    shutil.copy(pki_dir / "webhook.crt", certs / "tls.crt")
-    shutil.copy(pki_dir / "webhook.key", certs / "tls.key")
+    certs = pki.webhook_cert_dir(pki_dir, work / "webhook-tls")
     (work / "pvc").mkdir()
-    port = free_port()
+    port = processes.free_port()
     # Debug logging would be measured too: run the operator as it runs in production.
     operator = OperatorProcess(
         NAMESPACE,
@@ -385,10 +319,20 @@ def main() -> int:
     pid = operator.proc.pid
     try:
         admission.create_validating_webhook_configuration(configuration)
-        valid = DryRun(custom, BACKUPS, body("IdmBackup", "valid", backup_spec(plat)), refused=False)
-        missing = backup_spec(plat, encryption={"publicKeysSecretRef": {"name": "no-such-keys"}})
+        valid = DryRun(
+            custom,
+            BACKUPS,
+            body("IdmBackup", "valid", spec(plat)),
+            refused=False,
+        )
+        missing = backup_spec(
+            plat, s3_storage(plat, NAMESPACE), encryption={"publicKeysSecretRef": {"name": "no-such-keys"}}
+        )
         refused = DryRun(custom, BACKUPS, body("IdmBackup", "missing-secret", missing), refused=True)
-        schedule_spec = {"schedule": "0 3 * * *", "template": {"spec": backup_spec(plat)}}
+        schedule_spec = {
+            "schedule": "0 3 * * *",
+            "template": {"spec": spec(plat)},
+        }
         schedule = DryRun(
             custom, SCHEDULES, body("IdmBackupSchedule", "nightly", schedule_spec), refused=False
         )
@@ -401,23 +345,23 @@ def main() -> int:
             except client.ApiException:  # failurePolicy Fail: refused while the operator is not listening
                 return False
 
-        wait_for("the webhook to answer", answering, 60, 0.5)
+        processes.wait_until("the webhook to answer", answering, 60)
         results = {
             "(a) valid IdmBackup": measure("valid IdmBackup", valid, args.requests, pid),
             "(b) IdmBackup refused (missing Secret)": measure("refused", refused, args.requests, pid),
             "(c) valid IdmBackupSchedule": measure("valid schedule", schedule, args.requests, pid),
         }
         admission.delete_validating_webhook_configuration(config_name)
-        wait_for("the webhook to be no longer called", lambda: refused.outcome() is True, 60, 0.5)
+        processes.wait_until("the webhook to be no longer called", lambda: refused.outcome() is True, 60)
         time.sleep(2)
         baseline = DryRun(custom, BACKUPS, valid.obj, refused=False)
         results["(d) valid IdmBackup, no webhook"] = measure("no webhook", baseline, args.requests, pid)
 
         say(f"cancellation: {args.runs} runs")
-        assert pod_exec(api, ["sh", "-c", f"echo hang > {FAULT_FILE}"]) == 0
+        assert pod_exec(api, NAMESPACE, POD, ["sh", "-c", f"echo hang > {FAULT_FILE}"])[0] == 0
         stopped, running, polls = [], [], 0
         for run in range(args.runs):
-            wait_for("the pod to be ready", lambda: pod_ready(core), 120, 0.5)
+            processes.wait_until("the pod to be ready", lambda: pod_ready(api, NAMESPACE, POD), 120)
             took = cancel_once(api, custom, plat, f"cancel-{run}")
             stopped.append(took[0])
             running.append(took[1])

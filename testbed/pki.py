@@ -8,6 +8,7 @@ anything against a public root, so a single throwaway CA keeps the wiring easy t
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -94,3 +95,12 @@ def ensure_pki(pki: Path) -> None:
     if not (pki / "sa.key").exists():
         _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
         _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
+
+
+def webhook_cert_dir(pki: Path, dest: Path) -> Path:
+    """dest, holding the webhook's serving certificate as the operator's --webhook-cert-dir wants it."""
+    ensure_pki(pki)
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(pki / "webhook.crt", dest / "tls.crt")
+    shutil.copy(pki / "webhook.key", dest / "tls.key")
+    return dest

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -83,3 +84,11 @@ def wait_until(what: str, check: Callable[[], bool], timeout: float, log: Path |
     if log is not None and log.exists():
         tail = "\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:])
     raise ProcessError(f"{what} not ready after {timeout:.0f}s{tail}")
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 nothing listens on now, for a server a test or benchmark starts."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port

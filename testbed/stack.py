@@ -67,25 +67,50 @@ def state_dir() -> Path:
     return Path(os.environ.get("IDM_TESTBED_DIR", REPO / ".testbed"))
 
 
+def versions() -> dict[str, str]:
+    """testbed/versions.env: the pinned versions of what build.sh builds."""
+    lines = (REPO / "testbed" / "versions.env").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
+
+
+def build(target: str) -> Path:
+    """Run build.sh for a target (a no-op once cached); the cache's bin directory."""
+    out = subprocess.run(["bash", str(BUILD_SCRIPT), target], check=True, stdout=subprocess.PIPE, text=True)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def helm_binary() -> Path:
+    """helm, built from the Go module proxy; not part of the platform, only the chart's tools use it."""
+    path = build("helm") / f"helm-{versions()['HELM_VERSION']}" / "helm"
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    return path
+
+
+def _own(bin_dir: Path, name: str) -> Path:
+    # This repository's own Go programs are keyed by a hash of their sources: build.sh names the current
+    # build's directory in <cache>/<name>.path.
+    return Path((bin_dir.parent / f"{name}.path").read_text().strip()) / name
+
+
+def own_binary(name: str) -> Path:
+    """testbed/<name> (fakenode, argocd-lua), built if its sources changed."""
+    return _own(build(name), name)
+
+
 def binaries() -> dict[str, Path]:
     """Build (or find in the cache) every Go binary and say where each one is."""
-    out = subprocess.run(["bash", str(BUILD_SCRIPT), "all"], check=True, stdout=subprocess.PIPE, text=True)
-    bin_dir = Path(out.stdout.strip().splitlines()[-1])
-    versions = dict(
-        line.split("=", 1)
-        for line in (REPO / "testbed" / "versions.env").read_text().splitlines()
-        if "=" in line and not line.startswith("#")
-    )
-    fakenode = Path((bin_dir.parent / "fakenode.path").read_text().strip())
-    k8s = bin_dir / f"kubernetes-{versions['K8S_VERSION']}"
+    bin_dir = build("all")
+    pinned = versions()
+    k8s = bin_dir / f"kubernetes-{pinned['K8S_VERSION']}"
     return {
         "kube-apiserver": k8s / "kube-apiserver",
         "kube-controller-manager": k8s / "kube-controller-manager",
         "kube-scheduler": k8s / "kube-scheduler",
         "kubectl": k8s / "kubectl",
-        "etcd": bin_dir / f"etcd-{versions['ETCD_VERSION']}" / "etcd",
-        "versitygw": bin_dir / f"versitygw-{versions['VERSITYGW_VERSION']}" / "versitygw",
-        "fakenode": fakenode / "fakenode",
+        "etcd": bin_dir / f"etcd-{pinned['ETCD_VERSION']}" / "etcd",
+        "versitygw": bin_dir / f"versitygw-{pinned['VERSITYGW_VERSION']}" / "versitygw",
+        "fakenode": _own(bin_dir, "fakenode"),
     }
 
 

@@ -22,7 +22,7 @@ import pytest
 from kubernetes import client, config
 
 from testbed import freeipa_pod, stack
-from testbed.deploy import REPO, OperatorProcess, drop_finalizers, install_crds
+from testbed.deploy import OperatorProcess, drop_finalizers, install_crds
 from testbed.gpgkeys import ExportedKey, Keyring
 from tests.helpers import KEY_SECRET, S3_SECRET, apply, pod_ready, wait_for
 
@@ -159,19 +159,7 @@ def secrets(api: client.ApiClient, namespace: str, platform: stack.Platform, bac
 
 @pytest.fixture(scope="session")
 def helm_bin() -> Path:
-    """helm built from the Go module proxy by testbed/build.sh (a no-op once cached)."""
-    out = subprocess.run(
-        ["bash", str(REPO / "testbed" / "build.sh"), "helm"], check=True, stdout=subprocess.PIPE, text=True
-    )
-    bin_dir = Path(out.stdout.strip().splitlines()[-1])
-    versions = dict(
-        line.split("=", 1)
-        for line in (REPO / "testbed" / "versions.env").read_text().splitlines()
-        if "=" in line and not line.startswith("#")
-    )
-    path = bin_dir / f"helm-{versions['HELM_VERSION']}" / "helm"
-    assert path.is_file(), path
-    return path
+    return stack.helm_binary()
 
 
 @pytest.fixture(scope="session")

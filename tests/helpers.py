@@ -21,7 +21,7 @@ GROUP, VERSION, PLURAL = "idm-backup.io", "v1alpha1", "idmbackups"
 CHART = REPO / "charts" / "idm-backup-operator"
 # helm's built-in default for `template` is Kubernetes v1.20 (helm built from source carries no version
 # ldflags); the chart requires >=1.30, so rendering names the platform's version.
-KUBE_VERSION = "v1.36.3"
+KUBE_VERSION = stack.versions()["K8S_VERSION"]
 S3_SECRET, KEY_SECRET = "s3-credentials", "backup-public-key"
 
 

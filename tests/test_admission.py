@@ -9,8 +9,6 @@ with kubectl, whose output is what a person sees.
 from __future__ import annotations
 
 import base64
-import shutil
-import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +17,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from testbed import freeipa_pod, pki, stack
+from testbed import freeipa_pod, pki, processes, stack
 from testbed.deploy import OperatorProcess
 from tests.helpers import (
     GROUP,
@@ -42,13 +40,6 @@ from tests.helpers import (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def webhook(
     api: client.ApiClient,
@@ -60,12 +51,8 @@ def webhook(
 ) -> Iterator[OperatorProcess]:
     """The operator with its webhook, and the API server configured to call it for this namespace."""
     pki_dir = Path(platform.state_dir) / "pki"
-    pki.ensure_pki(pki_dir)
-    certs = tmp_path / "webhook-tls"
-    certs.mkdir()
-    shutil.copy(pki_dir / "webhook.crt", certs / "tls.crt")
-    shutil.copy(pki_dir / "webhook.key", certs / "tls.key")
-    port = _free_port()
+    certs = pki.webhook_cert_dir(pki_dir, tmp_path / "webhook-tls")
+    port = processes.free_port()
     (tmp_path / "pvc").mkdir()
     operator = OperatorProcess(
         namespace,

@@ -59,14 +59,7 @@ def documented_health_checks() -> dict[str, str]:
 @pytest.fixture(scope="session")
 def argocd_lua() -> Path:
     """testbed/argocd-lua, built by testbed/build.sh (a no-op once cached)."""
-    out = subprocess.run(
-        ["bash", str(REPO / "testbed" / "build.sh"), "argocd-lua"],
-        check=True,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    bin_dir = Path(out.stdout.strip().splitlines()[-1])
-    path = Path((bin_dir.parent / "argocd-lua.path").read_text().strip()) / "argocd-lua"
+    path = stack.own_binary("argocd-lua")
     assert path.is_file(), path
     return path
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import socket
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ from kubernetes import client
 from prometheus_client.parser import text_string_to_metric_families
 
 from idm_backup_operator.metrics import DURATION_BUCKETS, BackupMetrics, MetricsConfig, MetricsServer
-from testbed import stack
+from testbed import processes, stack
 from testbed.deploy import OperatorProcess
 from tests.helpers import (
     GROUP,
@@ -193,13 +192,6 @@ def test_the_endpoint_serves_the_exposition_on_loopback() -> None:
 # -- on the platform -------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def scrape(port: int) -> Samples:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         return parse(response.read().decode())
@@ -216,7 +208,7 @@ def try_scrape(port: int) -> Samples | None:
 def metrics_operator(
     platform: stack.Platform, crds: None, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[OperatorProcess, int]]:
-    port = free_port()
+    port = processes.free_port()
     # OperatorProcess passes its environment on: the operator reads its metrics settings from there.
     monkeypatch.setenv("IDM_BACKUP_METRICS_PORT", str(port))
     monkeypatch.setenv("IDM_BACKUP_METRICS_ADDRESS", "127.0.0.1")

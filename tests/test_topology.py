@@ -1,10 +1,8 @@
 import re
 import shutil
 import socket
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import ldap
@@ -21,6 +19,8 @@ from idm_backup_operator.topology import (
     masters_dn,
     read_topology,
 )
+from testbed import processes
+from testbed.ldap_server import DirectoryServer
 
 MASTER = ("KDC", "KPASSWD", "HTTP", "KEYS", "OTPD")
 EVERY_ROLE = (*MASTER, "CA", "DNS", "DNSKeySync", "KRA", "ADTRUST")
@@ -200,15 +200,8 @@ def test_invalid_uri() -> None:
         read_topology(settings, "dc=example,dc=test")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def test_unreachable_server() -> None:
-    uri = f"ldap://127.0.0.1:{free_port()}"
+    uri = f"ldap://127.0.0.1:{processes.free_port()}"
     settings = LdapConnectionSettings(uri, "cn=Directory Manager", "pw", timeout=5)
     with pytest.raises(TopologyError, match=re.escape(f"cannot reach the LDAP server {uri} (Can't contact")):
         read_topology(settings, "dc=example,dc=test")
@@ -235,12 +228,8 @@ def test_server_that_never_answers_times_out() -> None:
 def directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     if shutil.which("ns-slapd", path="/usr/sbin:/usr/bin") is None:
         pytest.skip("389-ds-base (ns-slapd) is not installed")
-    repo = str(Path(__file__).resolve().parents[1])
-    if repo not in sys.path:
-        sys.path.insert(0, repo)
-    from testbed.ldap_server import DirectoryServer
 
-    server = DirectoryServer(tmp_path_factory.mktemp("389ds"), port=free_port())
+    server = DirectoryServer(tmp_path_factory.mktemp("389ds"), port=processes.free_port())
     server.start()
     try:
         server.load_topology()
