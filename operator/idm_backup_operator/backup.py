@@ -167,7 +167,7 @@ class _Backup:
         directory = self.run_ipa_backup()
         if self.report.cancelled():
             self.cleanup_pod(directory)
-            self.stop_if_cancelled()
+            raise BackupFailed(CANCELLED, CANCELLED_MESSAGE)
         archive_uri = self.store_backup(store, server, directory, recipients)
         cleanup_note = self.cleanup_pod(directory)
         # Conditions first: whoever sees the phase change also sees them.
