@@ -15,12 +15,7 @@ from typing import Any
 
 import yaml
 from kubernetes import client
-from kubernetes.stream.stream import _websocket_request
 from kubernetes.stream.ws_client import ERROR_CHANNEL, STDERR_CHANNEL, STDOUT_CHANNEL, websocket_call
-
-# kubernetes.stream.stream() keeps a copy of all output (capture_all) and offers no way to turn that off,
-# since the generated API method refuses unknown arguments: the flag is bound into the request instead.
-_stream = functools.partial(_websocket_request, functools.partial(websocket_call, capture_all=False), None)
 
 # How long one wait for a frame may block before the deadline is checked again.
 _POLL_SECONDS = 1.0
@@ -140,11 +135,40 @@ class Session:
         self._ws.close()
 
 
+def open_exec_websocket(
+    configuration: client.Configuration, pod: PodRef, argv: Sequence[str], *, stdin: bool
+) -> Any:
+    """The one place that opens an exec websocket: on an API client of its own, used for nothing else.
+
+    kubernetes.stream.stream() opens the websocket by swapping the *shared* ApiClient.request for a
+    websocket request and back; two threads doing so at once leave the shared client swapped, and every
+    plain API call on it (Lease renewals, status patches) then fails. A client per session has nothing to
+    swap back and nothing shared, and costs about 0.04 ms against a handshake of milliseconds
+    (benchmarks/concurrent.md). stream() also keeps a copy of all output (capture_all), which a multi-GiB
+    archive cannot afford, and the generated method refuses unknown arguments: so the request function is
+    bound here, with capture_all off. tests/test_podexec.py fails loudly if a client upgrade changes the
+    parts of the client this relies on.
+    """
+    with client.ApiClient(configuration) as own:
+        own.request = functools.partial(websocket_call, configuration, binary=True, capture_all=False)
+        return client.CoreV1Api(own).connect_get_namespaced_pod_exec(
+            pod.name,
+            pod.namespace,
+            container=pod.container,
+            command=list(argv),
+            stdin=stdin,
+            stdout=True,
+            stderr=True,
+            tty=False,
+            _preload_content=False,
+        )
+
+
 class PodExec:
-    """Exec in pods with one API client; blocking, to be called from a worker thread."""
+    """Exec in pods; blocking, to be called from a worker thread. Every session has its own connection."""
 
     def __init__(self, api: client.ApiClient) -> None:
-        self._core = client.CoreV1Api(api)
+        self._configuration = api.configuration
 
     def open(
         self,
@@ -157,19 +181,7 @@ class PodExec:
         should_stop: Callable[[], bool] | None = None,
     ) -> Session:
         try:
-            ws = _stream(
-                self._core.connect_get_namespaced_pod_exec,
-                pod.name,
-                pod.namespace,
-                container=pod.container,
-                command=list(argv),
-                stdin=stdin,
-                stdout=True,
-                stderr=True,
-                tty=False,
-                binary=True,
-                _preload_content=False,
-            )
+            ws = open_exec_websocket(self._configuration, pod, argv, stdin=stdin)
         except (client.ApiException, AttributeError) as err:
             # A refused websocket handshake (e.g. 403) surfaces from the client as an ApiException without
             # a status, or, when the refusal has no body, as an AttributeError from inside the client.
