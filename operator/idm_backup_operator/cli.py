@@ -38,6 +38,7 @@ from idm_backup_operator.handlers.startup import (
 )
 from idm_backup_operator.layout import ResourceIdentity
 from idm_backup_operator.model import GROUP, IDMBACKUPS, VERSION, BackupSpec, parse_backup_spec
+from idm_backup_operator.slots import DEFAULT_SLOTS, PER_NAMESPACE_ENV, SLOTS_ENV, BackupSlots
 from idm_backup_operator.storage import S3Store, StorageError, Store
 
 SCHEDULES = "idmbackupschedules"
@@ -73,6 +74,9 @@ def _run(args: argparse.Namespace) -> int:
         metrics_config=metrics.MetricsConfig(port=args.metrics_port, address=args.metrics_address),
         webhook_config=webhook,
         ambient_s3_credentials=args.s3_ambient_credentials,
+        backup_slots=BackupSlots.configured(
+            args.max_concurrent_backups, args.max_concurrent_backups_per_namespace
+        ),
     )
     kopf.run(
         clusterwide=not args.namespace,
@@ -350,6 +354,19 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value else default
 
 
+def _at_least(minimum: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is less than {minimum}")
+        return value
+
+    return parse
+
+
 def _add_storage_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("storage access")
     group.add_argument(
@@ -409,6 +426,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="let S3 specs without credentialsSecretRef use the operator's own AWS identity (IRSA, EKS Pod "
         f"Identity, AWS_* variables); off by default, since anyone who can create an IdmBackup then acts "
         f"with it (env {AMBIENT_ENV})",
+    )
+    slots = run.add_argument_group("concurrency")
+    slots.add_argument(
+        "--max-concurrent-backups",
+        type=_at_least(1),
+        default=_env_int(SLOTS_ENV, DEFAULT_SLOTS),
+        help="backups this operator runs at once; more wait in a fair queue, Pending with a Waiting "
+        f"condition (env {SLOTS_ENV}; default: %(default)s)",
+    )
+    slots.add_argument(
+        "--max-concurrent-backups-per-namespace",
+        type=_at_least(0),
+        default=_env_int(PER_NAMESPACE_ENV, 0),
+        help="at most this many of them from one namespace, 0 for no limit beyond the total; a freed "
+        f"slot always goes to the namespace with the fewest running (env {PER_NAMESPACE_ENV}; "
+        "default: %(default)s)",
     )
     hook = run.add_argument_group("admission webhook")
     hook.add_argument(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 from typing import Any
 
 import kopf
+from kubernetes import client
 
 from idm_backup_operator import backup, stored, validation
 from idm_backup_operator.freeipa import InvalidBackupOptions
@@ -20,7 +22,8 @@ from idm_backup_operator.model import (
     parse_backup_spec,
     parse_time,
 )
-from idm_backup_operator.reporting import StatusReporter
+from idm_backup_operator.reporting import CANCEL_CHECK_SECONDS, StatusReporter
+from idm_backup_operator.slots import BackupSlots, Queued
 
 # How often a backup waiting for another one of the same server checks again.
 WAIT_RETRY_SECONDS = 10
@@ -53,7 +56,7 @@ def _condition_true(status: kopf.Status, type_: str) -> bool:
 
 
 @kopf.on.create(GROUP, VERSION, IDMBACKUPS)
-def take_backup(
+async def take_backup(
     body: kopf.Body,
     status: kopf.Status,
     memo: kopf.Memo,
@@ -74,10 +77,39 @@ def take_backup(
         # it as interrupted, would undo what this process did.
         logger.debug("%s/%s was already handled by this process", resource.namespace, resource.name)
         return
-    # Returns once the backup has ended either way; waiting for the server's lock raises TemporaryError,
-    # and kopf calls again.
-    _take_or_recover(resource, body, memo, logger)
+    report = _reporter(memo, resource, body)
+
+    async def queued(why: Queued) -> None:
+        # Best effort: a status write that fails must not cost the backup its place in the queue.
+        try:
+            await asyncio.to_thread(_report_queued, report, phase, why)
+        except client.ApiException as err:
+            logger.warning(f"could not report the queued backup: {err.status} {err.reason}")
+
+    async def still_wanted() -> bool:
+        return not await asyncio.to_thread(report.cancelled)
+
+    slots: BackupSlots = memo.backup_slots
+    async with slots.slot(
+        resource.namespace,
+        resource.uid,
+        on_queued=queued,
+        still_wanted=still_wanted,
+        recheck_seconds=CANCEL_CHECK_SECONDS,
+    ) as wanted:
+        if wanted:
+            # Returns once the backup has ended either way; waiting for the server's lock raises
+            # TemporaryError, the slot goes to the next backup, and kopf calls again.
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(memo.backup_executor, _take_or_recover, resource, body, memo, logger)
     finished.add(resource.uid)
+
+
+def _report_queued(report: StatusReporter, phase: str | None, why: Queued) -> None:
+    # A Running backup waits here only to be recovered after a restart: its step says where it stopped.
+    where = {} if phase == Phase.RUNNING else {"phase": "Pending", "step": "waiting for a backup slot"}
+    report.update(**where, message=why.message)
+    report.condition("Waiting", True, "OperatorBusy", why.message)
 
 
 def _take_or_recover(

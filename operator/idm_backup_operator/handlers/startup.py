@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -15,12 +16,12 @@ from idm_backup_operator import metrics
 from idm_backup_operator.backup import Services
 from idm_backup_operator.model import GROUP, IDMBACKUPS, VERSION
 from idm_backup_operator.podexec import PodExec
+from idm_backup_operator.slots import BackupSlots
 
 log = logging.getLogger(__name__)
 
 PVC_ROOT_ENV = "IDM_BACKUP_PVC_ROOT"
 DEFAULT_PVC_ROOT = "/var/lib/idm-backup-operator/pvc"
-WORKERS_ENV = "IDM_BACKUP_WORKERS"
 WEBHOOK_PORT_ENV = "IDM_BACKUP_WEBHOOK_PORT"
 WEBHOOK_CERT_DIR_ENV = "IDM_BACKUP_WEBHOOK_CERT_DIR"
 DEFAULT_WEBHOOK_CERT_DIR = "/etc/idm-backup-operator/webhook-tls"
@@ -64,8 +65,6 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     )
     # Our handlers post their own, meaningful Events; kopf's per-handler ones would only add noise.
     settings.posting.level = logging.WARNING
-    # Backups are blocking and long: each runs in a worker thread, so the pool bounds concurrent backups.
-    settings.execution.max_workers = int(os.environ.get(WORKERS_ENV, "16"))
     webhook: WebhookConfig | None = memo.get("webhook_config")
     if webhook is not None:
         settings.admission.server = webhook.server()
@@ -74,6 +73,13 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     memo.schedule_wakeups = {}  # schedule uid -> asyncio.Event, set when one of its backups ends
     # uids of the backups this process has finished; a few dozen bytes per backup ever taken.
     memo.backups_finished = set()
+    # Backups are blocking and long: each runs in a thread of its own pool, one thread per slot, so that
+    # kopf's pool stays free for finalizers and admission however many backups run or wait.
+    slots: BackupSlots = memo.get("backup_slots") or BackupSlots.from_env()
+    memo.backup_slots = slots
+    memo.backup_executor = concurrent.futures.ThreadPoolExecutor(
+        max_workers=slots.limit, thread_name_prefix="backup"
+    )
     memo.services = Services(
         core=client.CoreV1Api(api),
         coordination=client.CoordinationV1Api(api),
@@ -111,6 +117,13 @@ def start_metrics(memo: kopf.Memo, api: client.ApiClient) -> None:
         log.error("metrics are not served: cannot listen on %s:%s: %s", endpoint.address, endpoint.port, err)
         return
     log.info("serving metrics on http://%s:%s/metrics", endpoint.address, memo.metrics_server.port)
+
+
+@kopf.on.cleanup()
+def stop_backup_threads(memo: kopf.Memo, **_: Any) -> None:
+    executor: concurrent.futures.ThreadPoolExecutor | None = memo.get("backup_executor")
+    if executor is not None:
+        executor.shutdown(wait=False, cancel_futures=True)
 
 
 @kopf.on.cleanup()
