@@ -417,6 +417,13 @@ def test_default_conf_derives_basedn_from_domain() -> None:
         ("[global]\ndomain = example.test\nhost = a.example.test\n", "no realm"),
         ("[global]\nrealm = EXAMPLE.TEST\n", "no host, domain"),
         ("[global]\nrealm = EXAMPLE.TEST\ndomain = example.test\nhost = ipa\n", "not fully qualified"),
+        # A hostile pod's host name would become a storage path: '..' and '/' are refused by name.
+        ("[global]\nrealm = EXAMPLE.TEST\ndomain = example.test\nhost = ..\n", "'..' .* is not a DNS name"),
+        (
+            "[global]\nrealm = EXAMPLE.TEST\ndomain = example.test\nhost = a/../b.example.test\n",
+            "is not a DNS name",
+        ),
+        ("[global]\nrealm = EXAMPLE.TEST\ndomain = example.test\nhost = -a.example.test\n", "not a DNS name"),
         ("realm = EXAMPLE.TEST\n", "not in INI format"),
     ],
 )

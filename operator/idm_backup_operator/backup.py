@@ -19,7 +19,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 from kubernetes import client
@@ -27,10 +27,10 @@ from kubernetes import client
 from idm_backup_operator import cluster, encryption, freeipa, layout, stored
 from idm_backup_operator.freeipa import BackupDirectory, BackupHeader, IpaServerConfig
 from idm_backup_operator.locking import TargetLock
-from idm_backup_operator.model import BackupSpec, format_time
+from idm_backup_operator.model import BackupSpec, format_time, parse_time
 from idm_backup_operator.podexec import ExecCancelled, ExecError, PodExec, PodRef
 from idm_backup_operator.storage import StorageError, Store, StoredObject
-from idm_backup_operator.streams import Tally, tallied
+from idm_backup_operator.streams import Tally, chunks_of, tallied
 from idm_backup_operator.topology import TopologyError, check_roles, read_topology
 
 log = logging.getLogger(__name__)
@@ -386,7 +386,7 @@ class _Backup:
         self.report.update(step=f"uploading {human_size(in_pod.size)} to {store.uri(keys.archive)}")
         written: list[str] = []
         try:
-            header_obj = store.put_bytes(keys.header, header_bytes)
+            header_obj = _put(store, keys.header, header_bytes)
             written.append(keys.header)
             plain = Tally()
             stored = self.upload_archive(
@@ -406,7 +406,7 @@ class _Backup:
                 options=self.spec.raw,
                 created=_now(),
             )
-            store.put_bytes(keys.manifest, manifest)
+            _put(store, keys.manifest, manifest)
         except BaseException:
             for key in written:
                 try:
@@ -479,15 +479,27 @@ class _Backup:
     def cleanup_pod(self, directory: BackupDirectory) -> str:
         if self.spec.keep_in_pod:
             return f"; kept {directory.path} in the pod"
-        result = self.exec(["rm", "-rf", "--", str(directory.path)], timeout=300)
-        if result.exit_code != 0:
-            self.report.event(
-                "PodCleanupFailed",
-                f"could not remove {directory.path}: {result.stderr.strip()}",
-                warning=True,
-            )
-            return f"; could not remove {directory.path} from the pod"
+        return remove_from_pod(self.services.execs, self.pod, directory.path, self.report)
+
+
+def _put(store: Store, key: str, data: bytes) -> StoredObject:
+    try:
+        return store.put_bytes(key, data)
+    except StorageError as err:
+        raise BackupFailed("UploadFailed", f"upload failed: {err}") from None
+
+
+def remove_from_pod(execs: PodExec, pod: PodRef, path: PurePosixPath, report: Reporter) -> str:
+    """Remove a stored backup's plaintext copy from the pod; a note for the status message if that failed."""
+    try:
+        result = execs.run(pod, ["rm", "-rf", "--", str(path)], timeout=300)
+        problem = result.stderr.strip() if result.exit_code != 0 else ""
+    except (ExecError, client.ApiException) as err:
+        problem = str(err)
+    if not problem:
         return ""
+    report.event("PodCleanupFailed", f"could not remove {path}: {problem}", warning=True)
+    return f"; could not remove {path} from the pod"
 
 
 # -- services and orphans, shared with recovery after an operator restart ------------------------------
@@ -585,17 +597,23 @@ def recover_interrupted(
             running = restart_services(services.execs, pod, report)
             notes.append("IPA services are running" if running else "IPA services did NOT come back")
     outcome = _settle_storage(resource, spec, status, services)
+    cleanup_note = ""
+    if outcome is not None and pod is not None and not spec.keep_in_pod:
+        directory = (status.get("ipaBackup") or {})["directory"]  # known: the archive was stored
+        cleanup_note = remove_from_pod(services.execs, pod, PurePosixPath(directory), report)
     if pod is not None:
         TargetLock(services.coordination, pod, lock_holder(resource)).release()
     if outcome is not None:
         report.condition("Completed", True, "BackupSucceeded", f"stored and verified {outcome}")
         finished = _now()
+        began = parse_time(status.get("startTime"))
         report.update(
             phase="Succeeded",
             step="done",
             completionTime=format_time(finished),
+            **({"durationSeconds": round((finished - began).total_seconds(), 1)} if began else {}),
             reason="BackupSucceeded",
-            message=f"stored {outcome} (completed before the operator restarted)",
+            message=f"stored {outcome} (completed before the operator restarted){cleanup_note}",
         )
         report.event(
             "BackupCompleted", f"stored and verified {outcome} (found complete after an operator restart)"
@@ -628,12 +646,19 @@ def _settle_storage(
         manifest = stored.read_manifest(store, keys)
         if manifest is not None and not stored.owns(manifest, resource):
             return None  # another resource's files: not ours to judge or delete
-        archive = store.stat(keys.archive)
-        if (
-            manifest is not None
-            and archive is not None
-            and manifest["files"]["archive"]["size"] == archive.size
-        ):
+        if manifest is not None and _matches(store, keys.archive, manifest["files"]["archive"]):
             return store.uri(keys.archive)
         stored.delete_files(store, keys)
     return None
+
+
+def _matches(store: Store, key: str, expected: dict[str, Any]) -> bool:
+    """Whether the stored object is, byte for byte, the one the manifest describes: read back and hashed,
+    since the manifest is written last but a crash may still leave it beside a damaged archive."""
+    if (found := store.stat(key)) is None or found.size != expected["size"]:
+        return False
+    tally = Tally()
+    with store.open_read(key) as stream:
+        for chunk in chunks_of(stream):
+            tally.update(chunk)
+    return (tally.size, tally.sha256) == (expected["size"], expected["sha256"])

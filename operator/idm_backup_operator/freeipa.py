@@ -422,6 +422,9 @@ class IpaServerConfig:
         return serverid(self.realm)
 
 
+_FQDN = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
 def parse_default_conf(text: str) -> IpaServerConfig:
     try:
         section = _read_section(text, "global", "/etc/ipa/default.conf")
@@ -438,6 +441,12 @@ def parse_default_conf(text: str) -> IpaServerConfig:
     # ipactl refuses a short name the same way: the topology is keyed by FQDN.
     if "." not in host:
         raise DefaultConfError(f"host {host!r} in /etc/ipa/default.conf is not fully qualified")
+    # The pod is not trusted input: its host name becomes a path in storage and an LDAP filter value.
+    if len(host) > 253 or not _FQDN.fullmatch(host):
+        raise DefaultConfError(
+            f"host {host!r} in /etc/ipa/default.conf is not a DNS name (letters, digits and hyphens in "
+            "dot-separated labels)"
+        )
     # ipalib derives basedn from the domain when the file has none (ipalib/config.py).
     basedn = value("basedn") or ",".join(f"dc={label}" for label in domain.split("."))
     return IpaServerConfig(
