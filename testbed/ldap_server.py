@@ -50,6 +50,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,6 +200,24 @@ class DirectoryServer:
                 _add_if_missing(conn, dn, entry)
                 self._sync_services(conn, dn, children)
         finally:
+            conn.unbind_s()
+
+    @contextlib.contextmanager
+    def more_servers(self, servers: Sequence[Server]) -> Iterator[list[str]]:
+        """Servers added to the topology for the duration of the `with` (tests and benchmarks that need
+        many FreeIPA servers at once); yields their FQDNs. TOPOLOGY itself stays as documented."""
+        entries = self._topology_entries(servers)
+        conn = self.connect()
+        try:
+            for dn, entry, children in entries:
+                _add_if_missing(conn, dn, entry)
+                self._sync_services(conn, dn, children)
+            yield [f"{server.name}.{self.domain}" for server in servers]
+        finally:
+            for dn, _, children in entries:
+                for cn in children:
+                    conn.delete_s(f"cn={cn},{dn}")
+                conn.delete_s(dn)
             conn.unbind_s()
 
     # -- internals -------------------------------------------------------------------------------
@@ -387,11 +406,11 @@ class DirectoryServer:
         return [(dn, dict(attrs)) for dn, attrs in parser.all_records]
 
     def _topology_entries(
-        self,
+        self, servers: Sequence[Server] = TOPOLOGY
     ) -> list[tuple[str, dict[str, list[bytes]], dict[str, dict[str, list[bytes]]]]]:
         result = []
         masters = f"cn=masters,cn=ipa,cn=etc,{self.suffix}"
-        for server in TOPOLOGY:
+        for server in servers:
             fqdn = f"{server.name}.{self.domain}"
             managed = [self.suffix.encode()]
             if "CA" in server.services:

@@ -350,7 +350,7 @@ def up() -> Platform:
     pki.ensure_pki(pki_dir)
     kubeconfig = base / "kubeconfig"
     _write_kubeconfig(kubeconfig, pki_dir)
-    ldap = DirectoryServer(base / "ldap", port=LDAP_PORT)
+    ldap = directory()
     ldap.start()
     ldap.load_topology()
     _start_s3(bins, run, s3_data)
@@ -374,6 +374,11 @@ def up() -> Platform:
     return platform
 
 
+def directory() -> DirectoryServer:
+    """The platform's 389 Directory Server, for tests that change its data."""
+    return DirectoryServer(state_dir() / "ldap", port=LDAP_PORT)
+
+
 def is_up() -> bool:
     run = state_dir() / "run"
     return all(processes.running_pid(run, name) for name in STOP_ORDER)
@@ -384,7 +389,7 @@ def down(purge: bool = False) -> None:
     run = base / "run"
     for name in STOP_ORDER:
         processes.stop(run, name)
-    DirectoryServer(base / "ldap", port=LDAP_PORT).stop()
+    directory().stop()
     if purge:
         shutil.rmtree(_etcd_dir(), ignore_errors=True)
         subprocess.run(
