@@ -6,7 +6,9 @@ import asyncio
 from collections import Counter
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from idm_backup_operator import metrics
 from idm_backup_operator.slots import BackupSlots, Queued, Waiter, next_waiter
 
 
@@ -179,3 +181,30 @@ def test_a_backup_that_raises_gives_its_slot_back() -> None:
         assert slots.in_use == 0
 
     asyncio.run(scenario())
+
+
+def test_the_slots_are_exposed_as_metrics() -> None:
+    async def scenario() -> dict[str, float]:
+        slots = BackupSlots(1)
+        state = metrics.BackupMetrics()
+        state.registry.register(metrics.SlotMetrics(slots))
+        run = _Run(slots)
+        tasks = [asyncio.create_task(run.backup("a", uid)) for uid in ("a0", "a1", "a2")]
+        await run.settle()
+        found = {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(state.exposition().decode())
+            for sample in family.samples
+        }
+        for uid in ("a0", "a1", "a2"):
+            run.release[uid].set()
+            await run.settle()
+        await asyncio.gather(*tasks)
+        return found
+
+    found = asyncio.run(scenario())
+    assert (found["idm_backup_slots"], found["idm_backup_slots_in_use"], found["idm_backup_queued"]) == (
+        1,
+        1,
+        2,
+    )

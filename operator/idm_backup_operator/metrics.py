@@ -38,6 +38,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from idm_backup_operator import model
+from idm_backup_operator.slots import BackupSlots
 
 log = logging.getLogger(__name__)
 
@@ -337,6 +338,27 @@ class BackupMetrics(Collector):
             if schedule.next_run is not None:
                 next_run.add_metric(list(schedule.key), schedule.next_run)
         yield next_run
+
+
+class SlotMetrics(Collector):
+    """The operator's backup slots: the limit, how many are in use, and how many backups wait for one.
+
+    A queue that stays long means backups start late: more slots, or schedules spread over the hour.
+    """
+
+    def __init__(self, slots: BackupSlots) -> None:
+        self._slots = slots
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "idm_backup_slots", "Backups this operator runs at most at once", self._slots.limit
+        )
+        yield GaugeMetricFamily(
+            "idm_backup_slots_in_use", "Backups this operator runs now", self._slots.in_use
+        )
+        yield GaugeMetricFamily(
+            "idm_backup_queued", "Backups waiting for a free slot of this operator", self._slots.queued
+        )
 
 
 def _completed(backup: _Backup) -> float:

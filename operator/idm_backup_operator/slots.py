@@ -26,6 +26,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 DEFAULT_SLOTS = 4
+# How often, all together, queued backups may ask whether they are still wanted (one API read each):
+# with hundreds queued, each one asks less often instead of the API server being asked more.
+QUEUE_CHECKS_PER_SECOND = 5.0
 SLOTS_ENV = "IDM_BACKUP_MAX_CONCURRENT"
 PER_NAMESPACE_ENV = "IDM_BACKUP_MAX_CONCURRENT_PER_NAMESPACE"
 
@@ -78,6 +81,7 @@ class BackupSlots:
     # namespace -> number of the grant it last got, for the round robin between equals
     _served: dict[str, int] = field(default_factory=dict)
     _grants: itertools.count[int] = field(default_factory=itertools.count)
+    _in_use: int = 0
     _waiting: dict[Waiter, asyncio.Future[None]] = field(default_factory=dict)
     _arrivals: itertools.count[int] = field(default_factory=itertools.count)
 
@@ -96,9 +100,10 @@ class BackupSlots:
             int(os.environ.get(SLOTS_ENV) or DEFAULT_SLOTS), int(os.environ.get(PER_NAMESPACE_ENV) or 0)
         )
 
+    # Read from the metrics server's thread too: plain numbers, never an iteration over changing state.
     @property
     def in_use(self) -> int:
-        return sum(self.running.values())
+        return self._in_use
 
     @property
     def queued(self) -> int:
@@ -134,10 +139,12 @@ class BackupSlots:
 
     def _take(self, namespace: str) -> None:
         self.running[namespace] += 1
+        self._in_use += 1
         self._served[namespace] = next(self._grants)
 
     def _release(self, namespace: str) -> None:
         self.running[namespace] -= 1
+        self._in_use -= 1
         if self.running[namespace] <= 0:
             del self.running[namespace]
         self._hand_over()
@@ -159,8 +166,9 @@ class BackupSlots:
     ) -> AsyncIterator[bool]:
         """Hold a slot for the body of the `with`; yields False if the backup was no longer wanted.
 
-        While queued, still_wanted() is asked every recheck_seconds (the resource may have been deleted),
-        so a queued backup that nobody wants any more leaves the queue instead of running later.
+        While queued, still_wanted() is asked every recheck_seconds, or less often when so many wait that
+        they would ask more than QUEUE_CHECKS_PER_SECOND together (the resource may have been deleted): a
+        queued backup that nobody wants any more leaves the queue instead of running later.
         """
         # Whenever a slot is free, every waiter that may use one has been handed one (_hand_over): a
         # free slot for this namespace means nobody eligible is queued ahead.
@@ -189,7 +197,9 @@ class BackupSlots:
         try:
             await on_queued(Queued(self.limit, self._ahead_of(waiter), self.per_namespace))
             while not granted.done():
-                await asyncio.wait([granted], timeout=recheck_seconds)
+                await asyncio.wait(
+                    [granted], timeout=max(recheck_seconds, len(self._waiting) / QUEUE_CHECKS_PER_SECOND)
+                )
                 if not granted.done() and not await still_wanted():
                     self._leave(waiter)
                     return False

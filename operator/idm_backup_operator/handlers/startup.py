@@ -88,6 +88,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         ambient_s3_credentials=bool(memo.get("ambient_s3_credentials")),
     )
     start_metrics(memo, api)
+    memo.metrics.registry.register(metrics.SlotMetrics(slots))
 
 
 def start_metrics(memo: kopf.Memo, api: client.ApiClient) -> None:
