@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -552,5 +553,7 @@ def test_a_stale_copy_of_a_backup_this_process_finished_is_left_alone(phase: str
     }
     body = kopf.Body(raw)
     memo = kopf.Memo(api=None, services=None, backups_finished={"uid-1"})
-    idmbackup.take_backup(body=body, status=body.status, memo=memo, logger=logging.getLogger("test"))
+    asyncio.run(
+        idmbackup.take_backup(body=body, status=body.status, memo=memo, logger=logging.getLogger("test"))
+    )
     assert memo.backups_finished == {"uid-1"}
