@@ -275,6 +275,31 @@ def test_a_schedule_with_a_bad_cron_and_a_bad_zone_is_told_both(
     ) in _refusal(refused.value)
 
 
+def test_what_the_schema_cannot_say_is_refused_by_the_webhook(
+    api: client.ApiClient, namespace: str, platform: stack.Platform, webhook: OperatorProcess, secrets: None
+) -> None:
+    """The schema checks an endpoint's form, the S3 client also its host name (which failed the backup as
+    "InternalError: Invalid endpoint"); a maxAge too long for any clock made the webhook itself fail."""
+    spec = _spec(platform, "endpoint")
+    spec["storage"]["s3"]["endpoint"] = "http://s3_host.example.test:7070"
+    with pytest.raises(client.ApiException) as refused:
+        create_backup(api, namespace, "underscore", spec)
+    assert (
+        "spec.storage.s3.endpoint: 'http://s3_host.example.test:7070' has an invalid host name "
+        "'s3_host.example.test'"
+    ) in _refusal(refused.value)
+    schedule = {
+        "schedule": "0 3 * * *",
+        "template": {"spec": _spec(platform, "age")},
+        "retention": {"maxAge": "99999999999d"},
+    }
+    with pytest.raises(client.ApiException) as refused:
+        create_schedule(api, namespace, "forever", schedule)
+    assert (
+        "IdmBackupSchedule forever refused (1 problem): spec.retention: maxAge '99999999999d' is too long"
+    ) in _refusal(refused.value)
+
+
 def test_a_schedule_update_is_checked_but_the_operators_own_writes_are_not(
     api: client.ApiClient, namespace: str, platform: stack.Platform, webhook: OperatorProcess, secrets: None
 ) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from idm_backup_operator import validation
 from testbed.deploy import REPO
 
 CRD_FILES = sorted((REPO / "crds").glob("*.yaml"))
@@ -77,3 +78,16 @@ def test_schedule_template_is_the_idmbackup_spec() -> None:
         [sys.executable, str(REPO / "scripts" / "sync_crds.py"), "--check"], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_every_object_name_and_the_deadline_follow_the_rules_the_operator_checks() -> None:
+    """The webhook and the start of a backup repeat these rules for CRDs older than them: the same rules."""
+    crd = yaml.safe_load((REPO / "crds" / "idm-backup.io_idmbackups.yaml").read_text())
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    nodes = dict(fields(spec, "spec"))
+    names = {p: n for p, n in nodes.items() if p.endswith((".podName", ".claimName", "SecretRef.name"))}
+    assert len(names) == 7  # the pod, the PVC and five Secrets
+    for node in names.values():
+        assert (node["minLength"], node["maxLength"]) == (1, 253)
+        assert node["pattern"] == f"^{validation.OBJECT_NAME.pattern}$"
+    assert nodes["spec.activeDeadlineSeconds"]["maximum"] == validation.MAX_DEADLINE_SECONDS

@@ -41,6 +41,9 @@ def _api_reason(err: client.ApiException) -> str:
 
 
 def read_secret(core: client.CoreV1Api, namespace: str, name: str) -> Mapping[str, bytes]:
+    if not name:
+        # The client would GET .../secrets/, the list of them, and read it as a Secret without keys.
+        raise ResolveError(f"the Secret name is empty: name a Secret in namespace {namespace}")
     try:
         secret = core.read_namespaced_secret(name, namespace)
     except client.ApiException as err:

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
+from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
 from kubernetes import client
 
 from idm_backup_operator import cluster, schedules, scheduling
@@ -60,10 +63,88 @@ class Cluster:
 
 # -- the spec alone -----------------------------------------------------------------------------------
 
+# The CRDs hold the same rules (tests keep them equal); they are repeated here for CRDs installed before
+# them, and because a malformed name sent to the API server can read another object instead of failing:
+# pods/.. is the namespace, secrets/ the list of Secrets.
+MAX_DEADLINE_SECONDS = 7 * 24 * 3600
+OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_IP_ADDRESS = re.compile(r"[0-9]+(\.[0-9]+){3}")
+
+
+def object_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a pod, Secret or PVC (a DNS-1123 subdomain); None if it can."""
+    if not name:
+        return "the name is empty"
+    if len(name) > 253 or not OBJECT_NAME.fullmatch(name):
+        return (
+            f"{name!r} is not an object name: at most 253 lowercase letters, digits, '-' and '.', "
+            "beginning and ending with a letter or digit"
+        )
+    return None
+
+
+def bucket_problem(bucket: str) -> str | None:
+    """S3's bucket naming rules, as far as S3-compatible servers share them (not AWS's reserved names)."""
+    if not _BUCKET.fullmatch(bucket):
+        return (
+            f"{bucket!r} is not an S3 bucket name: 3-63 lowercase letters, digits, dots and hyphens, "
+            "beginning and ending with a letter or digit"
+        )
+    if ".." in bucket:
+        return f"{bucket!r} is not an S3 bucket name: it has two adjacent dots"
+    if _IP_ADDRESS.fullmatch(bucket):
+        return f"{bucket!r} is not an S3 bucket name: it looks like an IP address"
+    return None
+
+
+def endpoint_problem(endpoint: str) -> str | None:
+    """Whether the S3 client will take the endpoint; its own refusal is an unexplained "Invalid endpoint"."""
+    parts = urlsplit(endpoint)
+    if parts.scheme.lower() not in ("http", "https"):
+        return f"{endpoint!r} is not an http:// or https:// URL"
+    if any(char.isspace() for char in endpoint):
+        return f"{endpoint!r} contains white space"
+    if not parts.hostname:
+        return f"{endpoint!r} has no host, e.g. https://s3.example.com"
+    try:
+        _ = parts.port  # raises for a port that is not a number from 0 to 65535
+    except ValueError:
+        return f"{endpoint!r} has an invalid port"
+    if not (is_valid_endpoint_url(endpoint) or is_valid_ipv6_endpoint_url(endpoint)):
+        return f"{endpoint!r} has an invalid host name {parts.hostname!r}"
+    return None
+
+
+def _named_objects(spec: BackupSpec, at: str) -> list[tuple[str, str | None]]:
+    """The names of the objects the spec refers to, under their fields; None where a field is not set."""
+    ldap, storage = spec.target.ldap, spec.storage
+    names = [
+        (f"{at}.target.podName", spec.target.pod_name),
+        (f"{at}.target.ldap.passwordSecretRef.name", ldap.password.name),
+        (f"{at}.target.ldap.caSecretRef.name", None if ldap.ca is None else ldap.ca.name),
+        (f"{at}.encryption.publicKeysSecretRef.name", spec.encryption.public_keys_secret),
+    ]
+    if isinstance(storage, PvcStorage):
+        names.append((f"{at}.storage.pvc.claimName", storage.claim_name))
+    else:
+        names.append((f"{at}.storage.s3.credentialsSecretRef.name", storage.credentials_secret))
+        names.append((f"{at}.storage.s3.caSecretRef.name", None if storage.ca is None else storage.ca.name))
+    return names
+
 
 def spec_problems(spec: BackupSpec, at: str = "spec") -> list[str]:
     """Also run when a backup starts: without the webhook, this is the earliest point left."""
-    problems = []
+    problems = [
+        f"{field}: {problem}"
+        for field, name in _named_objects(spec, at)
+        if name is not None and (problem := object_name_problem(name))
+    ]
+    if spec.deadline_seconds > MAX_DEADLINE_SECONDS:
+        problems.append(
+            f"{at}.activeDeadlineSeconds: {spec.deadline_seconds} is more than the maximum, "
+            f"{MAX_DEADLINE_SECONDS} (7 days)"
+        )
     ldap = spec.target.ldap
     if ldap.start_tls and ldap.url.lower().startswith("ldaps://"):
         problems.append(
@@ -82,6 +163,10 @@ def spec_problems(spec: BackupSpec, at: str = "spec") -> list[str]:
         paths = [(f"{at}.storage.pvc.subPath", storage.sub_path)]
     else:
         paths = [(f"{at}.storage.s3.prefix", storage.prefix)]
+        if problem := bucket_problem(storage.bucket):
+            problems.append(f"{at}.storage.s3.bucket: {problem}")
+        if storage.endpoint is not None and (problem := endpoint_problem(storage.endpoint)):
+            problems.append(f"{at}.storage.s3.endpoint: {problem}")
         if storage.kms_key_id and storage.server_side_encryption != "aws:kms":
             problems.append(f"{at}.storage.s3.kmsKeyID: only used with serverSideEncryption aws:kms")
     for field, value in paths:
@@ -98,25 +183,41 @@ def spec_problems(spec: BackupSpec, at: str = "spec") -> list[str]:
 def _reference_problems(spec: BackupSpec, at: str, where: Cluster) -> list[str]:
     core, namespace = where.core, where.namespace
     ldap, storage = spec.target.ldap, spec.storage
-    checks: list[tuple[str, Callable[[], object]]] = [
-        (f"{at}.target", lambda: cluster.find_target_pod(core, namespace, spec.target)),
+    # Each check with the name it looks up: a malformed name is already a problem of the spec, and would
+    # make the lookup read something else.
+    checks: list[tuple[str, str | None, Callable[[], object]]] = [
+        (f"{at}.target", spec.target.pod_name, lambda: cluster.find_target_pod(core, namespace, spec.target)),
         (
             f"{at}.target.ldap.passwordSecretRef",
+            ldap.password.name,
             lambda: cluster.read_secret_key(core, namespace, ldap.password),
         ),
     ]
     if (ca := ldap.ca) is not None:
-        checks.append((f"{at}.target.ldap.caSecretRef", lambda: cluster.read_secret_key(core, namespace, ca)))
+        checks.append(
+            (f"{at}.target.ldap.caSecretRef", ca.name, lambda: cluster.read_secret_key(core, namespace, ca))
+        )
     if spec.encryption.enabled:
         checks.append(
-            (f"{at}.encryption", lambda: cluster.load_public_keys(core, namespace, spec.encryption))
+            (
+                f"{at}.encryption",
+                spec.encryption.public_keys_secret,
+                lambda: cluster.load_public_keys(core, namespace, spec.encryption),
+            )
         )
     if isinstance(storage, PvcStorage):
-        checks.append((f"{at}.storage.pvc.claimName", lambda: cluster.pvc_mount(storage, where.pvc_root)))
+        checks.append(
+            (
+                f"{at}.storage.pvc.claimName",
+                storage.claim_name,
+                lambda: cluster.pvc_mount(storage, where.pvc_root),
+            )
+        )
     else:
         checks.append(
             (
                 f"{at}.storage.s3.credentialsSecretRef",
+                storage.credentials_secret,
                 lambda: cluster.s3_credentials(
                     core, namespace, storage, ambient=where.ambient_s3_credentials
                 ),
@@ -124,10 +225,16 @@ def _reference_problems(spec: BackupSpec, at: str, where: Cluster) -> list[str]:
         )
         if (s3_ca := storage.ca) is not None:
             checks.append(
-                (f"{at}.storage.s3.caSecretRef", lambda: cluster.read_secret_key(core, namespace, s3_ca))
+                (
+                    f"{at}.storage.s3.caSecretRef",
+                    s3_ca.name,
+                    lambda: cluster.read_secret_key(core, namespace, s3_ca),
+                )
             )
     problems = []
-    for field, check in checks:
+    for field, name, check in checks:
+        if name is not None and object_name_problem(name):
+            continue
         try:
             check()
         except (cluster.ResolveError, KeyMaterialError) as err:

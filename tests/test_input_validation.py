@@ -1,0 +1,358 @@
+"""Input refused when it is applied, not when the backup runs (issue 12).
+
+The CRD schema refuses what it can express; the webhook's pure checks (validation.spec_problems, run again
+when a backup starts) refuse the same for CRDs installed before those rules, and retention policies that
+get past both make the schedule say so instead of failing its loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+
+from idm_backup_operator import cluster, schedules, validation
+from idm_backup_operator.model import parse_backup_spec
+from idm_backup_operator.storage import S3Config, S3Store
+from testbed import freeipa_pod, stack
+from testbed.deploy import REPO
+from tests.helpers import GROUP, PLURAL, SCHEDULES, VERSION, backup_spec, s3_storage, wait_for
+
+VALID_SPEC: dict[str, Any] = {
+    "target": {
+        "podName": "ipa-hidden",
+        "ldap": {"url": "ldaps://ipa-hidden.example.test", "passwordSecretRef": {"name": "dm-password"}},
+    },
+    "encryption": {"publicKeysSecretRef": {"name": "backup-public-key"}},
+    "storage": {
+        "s3": {
+            "bucket": "idm-backups",
+            "endpoint": "https://s3.example.test",
+            "credentialsSecretRef": {"name": "s3-credentials"},
+        }
+    },
+}
+
+
+def with_value(spec: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """A copy of `spec` with the dotted `path` set to `value`."""
+    changed = copy.deepcopy(spec)
+    *parents, last = path.split(".")
+    level = changed
+    for name in parents:
+        level = level.setdefault(name, {})
+    level[last] = value
+    return changed
+
+
+# -- the pure checks -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("bucket", "problem"),
+    [
+        ("Idm-Backups", "3-63 lowercase letters, digits, dots and hyphens"),
+        ("idm_backups", "3-63 lowercase letters, digits, dots and hyphens"),
+        ("-idm-backups", "beginning and ending with a letter or digit"),
+        ("idm-backups.", "beginning and ending with a letter or digit"),
+        ("ab", "3-63 lowercase letters"),
+        ("a" * 64, "3-63 lowercase letters"),
+        ("idm..backups", "two adjacent dots"),
+        ("192.168.5.4", "looks like an IP address"),
+    ],
+)
+def test_a_bucket_name_breaking_s3_rules_is_a_problem(bucket: str, problem: str) -> None:
+    found = validation.bucket_problem(bucket)
+    assert found is not None and found.startswith(f"{bucket!r} is not an S3 bucket name") and problem in found
+
+
+@pytest.mark.parametrize("bucket", ["idm-backups", "a1b", "idm.backups.2026", "192.168.5.4.backups"])
+def test_a_valid_bucket_name_is_no_problem(bucket: str) -> None:
+    assert validation.bucket_problem(bucket) is None
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "problem"),
+    [
+        ("http://", "has no host, e.g. https://s3.example.com"),
+        ("https://:9000", "has no host, e.g. https://s3.example.com"),
+        ("http://s3 .example.test", "contains white space"),
+        ("https://s3.example.test/a b", "contains white space"),
+        ("s3.example.test", "is not an http:// or https:// URL"),
+        ("ftp://s3.example.test", "is not an http:// or https:// URL"),
+        ("http://s3.example.test:99999", "has an invalid port"),
+        ("http://s3_host.example.test", "has an invalid host name 's3_host.example.test'"),
+    ],
+)
+def test_an_endpoint_the_s3_client_refuses_is_a_problem(endpoint: str, problem: str) -> None:
+    assert validation.endpoint_problem(endpoint) == f"{endpoint!r} {problem}"
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "http://127.0.0.1:7070",
+        "https://s3.example.test",
+        "https://s3.example.test:8443/",
+        "http://[::1]:9000",
+    ],
+)
+def test_an_endpoint_the_s3_client_takes_is_no_problem(endpoint: str) -> None:
+    assert validation.endpoint_problem(endpoint) is None
+    S3Store(S3Config(bucket="idm-backups", endpoint_url=endpoint))  # botocore's own check passes too
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("", "the name is empty"),
+        ("..", "'..' is not an object name"),
+        ("IPA-hidden", "'IPA-hidden' is not an object name"),
+        ("a/b", "'a/b' is not an object name"),
+        ("a" * 254, "is not an object name: at most 253"),
+    ],
+)
+def test_a_malformed_object_name_is_a_problem(name: str, problem: str) -> None:
+    found = validation.object_name_problem(name)
+    assert found is not None and problem in found
+
+
+def test_the_spec_checks_name_every_malformed_field() -> None:
+    spec = with_value(VALID_SPEC, "target.podName", "..")
+    spec = with_value(spec, "target.ldap.passwordSecretRef.name", "")
+    spec = with_value(spec, "target.ldap.caSecretRef.name", "CA")
+    spec = with_value(spec, "encryption.publicKeysSecretRef.name", "")
+    spec = with_value(spec, "storage.s3.credentialsSecretRef.name", "")
+    spec = with_value(spec, "storage.s3.caSecretRef.name", "s3/ca")
+    spec = with_value(spec, "storage.s3.bucket", "Idm..Backups")
+    spec = with_value(spec, "storage.s3.endpoint", "http://")
+    spec = with_value(spec, "activeDeadlineSeconds", 2**62)
+    problems = validation.spec_problems(parse_backup_spec(spec))
+    assert [p.split(":", 1)[0] for p in problems] == [
+        "spec.target.podName",
+        "spec.target.ldap.passwordSecretRef.name",
+        "spec.target.ldap.caSecretRef.name",
+        "spec.encryption.publicKeysSecretRef.name",
+        "spec.storage.s3.credentialsSecretRef.name",
+        "spec.storage.s3.caSecretRef.name",
+        "spec.activeDeadlineSeconds",
+        "spec.storage.s3.bucket",
+        "spec.storage.s3.endpoint",
+    ]
+    assert "spec.target.ldap.passwordSecretRef.name: the name is empty" in problems
+    assert f"spec.activeDeadlineSeconds: {2**62} is more than the maximum, 604800 (7 days)" in problems
+    assert validation.spec_problems(parse_backup_spec(VALID_SPEC)) == []
+
+
+def test_a_pvc_claim_name_must_not_leave_the_operators_mount_directory() -> None:
+    spec = with_value(VALID_SPEC, "storage", {"pvc": {"claimName": ".."}})
+    assert validation.spec_problems(parse_backup_spec(spec)) == [
+        "spec.storage.pvc.claimName: '..' is not an object name: at most 253 lowercase letters, digits, "
+        "'-' and '.', beginning and ending with a letter or digit"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("max_age", "message"),
+    [
+        ("0d", "maxAge must be positive, got 0d"),
+        ("000h", "maxAge must be positive, got 0d"),
+        ("5m", "maxAge '5m' is not a number followed by h, d or w, e.g. 90d"),
+        ("99999999999d", "maxAge '99999999999d' is too long"),
+    ],
+)
+def test_a_retention_policy_the_crd_refuses_is_a_value_error(max_age: str, message: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        schedules.retention_policy({"retention": {"maxAge": max_age}})
+    assert str(caught.value) == message
+
+
+class RecordingReporter:
+    """The schedule's status as the operator would write it."""
+
+    def __init__(self) -> None:
+        self.status: dict[str, Any] = {}
+        self.conditions: dict[str, tuple[bool, str, str]] = {}
+
+    def update(self, **status: Any) -> None:
+        self.status.update(status)
+
+    def condition(self, type_: str, status: bool, reason: str, message: str) -> None:
+        self.conditions[type_] = (status, reason, message)
+
+    def event(self, reason: str, message: str, *, warning: bool = False) -> None:
+        pass
+
+    def cancelled(self) -> bool:
+        return False
+
+
+class NoBackups:
+    """The API as a schedule without backups sees it: listing works, nothing else may be called."""
+
+    def list_namespaced_custom_object(self, *_: Any, **__: Any) -> dict[str, Any]:
+        return {"items": []}
+
+
+def test_a_schedule_pass_with_a_zero_max_age_reports_it_and_deletes_nothing() -> None:
+    """Without the webhook and with a CRD from before the maxAge rule, "0d" used to make every pass raise."""
+    schedule = {
+        "metadata": {"namespace": "ns", "name": "s", "uid": "u", "creationTimestamp": "2026-03-01T10:00:00Z"},
+        "spec": {"schedule": "0 3 * * *", "template": {"spec": VALID_SPEC}, "retention": {"maxAge": "0d"}},
+        "status": {},
+    }
+    now = datetime.datetime(2026, 3, 1, 12, tzinfo=datetime.UTC)
+    custom: Any = NoBackups()
+    tick = schedules.take_tick(custom, schedule, now)
+    report = RecordingReporter()
+    services: Any = None  # only retention would use them
+    next_pass = schedules.record(services, custom, schedule, report, now, tick)
+    assert report.conditions["Ready"] == (
+        False,
+        "InvalidRetention",
+        "spec.retention: maxAge must be positive, got 0d; nothing is deleted; next backup at "
+        "2026-03-02T03:00:00Z",
+    )
+    assert report.status["nextScheduleTime"] == "2026-03-02T03:00:00Z"
+    assert next_pass == datetime.datetime(2026, 3, 2, 3, tzinfo=datetime.UTC)
+
+
+def test_a_starting_deadline_too_long_for_a_timedelta_is_taken_as_the_longest_one() -> None:
+    schedule = {
+        "metadata": {"namespace": "ns", "name": "s", "uid": "u", "creationTimestamp": "2026-03-01T10:00:00Z"},
+        "spec": {"schedule": "0 3 * * *", "template": {"spec": VALID_SPEC}, "startingDeadlineSeconds": 2**62},
+        "status": {},
+    }
+    custom: Any = NoBackups()
+    tick = schedules.take_tick(custom, schedule, datetime.datetime(2026, 3, 1, 12, tzinfo=datetime.UTC))
+    assert isinstance(tick, schedules.Tick) and not tick.created
+    crd = yaml.safe_load((REPO / "crds" / "idm-backup.io_idmbackupschedules.yaml").read_text())
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert spec["properties"]["startingDeadlineSeconds"]["maximum"] == schedules.MAX_STARTING_DEADLINE_SECONDS
+
+
+def test_a_valid_max_age_is_parsed() -> None:
+    policy = schedules.retention_policy({"retention": {"maxAge": "036h"}})
+    assert policy.max_age is not None and policy.max_age.total_seconds() == 36 * 3600
+
+
+# -- the real API server: the CRD schema ------------------------------------------------------------------
+
+SCHEMA_REFUSALS = [
+    ("storage.s3.bucket", "Idm-Backups", "an S3 bucket name has only lowercase letters"),
+    ("storage.s3.bucket", "idm..backups", "an S3 bucket name has no two dots in a row"),
+    ("storage.s3.bucket", "192.168.5.4", "an S3 bucket name does not look like an IP address"),
+    ("storage.s3.endpoint", "http://", "should match"),
+    ("storage.s3.endpoint", "http://s3 .example.test", "should match"),
+    ("storage.s3.endpoint", "https://:9000", "endpoint must be an http:// or https:// URL with a host"),
+    ("activeDeadlineSeconds", 10 * 365 * 86400, "should be less than or equal to 604800"),
+    ("activeDeadlineSeconds", 2**62, "should be less than or equal to 604800"),
+    ("target.podName", "..", "should match"),
+    ("target.ldap.passwordSecretRef.name", "", "should be at least 1 chars long"),
+    ("target.ldap.caSecretRef.name", "", "should be at least 1 chars long"),
+    ("encryption.publicKeysSecretRef.name", "", "should be at least 1 chars long"),
+    ("storage.s3.credentialsSecretRef.name", "", "should be at least 1 chars long"),
+    ("storage.s3.caSecretRef.name", "", "should be at least 1 chars long"),
+    ("encryption.publicKeysSecretRef.name", "Keys", "should match"),
+]
+
+
+def dry_run_create(
+    api: client.ApiClient, namespace: str, plural: str, kind: str, spec: dict[str, Any]
+) -> Any:
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": kind, "metadata": {"name": "probe"}, "spec": spec}
+    return client.CustomObjectsApi(api).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, plural, body, dry_run="All"
+    )
+
+
+def refusal(create: Callable[[], Any]) -> str:
+    """The API server's refusal of `create`, once it serves the CRDs of this checkout (a replaced CRD's
+    schema takes effect a moment after the replace)."""
+
+    def refused() -> str | None:
+        try:
+            create()
+        except client.ApiException as err:
+            assert err.status == 422, (err.status, err.body)
+            return err.body or ""
+        return None
+
+    message: str = wait_for("the API server to refuse the object", refused, timeout=15)
+    return message
+
+
+@pytest.mark.platform
+@pytest.mark.parametrize("kind", ["IdmBackup", "IdmBackupSchedule"])
+@pytest.mark.parametrize(("path", "value", "message"), SCHEMA_REFUSALS)
+def test_the_api_server_refuses_malformed_fields_of_a_backup_and_of_a_schedules_template(
+    api: client.ApiClient, namespace: str, crds: None, kind: str, path: str, value: Any, message: str
+) -> None:
+    valid = with_value(VALID_SPEC, "target.ldap.caSecretRef", {"name": "ldap-ca"})
+    valid = with_value(valid, "storage.s3.caSecretRef", {"name": "s3-ca"})
+
+    def create(spec: dict[str, Any]) -> Any:
+        if kind == "IdmBackup":
+            return dry_run_create(api, namespace, PLURAL, kind, spec)
+        schedule = {"schedule": "0 3 * * *", "template": {"spec": spec}}
+        return dry_run_create(api, namespace, SCHEDULES, kind, schedule)
+
+    field = f"spec.{path}" if kind == "IdmBackup" else f"spec.template.spec.{path}"
+    body = refusal(lambda: create(with_value(valid, path, value)))
+    assert f"{field}: Invalid value" in body and message in body
+    create(valid)  # the same spec with a valid value is admitted: the refusal was for this field
+
+
+@pytest.mark.platform
+@pytest.mark.parametrize("max_age", ["0d", "00h", "0w"])
+def test_the_api_server_refuses_a_zero_max_age(
+    api: client.ApiClient, namespace: str, crds: None, max_age: str
+) -> None:
+    spec = {"schedule": "0 3 * * *", "template": {"spec": VALID_SPEC}, "retention": {"maxAge": max_age}}
+    body = refusal(lambda: dry_run_create(api, namespace, SCHEDULES, "IdmBackupSchedule", spec))
+    assert "spec.retention.maxAge: Invalid value" in body
+    spec["retention"]["maxAge"] = "07d"
+    dry_run_create(api, namespace, SCHEDULES, "IdmBackupSchedule", spec)
+
+
+# -- the real API server: what the webhook and the operator read ------------------------------------------
+
+
+@pytest.mark.platform
+def test_malformed_names_are_refused_by_the_webhook_checks_without_reading_other_objects(
+    api: client.ApiClient, namespace: str, platform: stack.Platform, tmp_path: Path
+) -> None:
+    """With CRDs older than the name rules, the webhook saw podName ".." and read the namespace (the URL
+    .../pods/.. is normalized to it) as a pod: "Invalid value for `containers`, must not be `None`"."""
+    spec = backup_spec(platform, s3_storage(platform, "names"), target={"podName": ".."})
+    spec["encryption"]["publicKeysSecretRef"]["name"] = ""
+    spec["storage"]["s3"]["credentialsSecretRef"]["name"] = ""
+    where = validation.Cluster(client.CoreV1Api(api), namespace, tmp_path, ambient_s3_credentials=False)
+    findings = validation.backup_findings(spec, where)
+    assert findings.errors[:3] == [
+        "spec.target.podName: '..' is not an object name: at most 253 lowercase letters, digits, '-' and "
+        "'.', beginning and ending with a letter or digit",
+        "spec.encryption.publicKeysSecretRef.name: the name is empty",
+        "spec.storage.s3.credentialsSecretRef.name: the name is empty",
+    ]
+    # The lookups of those three are left out; the password Secret, well named, is looked up.
+    assert findings.errors[3:] == [
+        f"spec.target.ldap.passwordSecretRef: Secret {namespace}/{freeipa_pod.DM_PASSWORD_SECRET} not found"
+    ]
+
+
+@pytest.mark.platform
+def test_reading_a_secret_with_an_empty_name_says_the_name_is_empty(
+    api: client.ApiClient, namespace: str, platform: stack.Platform
+) -> None:
+    """It used to GET .../secrets/, the namespace's list of Secrets: "Secret ns/ has no keys at all"."""
+    spec = parse_backup_spec(with_value(VALID_SPEC, "encryption.publicKeysSecretRef.name", ""))
+    with pytest.raises(cluster.ResolveError) as caught:
+        cluster.load_public_keys(client.CoreV1Api(api), namespace, spec.encryption)
+    assert str(caught.value) == f"the Secret name is empty: name a Secret in namespace {namespace}"
