@@ -328,7 +328,8 @@ def test_summary() -> None:
         ({"keep_daily": -2}, "keepDaily must not be negative, got -2"),
         ({"failed_history_limit": -1}, "failedHistoryLimit must not be negative, got -1"),
         ({"min_successful": 0}, "minSuccessful must be at least 1, got 0"),
-        ({"max_age": timedelta()}, "maxAge must be positive, got 0:00:00"),
+        ({"max_age": timedelta()}, "maxAge must be positive, got 0d"),
+        ({"max_age": timedelta(hours=-2)}, "maxAge must be positive, got -2h"),
     ],
 )
 def test_policy_validation(policy: dict[str, object], message: str) -> None:

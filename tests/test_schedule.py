@@ -45,6 +45,11 @@ def children(api: client.ApiClient, namespace: str, schedule: str) -> list[dict[
     return sorted(items, key=lambda b: b["metadata"]["name"])
 
 
+def ready_condition(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any] | None:
+    conditions = get_schedule(api, namespace, name).get("status", {}).get("conditions", [])
+    return next((c for c in conditions if c["type"] == "Ready"), None)
+
+
 def minute(moment: datetime.datetime) -> datetime.datetime:
     return moment.replace(second=0, microsecond=0)
 
@@ -146,15 +151,70 @@ def test_an_invalid_schedule_says_why(
 ) -> None:
     template = backup_spec(platform, s3_storage(platform, "x"))
     create_schedule(api, namespace, "sixfields", {"schedule": "0 0 2 * * *", "template": {"spec": template}})
-
-    def ready_condition() -> dict[str, Any] | None:
-        conditions = get_schedule(api, namespace, "sixfields").get("status", {}).get("conditions", [])
-        return next((c for c in conditions if c["type"] == "Ready"), None)
-
-    condition = wait_for("the Ready condition", ready_condition, timeout=30)
+    condition = wait_for(
+        "the Ready condition", lambda: ready_condition(api, namespace, "sixfields"), timeout=30
+    )
     assert condition["status"] == "False" and condition["reason"] == "InvalidSchedule"
     assert "6 fields" in condition["message"] and "seconds" in condition["message"]
     assert children(api, namespace, "sixfields") == []
+
+
+def test_an_invalid_retention_says_why_deletes_nothing_and_backups_go_on(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    operator: OperatorProcess,
+    secrets: None,
+) -> None:
+    """The schema refuses maxAge 0d; a CRD from before that rule, or a maxAge too long for any clock, gets
+    through without the webhook. It used to make every pass of the schedule raise, leaving no status."""
+    template = backup_spec(platform, s3_storage(platform, "x"))
+    create_schedule(
+        api,
+        namespace,
+        "forever",
+        {"schedule": "0 3 * * *", "template": {"spec": template}, "retention": {"maxAge": "99999999999d"}},
+    )
+    condition = wait_for(
+        "the Ready condition", lambda: ready_condition(api, namespace, "forever"), timeout=30
+    )
+    status = get_schedule(api, namespace, "forever")["status"]
+    assert (condition["status"], condition["reason"]) == ("False", "InvalidRetention")
+    assert condition["message"] == (
+        f"spec.retention: maxAge '99999999999d' is too long; nothing is deleted; next backup at "
+        f"{status['nextScheduleTime']}"
+    )
+    assert status["nextScheduleTime"].endswith("T03:00:00Z")
+
+
+def test_a_template_the_api_server_refuses_says_why(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    operator: OperatorProcess,
+    secrets: None,
+) -> None:
+    """A template the schedule's own schema lets through (template labels are any strings, or a template
+    stored before a CRD upgrade tightened a rule) is refused when its backup is created. That used to be
+    retried every 10 s with only a line in the operator's log."""
+    template = backup_spec(platform, s3_storage(platform, "x"))
+    create_schedule(
+        api,
+        namespace,
+        "badlabel",
+        {
+            "schedule": "0 3 * * *",
+            "immediate": True,
+            "template": {"metadata": {"labels": {"team": "not a label value"}}, "spec": template},
+        },
+    )
+    condition = wait_for(
+        "the Ready condition", lambda: ready_condition(api, namespace, "badlabel"), timeout=30
+    )
+    assert (condition["status"], condition["reason"]) == ("False", "InvalidTemplate")
+    assert condition["message"].startswith("the backup this schedule creates is refused: IdmBackup")
+    assert 'metadata.labels: Invalid value: "not a label value"' in condition["message"]
+    assert children(api, namespace, "badlabel") == []
 
 
 def finished_or_gone(api: client.ApiClient, namespace: str, name: str) -> bool:

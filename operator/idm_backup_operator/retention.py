@@ -58,7 +58,7 @@ class RetentionPolicy:
         if self.min_successful < 1:
             raise ValueError(f"minSuccessful must be at least 1, got {self.min_successful}")
         if self.max_age is not None and self.max_age <= timedelta():
-            raise ValueError(f"maxAge must be positive, got {self.max_age}")
+            raise ValueError(f"maxAge must be positive, got {_duration(self.max_age)}")
 
     @property
     def has_keep_rule(self) -> bool:

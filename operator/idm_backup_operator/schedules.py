@@ -9,7 +9,9 @@ child exists, so a crash in between never loses a tick and a restart never doubl
 from __future__ import annotations
 
 import datetime
+import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,20 +33,37 @@ _DURATION_UNITS = {
     "d": datetime.timedelta(days=1),
     "w": datetime.timedelta(weeks=1),
 }
+_DURATION = re.compile(r"([0-9]+)([hdw])")
+# The CRD's maximum. A CRD from before it let 2**62 through, which overflows a timedelta; any deadline
+# this long already means "take a missed tick late, whenever".
+MAX_STARTING_DEADLINE_SECONDS = 366 * 24 * 3600
 
 
 def parse_duration(text: str) -> datetime.timedelta:
-    return int(text[:-1]) * _DURATION_UNITS[text[-1]]
+    """Raises ValueError for anything but a number of hours, days or weeks that a timedelta can hold."""
+    match = _DURATION.fullmatch(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a number followed by h, d or w, e.g. 90d")
+    try:
+        return int(match[1]) * _DURATION_UNITS[match[2]]
+    except OverflowError:
+        raise ValueError(f"{text!r} is too long") from None
 
 
 def retention_policy(spec: Mapping[str, Any]) -> retention.RetentionPolicy:
+    """Raises ValueError naming the field: older CRDs, without the webhook, let such policies through."""
     keep = spec.get("retention") or {}
+    max_age = keep.get("maxAge")
+    try:
+        age = parse_duration(max_age) if max_age else None
+    except ValueError as err:
+        raise ValueError(f"maxAge {err}") from None
     return retention.RetentionPolicy(
         keep_last=keep.get("keepLast"),
         keep_daily=keep.get("keepDaily"),
         keep_weekly=keep.get("keepWeekly"),
         keep_monthly=keep.get("keepMonthly"),
-        max_age=parse_duration(keep["maxAge"]) if keep.get("maxAge") else None,
+        max_age=age,
         min_successful=keep.get("minSuccessful", 1),
         failed_history_limit=keep.get("failedHistoryLimit", 3),
     )
@@ -153,7 +172,7 @@ def create_child(custom: client.CustomObjectsApi, body: dict[str, Any]) -> bool:
 def apply_retention(
     services: Services,
     custom: client.CustomObjectsApi,
-    schedule: Mapping[str, Any],
+    policy: retention.RetentionPolicy,
     children: Sequence[Child],
     now: datetime.datetime,
     tz: Any,
@@ -165,7 +184,7 @@ def apply_retention(
         )
         for c in children
     ]
-    plan = retention.plan_retention(records, retention_policy(schedule["spec"]), now=now, tz=tz)
+    plan = retention.plan_retention(records, policy, now=now, tz=tz)
     if not plan.delete:
         return None
     by_name = {c.name: c for c in children}
@@ -201,10 +220,26 @@ class Tick:
     created: bool
 
 
+@dataclass(frozen=True)
+class Invalid:
+    """Why the schedule cannot create backups: the reason and message of its Ready condition."""
+
+    reason: str
+    message: str
+
+
+def _api_message(err: client.ApiException) -> str:
+    try:
+        message = json.loads(err.body or "")["message"]
+    except (ValueError, KeyError, TypeError):
+        return f"{err.status} {err.reason}"
+    return str(message)
+
+
 def take_tick(
     custom: client.CustomObjectsApi, schedule: Mapping[str, Any], now: datetime.datetime
-) -> Tick | str:
-    """Create the due tick's backup, if any; a string is the reason the schedule is invalid.
+) -> Tick | Invalid:
+    """Create the due tick's backup, if any; Invalid says why the schedule cannot.
 
     Nothing else is read or written before the create: when many schedules fire together, every call
     before it is lateness. The children are listed first only when the last pass saw one still running,
@@ -216,7 +251,7 @@ def take_tick(
         cron = scheduling.CronSchedule.parse(spec["schedule"])
         tz = scheduling.parse_time_zone(spec.get("timeZone") or "UTC")
     except scheduling.InvalidSchedule as err:
-        return str(err)
+        return Invalid("InvalidSchedule", str(err))
     identity = ResourceIdentity(meta["namespace"], meta["name"], meta["uid"])
     children = list_children(custom, identity) if status.get("active") else None
     deadline = spec.get("startingDeadlineSeconds")
@@ -232,12 +267,23 @@ def take_tick(
         suspend=spec.get("suspend", False),
         immediate=spec.get("immediate", False),
         concurrency=spec.get("concurrencyPolicy", "Forbid"),
-        starting_deadline=datetime.timedelta(seconds=deadline) if deadline else None,
+        starting_deadline=datetime.timedelta(seconds=min(deadline, MAX_STARTING_DEADLINE_SECONDS))
+        if deadline
+        else None,
     )
     due_name, created = None, False
     if decision.due is not None and not decision.skipped_for_concurrency:
         due_name = scheduling.child_name(meta["name"], decision.due)
-        created = create_child(custom, child_body(schedule, due_name, decision.due))
+        try:
+            created = create_child(custom, child_body(schedule, due_name, decision.due))
+        except client.ApiException as err:
+            if err.status != 422:
+                raise
+            # The API server's schema or the webhook refuses the template (e.g. a template stored before
+            # a CRD upgrade that tightened a rule): retrying every few seconds would only repeat that.
+            return Invalid(
+                "InvalidTemplate", f"the backup this schedule creates is refused: {_api_message(err)}"
+            )
     return Tick(decision, children, due_name, created)
 
 
@@ -247,15 +293,15 @@ def record(
     schedule: Mapping[str, Any],
     report: Reporter,
     now: datetime.datetime,
-    tick: Tick | str,
+    tick: Tick | Invalid,
 ) -> datetime.datetime:
     """The second half of a pass: status, Events and retention; returns when the next pass is due.
 
     Safe to delay: lastScheduleTime is only a record, since a tick's backup has a fixed name and a
     second create of it is refused.
     """
-    if isinstance(tick, str):
-        report.condition("Ready", False, "InvalidSchedule", tick)
+    if isinstance(tick, Invalid):
+        report.condition("Ready", False, tick.reason, tick.message)
         return now + datetime.timedelta(hours=1)
     meta, spec, status = schedule["metadata"], schedule["spec"], schedule.get("status") or {}
     decision = tick.decision
@@ -277,13 +323,23 @@ def record(
     if decision.last_schedule_time is not None:
         # Also advanced for a tick missed past its deadline, so each miss is reported only once.
         fields["lastScheduleTime"] = format_time(decision.last_schedule_time)
-    tz = scheduling.parse_time_zone(spec.get("timeZone") or "UTC")
-    pruned = apply_retention(services, custom, schedule, children, now, tz)
-    if pruned is not None:
-        fields["retention"] = pruned
-        report.event("RetentionApplied", pruned["message"], warning=pruned["message"].startswith("could not"))
+    next_backup = f"next backup at {fields['nextScheduleTime']}"
+    try:
+        policy = retention_policy(spec)
+    except ValueError as err:
+        # Backups go on: a typo in what to delete must neither delete anything nor stop new backups.
+        ready = (False, "InvalidRetention", f"spec.retention: {err}; nothing is deleted; {next_backup}")
+    else:
+        tz = scheduling.parse_time_zone(spec.get("timeZone") or "UTC")
+        pruned = apply_retention(services, custom, policy, children, now, tz)
+        if pruned is not None:
+            fields["retention"] = pruned
+            report.event(
+                "RetentionApplied", pruned["message"], warning=pruned["message"].startswith("could not")
+            )
+        ready = (True, "Scheduled", next_backup)
     report.update(**fields)
-    report.condition("Ready", True, "Scheduled", f"next backup at {fields['nextScheduleTime']}")
+    report.condition("Ready", *ready)
     last_ok = fields.get("consecutiveFailures", 0) == 0
     if "lastSuccessfulTime" in fields or "lastFailedTime" in fields:
         report.condition(

@@ -38,7 +38,7 @@ def _snapshot(body: kopf.Body) -> dict[str, Any]:
     return {"metadata": dict(body.metadata), "spec": dict(body.spec), "status": dict(body.status)}
 
 
-def _record(body: kopf.Body, memo: kopf.Memo, tick: schedules.Tick | str) -> datetime.datetime:
+def _record(body: kopf.Body, memo: kopf.Memo, tick: schedules.Tick | schedules.Invalid) -> datetime.datetime:
     schedule = _snapshot(body)
     meta = schedule["metadata"]
     report = StatusReporter(
