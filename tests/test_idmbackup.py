@@ -440,6 +440,72 @@ def test_operator_killed_during_transfer_leaves_no_success_no_partial_object_and
     assert leases == []
 
 
+@pytest.mark.parametrize("archive", ["intact", "altered"])
+def test_a_backup_found_stored_after_a_restart_is_checked_byte_for_byte_and_its_pod_copy_removed(
+    archive: str,
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    freeipa: Callable[..., str],
+    operator: OperatorProcess,
+    run_backup: Backup,
+    s3: Any,
+) -> None:
+    """An operator killed right after writing the manifest leaves a Running backup whose files are all
+    stored. Killing it in exactly that millisecond is a race, so the state is built: a real backup's
+    files (its plaintext copy kept in the pod), and a second IdmBackup left Running at the last step,
+    which its manifest names. The restarted operator must read the archive back before calling it
+    Succeeded, and then remove the pod's copy (podCleanup: Remove, the default)."""
+    pod = freeipa()
+    prefix = f"test/{namespace}"
+    spec = backup_spec(platform, s3_storage(platform, prefix), type="Data")
+    done = run_backup("source", {**spec, "podCleanup": "Keep"})["status"]
+    assert done["phase"] == "Succeeded", done
+    directory = done["ipaBackup"]["directory"]
+    operator.stop()
+    create_backup(api, namespace, "interrupted", spec)
+    uid = get_backup(api, namespace, "interrupted")["metadata"]["uid"]
+    client.CustomObjectsApi(api).patch_namespaced_custom_object_status(
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        "interrupted",
+        {
+            "status": {
+                "phase": "Running",
+                "step": "verifying the stored archive",
+                **{k: done[k] for k in ("startTime", "target", "ipaBackup", "header")},
+            }
+        },
+    )
+    bucket = platform.s3_bucket
+    manifest_key = done["archive"]["manifestURI"].removeprefix(f"s3://{bucket}/")
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key=manifest_key)["Body"].read())
+    manifest["resource"].update(name="interrupted", uid=uid)
+    s3.put_object(Bucket=bucket, Key=manifest_key, Body=json.dumps(manifest).encode())
+    if archive == "altered":
+        # One byte changed, the size kept: only a read-back hash tells.
+        key = done["archive"]["uri"].removeprefix(f"s3://{bucket}/")
+        data = bytearray(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        data[len(data) // 2] ^= 0xFF
+        s3.put_object(Bucket=bucket, Key=key, Body=bytes(data))
+    operator.start()
+    status = wait_finished(api, namespace, "interrupted", operator)["status"]
+    copy_left, _ = pod_exec(api, namespace, pod, ["test", "-e", directory])
+    if archive == "intact":
+        assert status["phase"] == "Succeeded", status
+        assert "completed before the operator restarted" in status["message"]
+        assert status["durationSeconds"] >= 0
+        assert copy_left != 0, f"{directory} is still in the pod"
+        assert len(s3_keys(s3, bucket, prefix)) == 3
+    else:
+        assert (status["phase"], status["reason"]) == ("Failed", "OperatorRestarted"), status
+        assert "nothing partial is left in storage" in status["message"]
+        assert s3_keys(s3, bucket, prefix) == []
+    assert services_running(api, namespace, pod)
+
+
 def test_two_backups_of_one_server_run_one_after_the_other(
     api: client.ApiClient,
     namespace: str,
