@@ -9,6 +9,7 @@ platform tests (tests/test_concurrency.py) run the real thing.
 from __future__ import annotations
 
 import inspect
+import time
 from typing import Any
 
 from kubernetes import client
@@ -78,3 +79,50 @@ def test_open_exec_websocket_never_touches_a_shared_client(monkeypatch: Any) -> 
     assert opened[0]["configuration"] is shared.configuration
     assert opened[0]["capture_all"] is False and opened[0]["binary"] is True
     assert "request" not in vars(shared)
+
+
+class _Frames:
+    """A websocket that delivers scripted stderr frames, then the exit status (parsing only, no fault)."""
+
+    def __init__(self, stderr_frames: list[bytes]) -> None:
+        self._frames = list(stderr_frames)
+        self._current: dict[int, bytes] = {}
+        self._open = True
+
+    def update(self, timeout: float) -> None:
+        if self._frames:
+            self._current = {ws_client.STDERR_CHANNEL: self._frames.pop(0)}
+        else:
+            self._current = {ws_client.ERROR_CHANNEL: b'{"status": "Success"}'}
+            self._open = False
+
+    def read_channel(self, channel: int) -> bytes:
+        return self._current.pop(channel, b"")
+
+    def is_open(self) -> bool:
+        return self._open
+
+    def close(self) -> None:
+        self._open = False
+
+
+def test_stderr_lines_are_assembled_across_frames_and_delivered_as_they_end() -> None:
+    seen: list[str] = []
+    session = podexec.Session(_Frames([b"one\ntw", b"o\n", b"", b"three"]), None, seen.append)
+    result = session.finish()
+    assert seen == ["one", "two", "three"]
+    assert (result.exit_code, result.stderr) == (0, "one\ntwo\nthree")
+
+
+def test_a_line_without_end_is_cut_and_what_is_kept_is_bounded() -> None:
+    # 64 MiB without a newline, in 64 KiB frames: joined by concatenation this took minutes of CPU.
+    frames = [b"x" * (64 << 10)] * 1024 + [b"\n" + b"short\n" * 100_000]
+    seen: list[str] = []
+    started = time.process_time()
+    result = podexec.Session(_Frames(frames), None, seen.append).finish()
+    assert time.process_time() - started < 10
+    assert seen[0] == "x" * podexec.MAX_LINE + f" [line cut at {podexec.MAX_LINE} bytes]"
+    assert len(seen) == 100_001
+    assert len(result.stderr) <= podexec.MAX_KEPT_STDERR + 100
+    first, *rest = result.stderr.splitlines()
+    assert first.startswith("[") and first.endswith("earlier lines not kept]") and rest[-1] == "short"

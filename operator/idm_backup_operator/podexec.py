@@ -7,6 +7,7 @@ can follow ipa-backup's progress. The exit status arrives as a number, not as an
 
 from __future__ import annotations
 
+import collections
 import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -16,9 +17,14 @@ from typing import Any
 import yaml
 from kubernetes import client
 from kubernetes.stream.ws_client import ERROR_CHANNEL, STDERR_CHANNEL, STDOUT_CHANNEL, websocket_call
+from websocket import WebSocketException
 
 # How long one wait for a frame may block before the deadline is checked again.
 _POLL_SECONDS = 1.0
+# What is kept of a command's stderr: the last lines, up to this many bytes, each line at most this long.
+# A pod is not trusted input: a command that prints gigabytes without a newline must not fill memory.
+MAX_KEPT_STDERR = 256 << 10
+MAX_LINE = 16 << 10
 
 
 class ExecError(RuntimeError):
@@ -27,6 +33,13 @@ class ExecError(RuntimeError):
 
 class ExecCancelled(ExecError):
     """The caller's should_stop said so; the command may still run in the pod."""
+
+
+class ExecLost(ExecError):
+    """The connection broke (API server or node restarted, network) before the command's end was known.
+
+    The command may still run in the pod, or have died with its stream: the caller must find out.
+    """
 
 
 @dataclass(frozen=True)
@@ -56,7 +69,7 @@ def _exit_code(status_text: str) -> int:
     """Translate the API server's v1 Status on the error channel into an exit code."""
     status = yaml.safe_load(status_text) if status_text else None
     if not isinstance(status, dict):
-        raise ExecError("the exec connection closed without reporting how the command ended")
+        raise ExecLost("the exec connection closed without reporting how the command ended")
     if status.get("status") == "Success":
         return 0
     for cause in (status.get("details") or {}).get("causes") or []:
@@ -79,8 +92,11 @@ class Session:
         self._deadline = deadline
         self._on_line = on_stderr_line
         self._should_stop = should_stop
-        self._stderr_partial = b""
-        self._stderr: list[str] = []
+        self._partial = bytearray()
+        self._partial_cut = False
+        self._stderr: collections.deque[str] = collections.deque()
+        self._stderr_kept = 0
+        self._stderr_dropped = 0
         self._error_channel = b""
 
     def _pump(self) -> bytes:
@@ -92,7 +108,10 @@ class Session:
         timeout = _POLL_SECONDS
         if self._deadline is not None:
             timeout = max(0.0, min(timeout, self._deadline - time.monotonic()))
-        self._ws.update(timeout=timeout)
+        try:
+            self._ws.update(timeout=timeout)
+        except (WebSocketException, OSError) as broken:
+            raise ExecLost(f"the exec connection was lost: {type(broken).__name__}: {broken}") from None
         out = self._ws.read_channel(STDOUT_CHANNEL)
         err = self._ws.read_channel(STDERR_CHANNEL)
         if err:
@@ -103,13 +122,29 @@ class Session:
         return bytes(out)
 
     def _take_stderr(self, data: bytes) -> None:
-        *lines, self._stderr_partial = (self._stderr_partial + data).split(b"\n")
-        for raw in lines:
-            self._emit(raw)
+        # Linear in the output: each frame is scanned once, and a line is joined only when it ends.
+        start = 0
+        while (end := data.find(b"\n", start)) != -1:
+            self._extend_line(data[start:end])
+            self._end_line()
+            start = end + 1
+        self._extend_line(data[start:])
 
-    def _emit(self, raw: bytes) -> None:
-        line = raw.decode("utf-8", "replace")
+    def _extend_line(self, piece: bytes) -> None:
+        room = MAX_LINE - len(self._partial)
+        self._partial += piece[: max(room, 0)]
+        self._partial_cut = self._partial_cut or len(piece) > room
+
+    def _end_line(self) -> None:
+        line = self._partial.decode("utf-8", "replace")
+        if self._partial_cut:
+            line += f" [line cut at {MAX_LINE} bytes]"
+        self._partial, self._partial_cut = bytearray(), False
         self._stderr.append(line)
+        self._stderr_kept += len(line) + 1  # and the newline that will join it to the next
+        while self._stderr_kept > MAX_KEPT_STDERR and len(self._stderr) > 1:
+            self._stderr_kept -= len(self._stderr.popleft()) + 1
+            self._stderr_dropped += 1
         if self._on_line is not None:
             self._on_line(line)
 
@@ -126,13 +161,26 @@ class Session:
         return self.result(b"")
 
     def result(self, stdout: bytes) -> ExecResult:
-        if self._stderr_partial:
-            self._emit(self._stderr_partial)
-            self._stderr_partial = b""
-        return ExecResult(_exit_code(self._error_channel.decode()), stdout, "\n".join(self._stderr))
+        if self._partial or self._partial_cut:
+            self._end_line()
+        dropped = [f"[{self._stderr_dropped} earlier lines not kept]"] if self._stderr_dropped else []
+        stderr = "\n".join([*dropped, *self._stderr])
+        return ExecResult(_exit_code(self._error_channel.decode()), stdout, stderr)
 
     def close(self) -> None:
         self._ws.close()
+
+
+def _refused(err: client.ApiException) -> bool:
+    """Whether a failed exec handshake was the API server saying no (Handshake status 403, 404, ...)."""
+    return "Handshake status" in str(err.reason)
+
+
+def _refusal(pod: PodRef, detail: object) -> ExecError:
+    return ExecError(
+        f"the API server refused exec into pod {pod} ({detail}); "
+        "the operator needs get and create on pods/exec there"
+    )
 
 
 def open_exec_websocket(
@@ -182,13 +230,14 @@ class PodExec:
     ) -> Session:
         try:
             ws = open_exec_websocket(self._configuration, pod, argv, stdin=stdin)
-        except (client.ApiException, AttributeError) as err:
-            # A refused websocket handshake (e.g. 403) surfaces from the client as an ApiException without
-            # a status, or, when the refusal has no body, as an AttributeError from inside the client.
-            raise ExecError(
-                f"the API server refused exec into pod {pod} ({getattr(err, 'reason', None) or err}); "
-                "the operator needs get and create on pods/exec there"
-            ) from None
+        except client.ApiException as err:
+            if err.status == 0 and not _refused(err):
+                # websocket_call reports every failure as status 0: no connection is not a refusal.
+                raise ExecLost(f"cannot reach the API server to exec in pod {pod}: {err.reason}") from None
+            raise _refusal(pod, err.reason or err) from None
+        except AttributeError as err:
+            # A refused handshake without a body surfaces as an AttributeError from inside the client.
+            raise _refusal(pod, err) from None
         deadline = None if timeout is None else time.monotonic() + timeout
         return Session(ws, deadline, on_stderr_line, should_stop)
 
