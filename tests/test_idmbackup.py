@@ -341,8 +341,10 @@ def test_a_hanging_ipa_backup_is_stopped_at_the_deadline_and_services_restarted(
         platform, s3_storage(platform, f"test/{namespace}"), type="Full", activeDeadlineSeconds=60
     )
     status = run_backup("hang", spec, timeout=150)["status"]
-    assert status["phase"] == "Failed" and status["reason"] == "IpaBackupFailed"
-    assert "deadline" in status["message"]
+    assert (status["phase"], status["reason"]) == ("Failed", "DeadlineExceeded"), status
+    assert "did not finish within activeDeadlineSeconds=60; ipa-backup was stopped" in status["message"]
+    running = next(c for c in status["conditions"] if c["type"] == "ServicesRunning")
+    assert (running["status"], running["reason"]) == ("True", "StartedByOperator")
     code, _ = pod_exec(api, namespace, pod, ["pgrep", "-x", "ipa-backup"])
     assert code == 1  # no ipa-backup left running in the pod
     assert services_running(api, namespace, pod)

@@ -13,12 +13,14 @@ Everything reaches the user through a Reporter: the resource's status and Kubern
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
@@ -28,7 +30,15 @@ from idm_backup_operator import cluster, encryption, freeipa, layout, stored
 from idm_backup_operator.freeipa import BackupDirectory, BackupHeader, IpaServerConfig
 from idm_backup_operator.locking import TargetLock
 from idm_backup_operator.model import BackupSpec, format_time, parse_time
-from idm_backup_operator.podexec import ExecCancelled, ExecError, PodExec, PodRef
+from idm_backup_operator.podexec import (
+    ExecCancelled,
+    ExecError,
+    ExecLost,
+    ExecResult,
+    ExecTimeout,
+    PodExec,
+    PodRef,
+)
 from idm_backup_operator.storage import StorageError, Store, StoredObject
 from idm_backup_operator.streams import Tally, chunks_of, tallied
 from idm_backup_operator.topology import TopologyError, check_roles, read_topology
@@ -38,6 +48,9 @@ log = logging.getLogger(__name__)
 SERVICE_START_TIMEOUT = 900
 # After an operator restart, how long an ipa-backup that is still running may take to end on its own.
 ORPHAN_WAIT_SECONDS = 120
+# How long the commands that put a server back (stop ipa-backup, ipactl start, ipactl status) keep
+# trying through a lost exec connection: an API server restart takes seconds, a node's a few minutes.
+OUTAGE_PATIENCE_SECONDS = 300
 
 
 class Reporter(Protocol):
@@ -62,10 +75,14 @@ class Services:
     pvc_root: Path
     # Whether an S3 spec without credentialsSecretRef may use the operator's own AWS identity.
     ambient_s3_credentials: bool = False
+    # Set when the operator shuts down (SIGTERM): running backups wind down, services started again.
+    stopping: threading.Event = field(default_factory=threading.Event)
 
 
 CANCELLED = "Cancelled"
 CANCELLED_MESSAGE = "the IdmBackup was deleted while the backup ran: stopped, and nothing was stored"
+LOCK_LOST = "LockLost"
+SHUTDOWN = "OperatorShutdown"
 
 
 class BackupFailed(Exception):
@@ -75,12 +92,17 @@ class BackupFailed(Exception):
         self.message = message
 
 
-class TargetBusy(Exception):
-    """Another backup of the same server holds its lock; this one waits."""
+class MustWait(Exception):
+    """The backup cannot start yet, and nothing was changed: the server's lock is held, its pod is not
+    ready, or an ipa-backup this backup did not start still runs there. Tried again later."""
 
-    def __init__(self, holder: str) -> None:
-        super().__init__(f"waiting for {holder} to finish: one backup per server at a time")
-        self.holder = holder
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _busy(holder: str) -> MustWait:
+    return MustWait("TargetBusy", f"waiting for {holder} to finish: one backup per server at a time")
 
 
 def lock_holder(resource: layout.ResourceIdentity) -> str:
@@ -103,21 +125,44 @@ def _now() -> datetime.datetime:
 def take_backup(
     resource: layout.ResourceIdentity, spec: BackupSpec, services: Services, report: Reporter
 ) -> None:
-    """Raises BackupFailed with the cause, or TargetBusy while another backup of the server runs."""
+    """Raises BackupFailed with the cause, or MustWait when it cannot start yet."""
     try:
         pod = cluster.find_target_pod(services.core, resource.namespace, spec.target)
+    except cluster.PodNotReady as err:
+        raise MustWait("TargetNotReady", str(err)) from None
     except cluster.ResolveError as err:
         raise BackupFailed("TargetUnavailable", str(err)) from None
+    with _holding_lock(services, pod, resource) as lock:
+        # An ipa-backup still running there is an interrupted backup's (operator killed, connection
+        # lost): its recovery stops it and starts the services; a second one now would stop them under it.
+        if _ipa_backup_running(services.execs, pod):
+            raise MustWait(
+                "TargetBusy",
+                f"an ipa-backup this backup did not start is still running in pod {pod.name}: waiting for "
+                "it to end, or for the backup it belongs to to be recovered",
+            )
+        with tempfile.TemporaryDirectory(prefix="idm-backup-") as scratch:
+            _Backup(resource, spec, services, report, pod, Path(scratch), lock).run()
+
+
+@contextlib.contextmanager
+def _holding_lock(services: Services, pod: PodRef, resource: layout.ResourceIdentity) -> Iterator[TargetLock]:
     lock = TargetLock(services.coordination, pod, lock_holder(resource))
     busy = lock.try_acquire()
     if busy is not None:
-        raise TargetBusy(busy.holder)
+        raise _busy(busy.holder)
     lock.keep_renewed()
     try:
-        with tempfile.TemporaryDirectory(prefix="idm-backup-") as scratch:
-            _Backup(resource, spec, services, report, pod, Path(scratch)).run()
+        yield lock
     finally:
         lock.release()
+
+
+def _ipa_backup_running(execs: PodExec, pod: PodRef) -> bool:
+    try:
+        return execs.run(pod, ["pgrep", "-x", "ipa-backup"], timeout=30).exit_code == 0
+    except (ExecError, client.ApiException) as err:
+        raise BackupFailed("ExecFailed", f"cannot exec in pod {pod.name}: {err}") from None
 
 
 class _Backup:
@@ -129,15 +174,36 @@ class _Backup:
         report: Reporter,
         pod: PodRef,
         scratch: Path,
+        lock: TargetLock,
     ) -> None:
         self.resource, self.spec, self.services, self.report = resource, spec, services, report
-        self.pod, self.scratch = pod, scratch
+        self.pod, self.scratch, self.lock = pod, scratch, lock
         self.started = _now()
         self.deadline = time.monotonic() + spec.deadline_seconds
 
-    def stop_if_cancelled(self) -> None:
+    def stop_reason(self) -> BackupFailed | None:
+        """Why the backup must stop now, if it must: deleted, its server's lock lost, or the operator
+        shutting down. Asked between steps and, through should_stop, every second while a command runs."""
         if self.report.cancelled():
-            raise BackupFailed(CANCELLED, CANCELLED_MESSAGE)
+            return BackupFailed(CANCELLED, CANCELLED_MESSAGE)
+        if self.lock.lost.is_set():
+            return BackupFailed(
+                LOCK_LOST,
+                f"this backup lost pod {self.pod.name}'s lock (its renewals failed for too long, or "
+                "another process took it over): it stopped acting on the server",
+            )
+        if self.services.stopping.is_set():
+            return BackupFailed(
+                SHUTDOWN, "the operator was shut down while this backup ran: stopped, and nothing was stored"
+            )
+        return None
+
+    def should_stop(self) -> bool:
+        return self.stop_reason() is not None
+
+    def stop_if_told(self) -> None:
+        if (reason := self.stop_reason()) is not None:
+            raise reason
 
     def remaining(self) -> float:
         left = self.deadline - time.monotonic()
@@ -163,12 +229,17 @@ class _Backup:
         recipients = self.load_keys()
         store = self.open_store()
         server = self.preflight_server()
-        self.stop_if_cancelled()
+        self.stop_if_told()
         directory = self.run_ipa_backup()
-        if self.report.cancelled():
-            self.cleanup_pod(directory)
-            raise BackupFailed(CANCELLED, CANCELLED_MESSAGE)
-        archive_uri = self.store_backup(store, server, directory, recipients)
+        try:
+            self.stop_if_told()
+            archive_uri = self.store_backup(store, server, directory, recipients)
+        except BaseException:
+            # Nothing was stored: the plaintext copy goes as it would on success, unless the lock was
+            # lost, since the server is then another process's to act on.
+            if not self.lock.lost.is_set():
+                self.cleanup_pod(directory)
+            raise
         cleanup_note = self.cleanup_pod(directory)
         # Conditions first: whoever sees the phase change also sees them.
         self.report.condition("Completed", True, "BackupSucceeded", f"stored and verified {archive_uri}")
@@ -276,34 +347,24 @@ class _Backup:
             raise BackupFailed("ExecFailed", f"cannot exec in pod {self.pod.name}: {err.reason}") from None
 
     def run_ipa_backup(self) -> BackupDirectory:
+        """ipa-backup in the pod. Offline, it stops IPA: from the moment it may have, the services are
+        started again unless they were seen running, whatever ends this method (ipa-backup failing, a lost
+        connection, a status write, cancellation, shutdown)."""
+        if not self.spec.options.stops_services:
+            return self._ipa_backup()
+        self.services_settled = False
+        try:
+            return self._ipa_backup()
+        finally:
+            if not self.services_settled:
+                self.put_services_back()
+
+    def _ipa_backup(self) -> BackupDirectory:
         options = self.spec.options
         argv = freeipa.ipa_backup_argv(options)
         self.report.update(step="ipa-backup: starting", ipaBackup={"command": argv})
         parser = freeipa.BackupOutputParser()
-
-        def on_line(line: str) -> None:
-            for step in parser.feed(line + "\n"):
-                self.report.update(step=f"ipa-backup: {step}")
-
-        exit_code: int | None = None
-        interruption = ""
-        cancelled = False
-        try:
-            session = self.services.execs.open(
-                self.pod,
-                argv,
-                timeout=self.remaining(),
-                on_stderr_line=on_line,
-                should_stop=self.report.cancelled,
-            )
-            try:
-                exit_code = session.finish().exit_code
-            finally:
-                session.close()
-        except (ExecError, client.ApiException, OSError) as err:
-            interruption = f" ({err})"
-            cancelled = isinstance(err, ExecCancelled)
-            stop_orphaned_ipa_backup(self.services.execs, self.pod, wait=0)
+        exit_code, interruption = self._exec_ipa_backup(argv, parser)
         result = parser.finish(exit_code)
         self.report.update(
             ipaBackup={
@@ -312,20 +373,82 @@ class _Backup:
                 "warnings": list(result.warnings),
             }
         )
+        if interruption is not None:
+            raise interruption
         if not result.succeeded:
-            if options.stops_services and (result.services_may_be_stopped or exit_code is None):
-                restart_services(self.services.execs, self.pod, self.report)
-            if cancelled:
-                raise BackupFailed(CANCELLED, f"{CANCELLED_MESSAGE}; ipa-backup was stopped")
-            raise BackupFailed("IpaBackupFailed", f"ipa-backup failed: {result.message}{interruption}")
+            self.services_settled = not result.services_may_be_stopped
+            raise BackupFailed("IpaBackupFailed", f"ipa-backup failed: {result.message}")
         if options.stops_services:
-            check_services(self.services.execs, self.pod, self.report, started_by="ipa-backup")
+            self.services_settled = check_services(
+                self.services.execs, self.pod, self.report, started_by="ipa-backup"
+            )
         try:
             return result.directory(options.type)
         except freeipa.UnsafeBackupPath as err:
             raise BackupFailed(
                 "UnexpectedOutput", f"ipa-backup reported an unexpected directory: {err}"
             ) from None
+
+    def _exec_ipa_backup(
+        self, argv: list[str], parser: freeipa.BackupOutputParser
+    ) -> tuple[int | None, BackupFailed | None]:
+        """Its exit code, or why it was interrupted (it is then stopped, if it still runs)."""
+
+        def on_line(line: str) -> None:
+            for step in parser.feed(line + "\n"):
+                self.report.update(step=f"ipa-backup: {step}")
+
+        try:
+            session = self.services.execs.open(
+                self.pod, argv, timeout=self.remaining(), on_stderr_line=on_line, should_stop=self.should_stop
+            )
+        except ExecLost as err:
+            # Whether the command started is unknown: treat it as running.
+            interruption = BackupFailed("ExecStreamLost", f"ipa-backup could not be run reliably: {err}")
+        except (ExecError, client.ApiException) as err:
+            self.services_settled = True  # refused: nothing ran
+            raise BackupFailed("ExecFailed", f"cannot run ipa-backup in pod {self.pod.name}: {err}") from None
+        else:
+            try:
+                return session.finish().exit_code, None
+            except ExecError as err:
+                interruption = self._interruption(err)
+            finally:
+                session.close()
+        stop_orphaned_ipa_backup(self.services.execs, self.pod, wait=0)
+        return None, interruption
+
+    def _interruption(self, err: ExecError) -> BackupFailed:
+        stopped = "; ipa-backup was stopped"
+        if isinstance(err, ExecCancelled):
+            reason = self.stop_reason() or BackupFailed(CANCELLED, CANCELLED_MESSAGE)
+            return BackupFailed(reason.reason, reason.message + stopped)
+        if isinstance(err, ExecTimeout):
+            return BackupFailed(
+                "DeadlineExceeded",
+                f"ipa-backup did not finish within activeDeadlineSeconds={self.spec.deadline_seconds}"
+                + stopped,
+            )
+        if isinstance(err, ExecLost):
+            return BackupFailed(
+                "ExecStreamLost",
+                f"the connection to ipa-backup in pod {self.pod.name} was lost ({err}), e.g. by an API "
+                f"server or node restart{stopped}",
+            )
+        return BackupFailed("IpaBackupFailed", f"ipa-backup could not be followed: {err}{stopped}")
+
+    def put_services_back(self) -> None:
+        """ipactl start, as the holder of the server's lock: if another process holds it now, starting
+        the services under its work could spoil it, and that process puts them back itself."""
+        if self.lock.lost.is_set() and (busy := self.lock.try_acquire()) is not None:
+            self.report.event(
+                "ServicesNotRestarted",
+                f"IPA services in pod {self.pod.name} may be stopped, and {busy.holder} now holds the "
+                "server's lock: it starts them when it is done",
+                warning=True,
+            )
+            return
+        restart_services(self.services.execs, self.pod, self.report)
 
     # -- transfer and verification ------------------------------------------------------------------------
 
@@ -367,7 +490,7 @@ class _Backup:
     def archive_chunks(self, directory: BackupDirectory, tally: Tally) -> Iterator[bytes]:
         argv = ["cat", "--", str(directory.archive_path)]
         chunks = self.services.execs.stream_stdout(
-            self.pod, argv, timeout=self.remaining(), should_stop=self.report.cancelled
+            self.pod, argv, timeout=self.remaining(), should_stop=self.should_stop
         )
         return tallied(chunks, tally)
 
@@ -444,7 +567,12 @@ class _Backup:
                             upload.write(chunk)
                 return upload.commit()
         except ExecCancelled:
-            raise BackupFailed(CANCELLED, CANCELLED_MESSAGE) from None
+            raise self.stop_reason() or BackupFailed(CANCELLED, CANCELLED_MESSAGE) from None
+        except ExecTimeout:
+            raise BackupFailed(
+                "DeadlineExceeded",
+                f"the archive was not stored within activeDeadlineSeconds={self.spec.deadline_seconds}",
+            ) from None
         except ExecError as err:
             raise BackupFailed("TransferFailed", f"reading the archive from the pod failed: {err}") from None
         except encryption.GpgError as err:
@@ -505,9 +633,25 @@ def remove_from_pod(execs: PodExec, pod: PodRef, path: PurePosixPath, report: Re
 # -- services and orphans, shared with recovery after an operator restart ------------------------------
 
 
+def _through_outages(call: Callable[[], ExecResult], patience: float = OUTAGE_PATIENCE_SECONDS) -> ExecResult:
+    """A command that puts the server back is run again when its connection is lost, for `patience`
+    seconds: an API server restart must not leave IPA stopped because `ipactl start` could not be sent."""
+    deadline = time.monotonic() + patience
+    delay = 1.0
+    while True:
+        try:
+            return call()
+        except ExecLost as err:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s; trying again in %.0f s", err, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 15.0)
+
+
 def check_services(execs: PodExec, pod: PodRef, report: Reporter, *, started_by: str) -> bool:
     try:
-        result = execs.run(pod, list(freeipa.IPACTL_STATUS), timeout=120)
+        result = _through_outages(lambda: execs.run(pod, list(freeipa.IPACTL_STATUS), timeout=120))
     except (ExecError, client.ApiException) as err:
         report.condition("ServicesRunning", False, "StatusUnknown", f"ipactl status could not run: {err}")
         return False
@@ -528,7 +672,7 @@ def restart_services(execs: PodExec, pod: PodRef, report: Reporter) -> bool:
     """ipa-backup leaves IPA stopped when it fails: start it again and say whether it came back."""
     report.update(step="starting IPA services again (ipactl start)")
     try:
-        execs.run(pod, list(freeipa.IPACTL_START), timeout=SERVICE_START_TIMEOUT)
+        _through_outages(lambda: execs.run(pod, list(freeipa.IPACTL_START), timeout=SERVICE_START_TIMEOUT))
     except (ExecError, client.ApiException) as err:
         log.warning("ipactl start in %s: %s", pod, err)
     running = check_services(execs, pod, report, started_by="operator")
@@ -546,9 +690,12 @@ def restart_services(execs: PodExec, pod: PodRef, report: Reporter) -> bool:
 def stop_orphaned_ipa_backup(execs: PodExec, pod: PodRef, wait: float) -> None:
     """Let an ipa-backup whose session was lost end on its own for `wait` seconds, then stop it."""
 
+    def run(argv: list[str]) -> ExecResult:
+        return _through_outages(lambda: execs.run(pod, argv, timeout=30))
+
     def gone_within(seconds: float, interval: float) -> bool:
         until = time.monotonic() + seconds
-        while execs.run(pod, ["pgrep", "-x", "ipa-backup"], timeout=30).exit_code == 0:
+        while run(["pgrep", "-x", "ipa-backup"]).exit_code == 0:
             if time.monotonic() >= until:
                 return False
             time.sleep(interval)
@@ -557,10 +704,10 @@ def stop_orphaned_ipa_backup(execs: PodExec, pod: PodRef, wait: float) -> None:
     try:
         if gone_within(wait, interval=2):
             return
-        execs.run(pod, ["pkill", "-TERM", "-x", "ipa-backup"], timeout=30)
+        run(["pkill", "-TERM", "-x", "ipa-backup"])
         # Most often TERM is enough at once: KILL only what is still there after 2 s.
         if not gone_within(2, interval=0.25):
-            execs.run(pod, ["pkill", "-KILL", "-x", "ipa-backup"], timeout=30)
+            run(["pkill", "-KILL", "-x", "ipa-backup"])
     except (ExecError, client.ApiException) as err:
         log.warning("stopping ipa-backup in %s: %s", pod, err)
 
@@ -580,17 +727,32 @@ def recover_interrupted(
     A lost exec session cannot be resumed: the backup is abandoned, unless its manifest shows it was
     stored completely. Either way the server gets its services back and storage keeps nothing partial.
     """
-    step = status.get("step", "unknown")
     target = status.get("target") or {}
-    notes: list[str] = []
     pod = None
     if target.get("pod"):
         pod = PodRef(resource.namespace, target["pod"], target.get("container") or "")
         try:
             services.core.read_namespaced_pod(pod.name, pod.namespace)
         except client.ApiException:
-            notes.append(f"pod {pod.name} is gone")
-            pod = None
+            return _settle(resource, spec, status, services, report, None, [f"pod {pod.name} is gone"])
+    if pod is None:
+        return _settle(resource, spec, status, services, report, None, [])
+    # The dead process's lock has this backup's identity, so it is taken over at once; a lock another
+    # backup took after it expired makes recovery wait, so no two processes act on the server together.
+    with _holding_lock(services, pod, resource):
+        return _settle(resource, spec, status, services, report, pod, [])
+
+
+def _settle(
+    resource: layout.ResourceIdentity,
+    spec: BackupSpec,
+    status: dict[str, Any],
+    services: Services,
+    report: Reporter,
+    pod: PodRef | None,
+    notes: list[str],
+) -> None:
+    step = status.get("step", "unknown")
     if pod is not None and "ipaBackup" in status:
         stop_orphaned_ipa_backup(services.execs, pod, wait=ORPHAN_WAIT_SECONDS)
         if spec.options.stops_services:
@@ -601,8 +763,6 @@ def recover_interrupted(
     if outcome is not None and pod is not None and not spec.keep_in_pod:
         directory = (status.get("ipaBackup") or {})["directory"]  # known: the archive was stored
         cleanup_note = remove_from_pod(services.execs, pod, PurePosixPath(directory), report)
-    if pod is not None:
-        TargetLock(services.coordination, pod, lock_holder(resource)).release()
     if outcome is not None:
         report.condition("Completed", True, "BackupSucceeded", f"stored and verified {outcome}")
         finished = _now()

@@ -36,6 +36,10 @@ class ResolveError(Exception):
     """A referenced object is missing or unusable; the message names it."""
 
 
+class PodNotReady(ResolveError):
+    """The target pod exists but is not ready: often for seconds only, after its services restarted."""
+
+
 def _api_reason(err: client.ApiException) -> str:
     return "not found" if err.status == 404 else f"cannot be read ({err.status} {err.reason})"
 
@@ -122,7 +126,7 @@ def find_target_pod(core: client.CoreV1Api, namespace: str, target: Target) -> P
     if pod.metadata.deletion_timestamp is not None:
         raise ResolveError(f"target pod {namespace}/{pod.metadata.name} is being deleted")
     if not _is_ready(pod):
-        raise ResolveError(
+        raise PodNotReady(
             f"target pod {namespace}/{pod.metadata.name} is not ready (phase {pod.status.phase})"
         )
     names = [c.name for c in pod.spec.containers]

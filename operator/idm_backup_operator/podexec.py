@@ -35,6 +35,10 @@ class ExecCancelled(ExecError):
     """The caller's should_stop said so; the command may still run in the pod."""
 
 
+class ExecTimeout(ExecError):
+    """The command did not finish before its deadline; it may still run in the pod."""
+
+
 class ExecLost(ExecError):
     """The connection broke (API server or node restarted, network) before the command's end was known.
 
@@ -102,7 +106,7 @@ class Session:
     def _pump(self) -> bytes:
         """Wait for the next frame; return stdout bytes it carried (possibly none)."""
         if self._deadline is not None and time.monotonic() > self._deadline:
-            raise ExecError("the command did not finish before its deadline")
+            raise ExecTimeout("the command did not finish before its deadline")
         if self._should_stop is not None and self._should_stop():
             raise ExecCancelled("stopped waiting for the command: its caller was cancelled")
         timeout = _POLL_SECONDS

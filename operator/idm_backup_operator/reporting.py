@@ -12,8 +12,10 @@ from __future__ import annotations
 import datetime
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
+import urllib3
 from kubernetes import client
 
 from idm_backup_operator import logs
@@ -24,6 +26,36 @@ log = logging.getLogger(__name__)
 COMPONENT = "idm-backup-operator"
 # How often a running backup asks whether its resource still exists: one GET per backup per interval.
 CANCEL_CHECK_SECONDS = 10.0
+# How long a status write keeps trying through errors that pass (an API server restart, overload).
+WRITE_PATIENCE_SECONDS = 30.0
+_TRANSIENT = {0, 429, 500, 502, 503, 504}
+_FINISHED = ("Succeeded", "Failed")
+
+
+class StatusNotWritten(Exception):
+    """The resource's final status could not be written; `status` is all of it, to write again later."""
+
+    def __init__(self, status: dict[str, Any], cause: str) -> None:
+        super().__init__(f"the final status could not be written: {cause}")
+        self.status = status
+
+
+def patiently(call: Callable[[], Any], patience: float = WRITE_PATIENCE_SECONDS) -> Any:
+    """Call, and call again through transient API errors for up to `patience` seconds; an error that
+    outlasts it, or one that is not transient (404, 403, 422), is raised as an ApiException."""
+    deadline = time.monotonic() + patience
+    delay = 0.25
+    while True:
+        try:
+            return call()
+        except client.ApiException as err:
+            if err.status not in _TRANSIENT or time.monotonic() + delay > deadline:
+                raise
+        except (urllib3.exceptions.HTTPError, OSError) as err:
+            if time.monotonic() + delay > deadline:
+                raise client.ApiException(status=0, reason=f"{type(err).__name__}: {err}") from None
+        time.sleep(delay)
+        delay = min(delay * 2, 4.0)
 
 
 class StatusReporter:
@@ -47,17 +79,29 @@ class StatusReporter:
         self._next_check = 0.0
 
     def update(self, **status: Any) -> None:
+        """Patch the status. Progress is best effort: a write that fails even after WRITE_PATIENCE_SECONDS
+        is logged and the work goes on, since a status hiccup must not change a backup's outcome. A final
+        write (phase Succeeded or Failed, sent with every condition) raises StatusNotWritten instead."""
         if self._deleted:
             return
+        final = status.get("phase") in _FINISHED
+        if final:
+            status = {"conditions": list(self._conditions.values()), **status}
         body = {"status": {**status, "observedGeneration": self.generation}}
         try:
-            obj = self._custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, self.resource.namespace, self.plural, self.resource.name, body
+            obj = patiently(
+                lambda: self._custom.patch_namespaced_custom_object_status(
+                    GROUP, VERSION, self.resource.namespace, self.plural, self.resource.name, body
+                )
             )
         except client.ApiException as err:
-            if err.status != 404:
-                raise
-            self._gone()
+            if err.status == 404:
+                self._gone()
+                return
+            cause = f"{err.status} {err.reason}"
+            if final:
+                raise StatusNotWritten(status, cause) from None
+            log.warning("status of %s %s not updated: %s", self.kind, self.resource.name, cause)
             return
         self._note(obj)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
-from typing import Any
+from typing import Any, NoReturn
 
 import kopf
 from kubernetes import client
@@ -22,11 +22,18 @@ from idm_backup_operator.model import (
     parse_backup_spec,
     parse_time,
 )
-from idm_backup_operator.reporting import CANCEL_CHECK_SECONDS, StatusReporter
+from idm_backup_operator.reporting import CANCEL_CHECK_SECONDS, StatusNotWritten, StatusReporter
 from idm_backup_operator.slots import BackupSlots, Queued
 
-# How often a backup waiting for another one of the same server checks again.
+# How often a backup waiting for another one of the same server, or for its pod, checks again.
 WAIT_RETRY_SECONDS = 10
+# How long a backup waits for its pod to become ready, e.g. after the previous backup restarted IPA and
+# before the readiness probe saw it.
+NOT_READY_PATIENCE = datetime.timedelta(minutes=5)
+WAIT_STEPS = {
+    "TargetBusy": "waiting for the server's lock",
+    "TargetNotReady": "waiting for the pod to be ready",
+}
 
 
 def _reporter(memo: kopf.Memo, resource: ResourceIdentity, body: kopf.Body) -> StatusReporter:
@@ -40,8 +47,12 @@ def _reporter(memo: kopf.Memo, resource: ResourceIdentity, body: kopf.Body) -> S
     )
 
 
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
 def _fail(report: StatusReporter, status: kopf.Status, reason: str, message: str) -> None:
-    now = datetime.datetime.now(datetime.UTC)
+    now = _now()
     fields: dict[str, Any] = {"phase": "Failed", "reason": reason, "message": message}
     fields["completionTime"] = format_time(now)
     if began := parse_time(status.get("startTime")):
@@ -49,6 +60,16 @@ def _fail(report: StatusReporter, status: kopf.Status, reason: str, message: str
     report.condition("Completed", False, reason, message)
     report.update(**fields)
     report.event("BackupFailed", message, warning=True)
+
+
+def _requeue(report: StatusReporter, message: str) -> NoReturn:
+    """Stopped cleanly by a shutdown: Pending again, and kopf's retry (kept in the resource's annotations)
+    makes the next operator take it from the start, as a Job's pod is started again after an eviction."""
+    message = f"{message}; the next operator takes it again from the start"
+    report.update(phase="Pending", step="waiting for the operator to start again", message=message)
+    report.condition("Waiting", True, backup.SHUTDOWN, message)
+    report.event("BackupInterrupted", message, warning=True)
+    raise kopf.TemporaryError(message, delay=WAIT_RETRY_SECONDS)
 
 
 def _condition_true(status: kopf.Status, type_: str) -> bool:
@@ -78,6 +99,12 @@ async def take_backup(
         logger.debug("%s/%s was already handled by this process", resource.namespace, resource.name)
         return
     report = _reporter(memo, resource, body)
+    unwritten: dict[str, dict[str, Any]] = memo.unwritten_outcomes
+    if resource.uid in unwritten:
+        # This process ended the backup, and only its final status write failed: write that again.
+        await asyncio.to_thread(_write_again, report, unwritten, resource.uid)
+        finished.add(resource.uid)
+        return
 
     async def queued(why: Queued) -> None:
         # Best effort: a status write that fails must not cost the backup its place in the queue.
@@ -112,15 +139,40 @@ def _report_queued(report: StatusReporter, phase: str | None, why: Queued) -> No
     report.condition("Waiting", True, "OperatorBusy", why.message)
 
 
+def _write_again(report: StatusReporter, unwritten: dict[str, dict[str, Any]], uid: str) -> None:
+    try:
+        report.update(**unwritten[uid])
+    except StatusNotWritten as lost:
+        raise kopf.TemporaryError(f"{lost}; trying again", delay=WAIT_RETRY_SECONDS) from None
+    del unwritten[uid]
+
+
 def _take_or_recover(
     resource: ResourceIdentity,
     body: kopf.Body,
     memo: kopf.Memo,
     logger: logging.Logger | logging.LoggerAdapter[Any],
 ) -> None:
+    report = _reporter(memo, resource, body)
+    try:
+        _run(resource, body, memo, report, logger)
+    except StatusNotWritten as lost:
+        # The outcome stands; only its record failed, even after retries. Taking it for an interrupted
+        # backup on kopf's next call would misreport it, so the very status is kept and written again.
+        logger.error(f"{lost}; writing it again in {WAIT_RETRY_SECONDS} s")
+        memo.unwritten_outcomes[resource.uid] = lost.status
+        raise kopf.TemporaryError(str(lost), delay=WAIT_RETRY_SECONDS) from None
+
+
+def _run(
+    resource: ResourceIdentity,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    report: StatusReporter,
+    logger: logging.Logger | logging.LoggerAdapter[Any],
+) -> None:
     spec, status = body.spec, body.status
     phase = status.get("phase")
-    report = _reporter(memo, resource, body)
     try:
         parsed = parse_backup_spec(spec)
     except (InvalidBackupOptions, KeyError) as err:
@@ -138,13 +190,21 @@ def _take_or_recover(
             if phase is None:
                 report.update(phase="Pending", step="pre-flight checks", message="")
             backup.take_backup(resource, parsed, memo.services, report)
-    except backup.TargetBusy as busy:
-        report.update(phase="Pending", step="waiting for the server's lock", message=str(busy))
+    except backup.MustWait as wait:
+        created = parse_time(body.metadata.get("creationTimestamp"))
+        if wait.reason == "TargetNotReady" and created and _now() - created > NOT_READY_PATIENCE:
+            _fail(report, status, "TargetUnavailable", f"{wait} for more than {NOT_READY_PATIENCE}")
+            return
+        # A recovery that waits stays Running: its step says where the interrupted backup stopped.
+        where = {} if phase == Phase.RUNNING else {"phase": "Pending", "step": WAIT_STEPS[wait.reason]}
+        report.update(**where, message=str(wait))
         if not _condition_true(status, "Waiting"):
-            report.event("BackupWaiting", str(busy))
-        report.condition("Waiting", True, "TargetBusy", str(busy))
-        raise kopf.TemporaryError(str(busy), delay=WAIT_RETRY_SECONDS) from None
+            report.event("BackupWaiting", str(wait))
+        report.condition("Waiting", True, wait.reason, str(wait))
+        raise kopf.TemporaryError(str(wait), delay=WAIT_RETRY_SECONDS) from None
     except backup.BackupFailed as failed:
+        if failed.reason == backup.SHUTDOWN:
+            _requeue(report, failed.message)
         _fail(report, status, failed.reason, failed.message)
     except Exception as err:
         logger.exception("backup %s/%s failed unexpectedly", resource.namespace, resource.name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import dataclasses
 import logging
@@ -25,6 +26,9 @@ DEFAULT_PVC_ROOT = "/var/lib/idm-backup-operator/pvc"
 WEBHOOK_PORT_ENV = "IDM_BACKUP_WEBHOOK_PORT"
 WEBHOOK_CERT_DIR_ENV = "IDM_BACKUP_WEBHOOK_CERT_DIR"
 DEFAULT_WEBHOOK_CERT_DIR = "/etc/idm-backup-operator/webhook-tls"
+# How long a shutdown waits for running backups to wind down: stopping ipa-backup takes seconds,
+# `ipactl start` of a real server up to a minute or two. The chart's grace period leaves room for it.
+WIND_DOWN_SECONDS = 150
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +77,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     memo.schedule_wakeups = {}  # schedule uid -> asyncio.Event, set when one of its backups ends
     # uids of the backups this process has finished; a few dozen bytes per backup ever taken.
     memo.backups_finished = set()
+    # uid -> the final status of a backup this process ended but could not record; written again.
+    memo.unwritten_outcomes = {}
     # Backups are blocking and long: each runs in a thread of its own pool, one thread per slot, so that
     # kopf's pool stays free for finalizers and admission however many backups run or wait.
     slots: BackupSlots = memo.get("backup_slots") or BackupSlots.from_env()
@@ -121,10 +127,22 @@ def start_metrics(memo: kopf.Memo, api: client.ApiClient) -> None:
 
 
 @kopf.on.cleanup()
-def stop_backup_threads(memo: kopf.Memo, **_: Any) -> None:
+async def wind_down_backups(memo: kopf.Memo, logger: Any, **_: Any) -> None:
+    """SIGTERM (a rollout, a drain): running backups stop ipa-backup, start IPA's services again and go
+    back to Pending for the next operator; this waits for them, within the pod's grace period."""
+    services: Services | None = memo.get("services")
     executor: concurrent.futures.ThreadPoolExecutor | None = memo.get("backup_executor")
-    if executor is not None:
-        executor.shutdown(wait=False, cancel_futures=True)
+    if services is None or executor is None:
+        return
+    services.stopping.set()
+    try:
+        await asyncio.wait_for(
+            asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True), WIND_DOWN_SECONDS
+        )
+    except TimeoutError:
+        logger.error(
+            f"backups still running after {WIND_DOWN_SECONDS} s of shutdown: the next operator recovers them"
+        )
 
 
 @kopf.on.cleanup()
