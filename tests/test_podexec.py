@@ -126,3 +126,24 @@ def test_a_line_without_end_is_cut_and_what_is_kept_is_bounded() -> None:
     assert len(result.stderr) <= podexec.MAX_KEPT_STDERR + 100
     first, *rest = result.stderr.splitlines()
     assert first.startswith("[") and first.endswith("earlier lines not kept]") and rest[-1] == "short"
+
+
+def _as_the_client_raises_it(reason: str) -> AttributeError:
+    """websocket_call's ApiException(status=0), as the generated client turns it into an AttributeError."""
+    try:
+        try:
+            raise client.ApiException(status=0, reason=reason)
+        except client.ApiException as err:
+            err.body.decode("utf-8")  # what the client does: the body is None
+    except AttributeError as failure:
+        return failure
+    raise AssertionError("unreachable")
+
+
+def test_a_failed_exec_handshake_is_told_apart_from_no_connection() -> None:
+    pod = PodRef("ns", "pod", "c")
+    refused = podexec._open_failure(pod, _as_the_client_raises_it("Handshake status 403 Forbidden"))
+    assert type(refused) is podexec.ExecError and "needs get and create on pods/exec" in str(refused)
+    for reason in ("[Errno 111] Connection refused", "Handshake status 503 Service Unavailable"):
+        lost = podexec._open_failure(pod, _as_the_client_raises_it(reason))
+        assert isinstance(lost, podexec.ExecLost) and "cannot reach the API server" in str(lost), reason

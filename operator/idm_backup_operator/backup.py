@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
+import urllib3
 from kubernetes import client
 
 from idm_backup_operator import cluster, encryption, freeipa, layout, stored
@@ -440,15 +441,23 @@ class _Backup:
     def put_services_back(self) -> None:
         """ipactl start, as the holder of the server's lock: if another process holds it now, starting
         the services under its work could spoil it, and that process puts them back itself."""
-        if self.lock.lost.is_set() and (busy := self.lock.try_acquire()) is not None:
+        if self.lock.lost.is_set() and (holder := self._holder_instead()) is not None:
             self.report.event(
                 "ServicesNotRestarted",
-                f"IPA services in pod {self.pod.name} may be stopped, and {busy.holder} now holds the "
-                "server's lock: it starts them when it is done",
+                f"IPA services in pod {self.pod.name} may be stopped, and {holder} holds the server's "
+                "lock: it starts them when it is done",
                 warning=True,
             )
             return
         restart_services(self.services.execs, self.pod, self.report)
+
+    def _holder_instead(self) -> str | None:
+        """Take the lost lock back; who holds it instead, if that fails."""
+        try:
+            busy = self.lock.try_acquire()
+        except (client.ApiException, urllib3.exceptions.HTTPError, OSError) as err:
+            return f"whoever may hold it (it cannot be read: {err})"
+        return None if busy is None else busy.holder
 
     # -- transfer and verification ------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -175,14 +176,24 @@ class Session:
         self._ws.close()
 
 
-def _refused(err: client.ApiException) -> bool:
-    """Whether a failed exec handshake was the API server saying no (Handshake status 403, 404, ...)."""
-    return "Handshake status" in str(err.reason)
+_HANDSHAKE_STATUS = re.compile(r"Handshake status (\d{3})")
+_PASSING = {429, 500, 502, 503, 504}
 
 
-def _refusal(pod: PodRef, detail: object) -> ExecError:
+def _open_failure(pod: PodRef, err: BaseException) -> ExecError:
+    """What a failed exec handshake was: the API server saying no, or no connection at all.
+
+    websocket_call reports both as an ApiException with status 0, and the generated client then fails on
+    its missing body (`e.body.decode`) with an AttributeError whose context is that ApiException.
+    """
+    cause = err if isinstance(err, client.ApiException) else err.__context__
+    reason = str(getattr(cause, "reason", None) or err)
+    handshake = _HANDSHAKE_STATUS.search(reason)
+    # No handshake at all, or an API server that is starting or overloaded: it may work in a moment.
+    if isinstance(cause, client.ApiException) and (handshake is None or int(handshake[1]) in _PASSING):
+        return ExecLost(f"cannot reach the API server to exec in pod {pod}: {reason}")
     return ExecError(
-        f"the API server refused exec into pod {pod} ({detail}); "
+        f"the API server refused exec into pod {pod} ({reason}); "
         "the operator needs get and create on pods/exec there"
     )
 
@@ -234,14 +245,8 @@ class PodExec:
     ) -> Session:
         try:
             ws = open_exec_websocket(self._configuration, pod, argv, stdin=stdin)
-        except client.ApiException as err:
-            if err.status == 0 and not _refused(err):
-                # websocket_call reports every failure as status 0: no connection is not a refusal.
-                raise ExecLost(f"cannot reach the API server to exec in pod {pod}: {err.reason}") from None
-            raise _refusal(pod, err.reason or err) from None
-        except AttributeError as err:
-            # A refused handshake without a body surfaces as an AttributeError from inside the client.
-            raise _refusal(pod, err) from None
+        except (client.ApiException, AttributeError) as err:
+            raise _open_failure(pod, err) from None
         deadline = None if timeout is None else time.monotonic() + timeout
         return Session(ws, deadline, on_stderr_line, should_stop)
 

@@ -28,6 +28,8 @@ COMPONENT = "idm-backup-operator"
 CANCEL_CHECK_SECONDS = 10.0
 # How long a status write keeps trying through errors that pass (an API server restart, overload).
 WRITE_PATIENCE_SECONDS = 30.0
+# One call's bound: a connection that hangs must not hold a backup (or its cancellation check) for ever.
+CALL_TIMEOUT = 15
 _TRANSIENT = {0, 429, 500, 502, 503, 504}
 _FINISHED = ("Succeeded", "Failed")
 
@@ -91,7 +93,13 @@ class StatusReporter:
         try:
             obj = patiently(
                 lambda: self._custom.patch_namespaced_custom_object_status(
-                    GROUP, VERSION, self.resource.namespace, self.plural, self.resource.name, body
+                    GROUP,
+                    VERSION,
+                    self.resource.namespace,
+                    self.plural,
+                    self.resource.name,
+                    body,
+                    _request_timeout=CALL_TIMEOUT,
                 )
             )
         except client.ApiException as err:
@@ -112,13 +120,20 @@ class StatusReporter:
             try:
                 self._note(
                     self._custom.get_namespaced_custom_object(
-                        GROUP, VERSION, self.resource.namespace, self.plural, self.resource.name
+                        GROUP,
+                        VERSION,
+                        self.resource.namespace,
+                        self.plural,
+                        self.resource.name,
+                        _request_timeout=CALL_TIMEOUT,
                     )
                 )
             except client.ApiException as err:
                 if err.status == 404:
                     self._gone()
                 # Anything else is the API server's hiccup, not a decision to stop: ask again later.
+            except (urllib3.exceptions.HTTPError, OSError) as err:
+                log.warning("could not check whether %s still exists: %s", self.resource.name, err)
         return self._deleted
 
     def _note(self, obj: dict[str, Any]) -> None:
@@ -172,7 +187,7 @@ class StatusReporter:
             reporting_component=COMPONENT,
         )
         try:
-            self._core.create_namespaced_event(self.resource.namespace, event)
-        except client.ApiException as err:
+            self._core.create_namespaced_event(self.resource.namespace, event, _request_timeout=CALL_TIMEOUT)
+        except (client.ApiException, urllib3.exceptions.HTTPError, OSError) as err:
             # An Event is a courtesy; the status carries the same facts.
-            log.warning("could not post event %s for %s: %s", reason, self.resource.name, err.reason)
+            log.warning("could not post event %s for %s: %s", reason, self.resource.name, err)
