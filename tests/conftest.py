@@ -27,6 +27,14 @@ from testbed.gpgkeys import ExportedKey, Keyring
 from tests.helpers import KEY_SECRET, S3_SECRET, apply, pod_ready, wait_for
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that uses the platform, through any fixture, is marked `platform`, so that
+    `-m "not platform"` never starts it: by the fixtures it needs, not by hand."""
+    for item in items:
+        if "platform" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.platform)
+
+
 @pytest.fixture(scope="session")
 def platform() -> Iterator[stack.Platform]:
     already_up = stack.is_up()
