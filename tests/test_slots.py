@@ -9,7 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from idm_backup_operator import metrics
-from idm_backup_operator.slots import BackupSlots, Queued, Waiter, next_waiter
+from idm_backup_operator.slots import BackupSlots, MiB, Queued, TooLarge, Waiter, next_waiter
 
 
 def test_a_free_slot_goes_to_the_namespace_with_the_fewest_running_then_round_robin() -> None:
@@ -34,8 +34,10 @@ def test_the_per_namespace_cap_passes_over_a_full_namespace_and_may_leave_the_sl
 def test_limits_below_one_are_refused() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         BackupSlots(0)
-    assert BackupSlots.configured(3, 0).per_namespace is None
-    assert BackupSlots.configured(3, 2).per_namespace == 2
+    assert BackupSlots.configured(3, 0, 0).per_namespace is None
+    configured = BackupSlots.configured(3, 2, 512)
+    assert (configured.per_namespace, configured.memory_budget) == (2, 512 << 20)
+    assert BackupSlots.configured(3, 2, 0).memory_budget is None
 
 
 class _Run:
@@ -48,7 +50,7 @@ class _Run:
         self.release: dict[str, asyncio.Event] = {}
         self.unwanted: set[str] = set()
 
-    async def backup(self, namespace: str, uid: str) -> bool:
+    async def backup(self, namespace: str, uid: str, memory: int = 0) -> bool:
         async def on_queued(why: Queued) -> None:
             self.queued[uid] = why
 
@@ -57,7 +59,12 @@ class _Run:
 
         self.release[uid] = asyncio.Event()
         async with self.slots.slot(
-            namespace, uid, on_queued=on_queued, still_wanted=still_wanted, recheck_seconds=0.01
+            namespace,
+            uid,
+            on_queued=on_queued,
+            still_wanted=still_wanted,
+            recheck_seconds=0.01,
+            memory=memory,
         ) as wanted:
             if not wanted:
                 return False
@@ -208,3 +215,58 @@ def test_the_slots_are_exposed_as_metrics() -> None:
         1,
         2,
     )
+
+
+def test_a_backup_whose_buffers_do_not_fit_waits_first_in_line_and_is_not_overtaken() -> None:
+    async def scenario() -> None:
+        run = _Run(BackupSlots(4, memory_budget=100 * MiB))
+        first = asyncio.create_task(run.backup("a", "small-1", 60 * MiB))
+        await run.settle()
+        big = asyncio.create_task(run.backup("b", "big", 90 * MiB))
+        await run.settle()
+        # A free slot and room for a small one, but the big one is next in line: it is not overtaken.
+        late = asyncio.create_task(run.backup("c", "small-2", 10 * MiB))
+        await run.settle()
+        assert run.started == ["small-1"] and run.slots.queued == 2
+        assert "with 100 MiB for upload buffers" in run.queued["big"].message
+        run.release["small-1"].set()
+        await run.settle()
+        # The big one first; 90 + 10 MiB fit together, so small-2 follows it at once.
+        assert run.started == ["small-1", "big", "small-2"] and run.slots.memory_in_use == 100 * MiB
+        for uid in ("big", "small-2"):
+            run.release[uid].set()
+        assert all(await asyncio.gather(first, big, late))
+        assert (run.slots.in_use, run.slots.memory_in_use) == (0, 0)
+
+    asyncio.run(scenario())
+
+
+def test_a_backup_that_could_never_fit_is_refused_before_it_queues() -> None:
+    async def scenario() -> None:
+        run = _Run(BackupSlots(4, memory_budget=100 * MiB))
+        with pytest.raises(TooLarge, match="need 300 MiB, more than this operator's budget of 100 MiB"):
+            await run.backup("a", "huge", 300 * MiB)
+        assert (run.slots.in_use, run.slots.queued) == (0, 0)
+
+    asyncio.run(scenario())
+
+
+def test_when_the_one_next_in_line_leaves_the_rest_move_up() -> None:
+    async def scenario() -> None:
+        run = _Run(BackupSlots(4, memory_budget=100 * MiB))
+        first = asyncio.create_task(run.backup("a", "a0", 60 * MiB))
+        await run.settle()
+        big = asyncio.create_task(run.backup("b", "big", 90 * MiB))
+        await run.settle()
+        small = asyncio.create_task(run.backup("c", "c0", 30 * MiB))
+        await run.settle()
+        assert run.started == ["a0"]
+        run.unwanted.add("big")  # deleted while it waited for memory
+        assert await big is False
+        await run.settle()
+        assert run.started == ["a0", "c0"]
+        for uid in ("a0", "c0"):
+            run.release[uid].set()
+        assert await first and await small
+
+    asyncio.run(scenario())

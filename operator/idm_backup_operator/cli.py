@@ -38,7 +38,14 @@ from idm_backup_operator.handlers.startup import (
 )
 from idm_backup_operator.layout import ResourceIdentity
 from idm_backup_operator.model import GROUP, IDMBACKUPS, VERSION, BackupSpec, parse_backup_spec
-from idm_backup_operator.slots import DEFAULT_SLOTS, PER_NAMESPACE_ENV, SLOTS_ENV, BackupSlots
+from idm_backup_operator.slots import (
+    DEFAULT_MEMORY_MIB,
+    DEFAULT_SLOTS,
+    MEMORY_ENV,
+    PER_NAMESPACE_ENV,
+    SLOTS_ENV,
+    BackupSlots,
+)
 from idm_backup_operator.storage import S3Store, StorageError, Store
 
 SCHEDULES = "idmbackupschedules"
@@ -75,7 +82,9 @@ def _run(args: argparse.Namespace) -> int:
         webhook_config=webhook,
         ambient_s3_credentials=args.s3_ambient_credentials,
         backup_slots=BackupSlots.configured(
-            args.max_concurrent_backups, args.max_concurrent_backups_per_namespace
+            args.max_concurrent_backups,
+            args.max_concurrent_backups_per_namespace,
+            args.upload_memory_budget_mib,
         ),
     )
     kopf.run(
@@ -442,6 +451,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="at most this many of them from one namespace, 0 for no limit beyond the total; a freed "
         f"slot always goes to the namespace with the fewest running (env {PER_NAMESPACE_ENV}; "
         "default: %(default)s)",
+    )
+    slots.add_argument(
+        "--upload-memory-budget-mib",
+        type=_at_least(0),
+        default=_env_int(MEMORY_ENV, DEFAULT_MEMORY_MIB),
+        help="MiB of upload buffers (three S3 parts per backup) all running backups may hold together; a "
+        "backup whose parts do not fit waits, one that could never fit is refused; 0 for no budget "
+        f"(env {MEMORY_ENV}; default: %(default)s)",
     )
     hook = run.add_argument_group("admission webhook")
     hook.add_argument(

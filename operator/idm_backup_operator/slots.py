@@ -11,6 +11,11 @@ and within it to the backup that has waited longest. One
 namespace with forty due backups therefore gets no more slots than it can use while another namespace
 waits. An optional per-namespace cap bounds a namespace even when nobody else is waiting.
 
+Memory is bounded too: each running backup holds its upload buffers (three S3 parts), so a tenant's
+large partSizeMiB could take the shared operator down. With a memory budget, a backup starts only when
+its buffers fit; the backup next in line waits for room rather than being overtaken by smaller ones, so
+a large backup is delayed, never starved. A backup that could never fit is refused before it queues.
+
 The choice is a pure function (next_waiter); BackupSlots keeps the state on the event loop that owns the
 kopf handlers, so it needs no lock.
 """
@@ -31,6 +36,15 @@ DEFAULT_SLOTS = 4
 QUEUE_CHECKS_PER_SECOND = 5.0
 SLOTS_ENV = "IDM_BACKUP_MAX_CONCURRENT"
 PER_NAMESPACE_ENV = "IDM_BACKUP_MAX_CONCURRENT_PER_NAMESPACE"
+MEMORY_ENV = "IDM_BACKUP_UPLOAD_MEMORY_MIB"
+# Room for the default four backups with the largest parts the CRD allows (3 x 128 MiB would not fit
+# twice: such backups then run one or two at a time), within the chart's 1 GiB memory limit.
+DEFAULT_MEMORY_MIB = 512
+MiB = 1 << 20
+
+
+class TooLarge(ValueError):
+    """The backup's buffers alone exceed the operator's memory budget: it could never start."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +52,7 @@ class Waiter:
     namespace: str
     uid: str
     arrival: int  # order of arrival: lower waited longer
+    memory: int = 0  # bytes of upload buffers it will hold
 
 
 def next_waiter(
@@ -63,13 +78,16 @@ class Queued:
     limit: int
     ahead: int  # backups that would get a slot before this one, as the queue stands now
     per_namespace: int | None
+    memory_budget: int | None = None
 
     @property
     def message(self) -> str:
         cap = f", at most {self.per_namespace} per namespace" if self.per_namespace is not None else ""
+        if self.memory_budget is not None:
+            cap += f", with {self.memory_budget // MiB} MiB for upload buffers"
         return (
-            f"queued: this operator runs at most {self.limit} backups at once{cap}, and all the slots "
-            f"this backup may use are taken; {self.ahead} queued backup(s) go first"
+            f"queued: this operator runs at most {self.limit} backups at once{cap}, and what this backup "
+            f"needs is taken; {self.ahead} queued backup(s) go first"
         )
 
 
@@ -77,11 +95,13 @@ class Queued:
 class BackupSlots:
     limit: int = DEFAULT_SLOTS
     per_namespace: int | None = None
+    memory_budget: int | None = None  # bytes
     running: Counter[str] = field(default_factory=Counter)
     # namespace -> number of the grant it last got, for the round robin between equals
     _served: dict[str, int] = field(default_factory=dict)
     _grants: itertools.count[int] = field(default_factory=itertools.count)
     _in_use: int = 0
+    _memory_in_use: int = 0
     _waiting: dict[Waiter, asyncio.Future[None]] = field(default_factory=dict)
     _arrivals: itertools.count[int] = field(default_factory=itertools.count)
 
@@ -90,14 +110,16 @@ class BackupSlots:
             raise ValueError("backup slots: the limits must be at least 1")
 
     @classmethod
-    def configured(cls, limit: int, per_namespace: int) -> BackupSlots:
-        """From the command line's numbers, where a per-namespace limit of 0 means none."""
-        return cls(limit, per_namespace or None)
+    def configured(cls, limit: int, per_namespace: int, memory_mib: int) -> BackupSlots:
+        """From the command line's numbers, where 0 means no per-namespace limit, or no memory budget."""
+        return cls(limit, per_namespace or None, memory_mib * MiB or None)
 
     @classmethod
     def from_env(cls) -> BackupSlots:
         return cls.configured(
-            int(os.environ.get(SLOTS_ENV) or DEFAULT_SLOTS), int(os.environ.get(PER_NAMESPACE_ENV) or 0)
+            int(os.environ.get(SLOTS_ENV) or DEFAULT_SLOTS),
+            int(os.environ.get(PER_NAMESPACE_ENV) or 0),
+            int(os.environ.get(MEMORY_ENV) or DEFAULT_MEMORY_MIB),
         )
 
     # Read from the metrics server's thread too: plain numbers, never an iteration over changing state.
@@ -109,9 +131,21 @@ class BackupSlots:
     def queued(self) -> int:
         return len(self._waiting)
 
-    def _free_for(self, namespace: str) -> bool:
-        return self.in_use < self.limit and (
-            self.per_namespace is None or self.running[namespace] < self.per_namespace
+    @property
+    def memory_in_use(self) -> int:
+        return self._memory_in_use
+
+    def _fits(self, memory: int) -> bool:
+        return self.memory_budget is None or self._memory_in_use + memory <= self.memory_budget
+
+    def _free_for(self, namespace: str, memory: int) -> bool:
+        """Whether a newcomer may start at once: a slot and memory free, and nobody in line before it
+        (a waiter that may use a free slot waits only for memory, and must not be overtaken)."""
+        return (
+            self.in_use < self.limit
+            and (self.per_namespace is None or self.running[namespace] < self.per_namespace)
+            and self._fits(memory)
+            and next_waiter(self._waiting, self.running, self.per_namespace, self._served) is None
         )
 
     def _ahead_of(self, waiter: Waiter) -> int:
@@ -132,19 +166,21 @@ class BackupSlots:
     def _hand_over(self) -> None:
         while self.in_use < self.limit:
             chosen = next_waiter(self._waiting, self.running, self.per_namespace, self._served)
-            if chosen is None:
-                return
-            self._take(chosen.namespace)
+            if chosen is None or not self._fits(chosen.memory):
+                return  # the one next in line waits for room: nobody overtakes it
+            self._take(chosen.namespace, chosen.memory)
             self._waiting.pop(chosen).set_result(None)
 
-    def _take(self, namespace: str) -> None:
+    def _take(self, namespace: str, memory: int) -> None:
         self.running[namespace] += 1
         self._in_use += 1
+        self._memory_in_use += memory
         self._served[namespace] = next(self._grants)
 
-    def _release(self, namespace: str) -> None:
+    def _release(self, namespace: str, memory: int) -> None:
         self.running[namespace] -= 1
         self._in_use -= 1
+        self._memory_in_use -= memory
         if self.running[namespace] <= 0:
             del self.running[namespace]
         self._hand_over()
@@ -152,7 +188,9 @@ class BackupSlots:
     def _leave(self, waiter: Waiter) -> None:
         """Out of the queue; a slot handed over in the meantime goes on to the next waiter."""
         if self._waiting.pop(waiter, None) is None:
-            self._release(waiter.namespace)
+            self._release(waiter.namespace, waiter.memory)
+        else:
+            self._hand_over()  # it may have been the one next in line, waiting for memory
 
     @asynccontextmanager
     async def slot(
@@ -163,6 +201,7 @@ class BackupSlots:
         on_queued: Callable[[Queued], Awaitable[None]],
         still_wanted: Callable[[], Awaitable[bool]],
         recheck_seconds: float,
+        memory: int = 0,
     ) -> AsyncIterator[bool]:
         """Hold a slot for the body of the `with`; yields False if the backup was no longer wanted.
 
@@ -170,19 +209,22 @@ class BackupSlots:
         they would ask more than QUEUE_CHECKS_PER_SECOND together (the resource may have been deleted): a
         queued backup that nobody wants any more leaves the queue instead of running later.
         """
-        # Whenever a slot is free, every waiter that may use one has been handed one (_hand_over): a
-        # free slot for this namespace means nobody eligible is queued ahead.
-        if self._free_for(namespace):
-            self._take(namespace)
+        if self.memory_budget is not None and memory > self.memory_budget:
+            raise TooLarge(
+                f"its upload buffers need {memory // MiB} MiB, more than this operator's budget of "
+                f"{self.memory_budget // MiB} MiB: use a smaller partSizeMiB"
+            )
+        if self._free_for(namespace, memory):
+            self._take(namespace, memory)
         elif not await self._queue(
-            Waiter(namespace, uid, next(self._arrivals)), on_queued, still_wanted, recheck_seconds
+            Waiter(namespace, uid, next(self._arrivals), memory), on_queued, still_wanted, recheck_seconds
         ):
             yield False
             return
         try:
             yield True
         finally:
-            self._release(namespace)
+            self._release(namespace, memory)
 
     async def _queue(
         self,
@@ -195,7 +237,9 @@ class BackupSlots:
         granted = asyncio.get_running_loop().create_future()
         self._waiting[waiter] = granted
         try:
-            await on_queued(Queued(self.limit, self._ahead_of(waiter), self.per_namespace))
+            await on_queued(
+                Queued(self.limit, self._ahead_of(waiter), self.per_namespace, self.memory_budget)
+            )
             while not granted.done():
                 await asyncio.wait(
                     [granted], timeout=max(recheck_seconds, len(self._waiting) / QUEUE_CHECKS_PER_SECOND)

@@ -23,7 +23,7 @@ from idm_backup_operator.model import (
     parse_time,
 )
 from idm_backup_operator.reporting import CANCEL_CHECK_SECONDS, StatusNotWritten, StatusReporter
-from idm_backup_operator.slots import BackupSlots, Queued
+from idm_backup_operator.slots import BackupSlots, MiB, Queued, TooLarge
 
 # How often a backup waiting for another one of the same server, or for its pod, checks again.
 WAIT_RETRY_SECONDS = 10
@@ -117,19 +117,33 @@ async def take_backup(
         return not await asyncio.to_thread(report.cancelled)
 
     slots: BackupSlots = memo.backup_slots
-    async with slots.slot(
-        resource.namespace,
-        resource.uid,
-        on_queued=queued,
-        still_wanted=still_wanted,
-        recheck_seconds=CANCEL_CHECK_SECONDS,
-    ) as wanted:
-        if wanted:
-            # Returns once the backup has ended either way; waiting for the server's lock raises
-            # TemporaryError, the slot goes to the next backup, and kopf calls again.
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(memo.backup_executor, _take_or_recover, resource, body, memo, logger)
+    try:
+        async with slots.slot(
+            resource.namespace,
+            resource.uid,
+            on_queued=queued,
+            still_wanted=still_wanted,
+            recheck_seconds=CANCEL_CHECK_SECONDS,
+            memory=_upload_memory(body.spec),
+        ) as wanted:
+            if wanted:
+                # Returns once the backup has ended either way; waiting for the server's lock raises
+                # TemporaryError, the slot goes to the next backup, and kopf calls again.
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(
+                    memo.backup_executor, _take_or_recover, resource, body, memo, logger
+                )
+    except TooLarge as err:
+        message = f"invalid spec: spec.storage.s3.partSizeMiB: {err}"
+        await asyncio.to_thread(_fail, report, status, "InvalidSpec", message)
     finished.add(resource.uid)
+
+
+def _upload_memory(spec: kopf.Spec) -> int:
+    """The memory a backup's upload holds: three S3 parts (storage/s3.py sends one, has one waiting and
+    fills one); a PVC upload writes each chunk as it comes."""
+    s3 = (spec.get("storage") or {}).get("s3")
+    return 3 * int(s3.get("partSizeMiB") or 16) * MiB if s3 else 0
 
 
 def _report_queued(report: StatusReporter, phase: str | None, why: Queued) -> None:
