@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
+import yaml
 
 from idm_backup_operator.retention import (
     BackupRecord,
@@ -15,6 +16,7 @@ from idm_backup_operator.retention import (
     plan_retention,
     summarize,
 )
+from testbed.deploy import REPO
 
 NOW = datetime(2026, 3, 31, 12, 0, tzinfo=UTC)  # a Tuesday
 UTC_ZONE = ZoneInfo("UTC")
@@ -154,6 +156,24 @@ def test_max_age_is_a_ceiling_over_keep_rules() -> None:
     assert "d31" in result.delete and "d59" in result.delete
     assert result.delete_reasons["d31"].startswith("older than maxAge")
     assert result.delete_reasons["d1"] == "not selected by any keep rule"
+
+
+def test_the_crd_says_what_max_age_does() -> None:
+    """The CRD (and kubectl explain, and the API reference made from it) once said maxAge applied "unless a
+    keep rule or the floor keeps them", while retention deleted those backups: with keepMonthly 6 and
+    maxAge 30d, the older monthly backups went. The text now says ceiling, and its own example holds."""
+    crd = yaml.safe_load((REPO / "crds" / "idm-backup.io_idmbackupschedules.yaml").read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    description = schema["properties"]["retention"]["properties"]["maxAge"]["description"]
+    assert "A ceiling" in description and "even when a keep rule selects them" in description
+    assert "keepMonthly 6 with maxAge 30d keeps about one month" in description
+    result = plan(daily(200), keep_monthly=6, max_age=timedelta(days=30))
+    kept = [b for b in daily(200) if b.name in result.keep]
+    assert kept and all(b.completed is not None and NOW - b.completed <= timedelta(days=30) for b in kept)
+    assert result.delete_reasons["d31"].startswith("older than maxAge")  # February 28: its monthly backup
+    assert "d31" in result.delete
+    assert "Only the floor (the minSuccessful newest successful backups) and pinned backups" in description
+    assert "old0" in plan([ok("old0", NOW - timedelta(days=90))], max_age=timedelta(days=30)).keep
 
 
 def test_floor_beats_max_age() -> None:
