@@ -4,12 +4,21 @@ The operator runs as a local process with --webhook-port and a serving certifica
 platform's CA. The Helm chart's ValidatingWebhookConfiguration, rendered for the test's namespace and
 that URL, points the API server at it. Objects are created as users create them, with the API client and
 with kubectl, whose output is what a person sees.
+
+The operator uses the platform's admin kubeconfig, as do the API client and kubectl: the admin is the
+operator's own identity here. Other people are the admin impersonating them (`kubectl --as`), so that the
+API server authenticates them as it would a real user and puts them in the AdmissionReview's userInfo.
 """
 
 from __future__ import annotations
 
 import base64
+import copy
+import http.client
+import json
+import ssl
 import subprocess
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +26,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from idm_backup_operator.schedules import SCHEDULE_LABEL
 from testbed import freeipa_pod, pki, processes, stack
 from testbed.deploy import OperatorProcess
 from tests.helpers import (
@@ -175,8 +185,9 @@ def test_a_backup_with_broken_references_is_refused_with_every_problem_named(
     assert f"spec.target.ldap.passwordSecretRef: Secret {namespace}/no-such-password not found" in body
     assert "spec.encryption: no OpenPGP key found in the key material" in body
     assert f"spec.storage.s3.credentialsSecretRef: Secret {namespace}/{S3_SECRET} has no key ACCESS" in body
-    with pytest.raises(client.ApiException):
+    with pytest.raises(client.ApiException) as lookup:
         get_backup(api, namespace, "broken")
+    assert lookup.value.status == 404  # refused means never stored, not merely unreadable
     # No secret value leaks into the refusal: the S3 secret key is in the Secret it names.
     assert platform.s3_secret_key not in body
 
@@ -329,9 +340,11 @@ def test_a_schedule_update_is_checked_but_the_operators_own_writes_are_not(
             == 1
         ),
     )
-    custom.patch_namespaced_custom_object(
+    patched = custom.patch_namespaced_custom_object(
         GROUP, VERSION, namespace, SCHEDULES, "nightly", {"metadata": {"annotations": {"team": "idm"}}}
     )
+    assert patched["metadata"]["annotations"]["team"] == "idm"
+    assert patched["spec"]["schedule"] == "0 3 * * *"  # the refused change left no trace
 
 
 def test_a_schedule_with_a_missing_secret_is_admitted_with_a_warning_and_its_backup_fails_visibly(
@@ -399,3 +412,385 @@ def test_without_the_webhook_the_same_spec_checks_fail_the_backup_before_it_touc
         "invalid spec: spec.target.podSelector: an empty selector matches every pod in the namespace; "
         "spec.storage.s3.kmsKeyID: only used with serverSideEncryption aws:kms"
     )
+
+
+# -- who asks: the Secrets a request names must be readable by whoever sends it ------------------------
+
+AUTHORS = "idm-backup-authors"
+
+
+def _as(api: client.ApiClient, user: str) -> client.ApiClient:
+    """The API as `user` (in the group AUTHORS) sees it: the admin's credentials with impersonation
+    headers, as `kubectl --as=<user> --as-group=<group>` sends them."""
+    impersonated = client.ApiClient(api.configuration)
+    impersonated.set_default_header("Impersonate-User", user)
+    impersonated.set_default_header("Impersonate-Group", AUTHORS)
+    return impersonated
+
+
+def _authors_may(
+    api: client.ApiClient, namespace: str, as_user: client.ApiClient, secrets: list[str]
+) -> None:
+    """Bind AUTHORS, as a group (the webhook must pass groups on), to what a backup author needs and `get`
+    on `secrets` (every Secret if empty); wait until the API server's authorizer knows it."""
+    secret_rule: dict[str, Any] = {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}
+    if secrets:
+        secret_rule["resourceNames"] = secrets
+    rules = [
+        {
+            "apiGroups": [GROUP],
+            "resources": [PLURAL, SCHEDULES],
+            "verbs": ["create", "get", "list", "patch", "update"],
+        },
+        secret_rule,
+    ]
+    rbac = client.RbacAuthorizationV1Api(api)
+    try:
+        rbac.create_namespaced_role(namespace, {"metadata": {"name": "authors"}, "rules": rules})
+        rbac.create_namespaced_role_binding(
+            namespace,
+            {
+                "metadata": {"name": "authors"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "authors"},
+                "subjects": [{"kind": "Group", "name": AUTHORS, "apiGroup": "rbac.authorization.k8s.io"}],
+            },
+        )
+    except client.ApiException as err:
+        if err.status != 409:
+            raise
+        rbac.patch_namespaced_role("authors", namespace, {"rules": rules})
+
+    def allowed(name: str) -> bool:
+        review = client.AuthorizationV1Api(as_user).create_self_subject_access_review(
+            {
+                "spec": {
+                    "resourceAttributes": {
+                        "namespace": namespace,
+                        "verb": "get",
+                        "resource": "secrets",
+                        "name": name,
+                    }
+                }
+            }
+        )
+        return bool(review.status.allowed)
+
+    wait_for("the authors' Role to take effect", lambda: all(allowed(s) for s in secrets or ["any"]))
+
+
+def _dry_run_backup(
+    as_user: client.ApiClient, namespace: str, name: str, spec: dict[str, Any], **meta: Any
+) -> Any:
+    """Through every admission step, the webhook included, without storing (or running) anything."""
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "IdmBackup", "metadata": {"name": name, **meta}}
+    return client.CustomObjectsApi(as_user).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, {**body, "spec": spec}, dry_run="All"
+    )
+
+
+def _refused(create: Callable[[], Any]) -> str:
+    with pytest.raises(client.ApiException) as refused:
+        create()
+    return _refusal(refused.value)
+
+
+def test_a_backup_may_use_only_the_secrets_its_creator_may_read(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    webhook: OperatorProcess,
+    secrets: None,
+    freeipa: Any,
+) -> None:
+    """The operator may read every Secret of the namespace; alice, who may create IdmBackups, may read
+    the DM password and the S3 credentials only. Her backup may not use the public keys, nor an LDAP CA
+    Secret, which does not even exist: she is not told so, since she may not read it."""
+    freeipa()
+    alice = _as(api, "alice")
+    _authors_may(api, namespace, alice, [freeipa_pod.DM_PASSWORD_SECRET, S3_SECRET])
+    spec = _spec(platform, "readable")
+    spec["target"]["ldap"]["caSecretRef"] = {"name": "no-such-ca"}
+    body = _refused(lambda: _dry_run_backup(alice, namespace, "borrowed", spec))
+    assert (
+        "IdmBackup borrowed refused (2 problems): spec.target.ldap.caSecretRef: alice may not read " in body
+    )
+    for field, secret in (
+        ("spec.target.ldap.caSecretRef", "no-such-ca"),
+        ("spec.encryption.publicKeysSecretRef", KEY_SECRET),
+    ):
+        assert (
+            f"{field}: alice may not read Secret {namespace}/{secret}, so no backup they create may use it "
+            "(RBAC: get on secrets)"
+        ) in body
+    assert "not found" not in body
+    # The label the operator puts on its schedules' backups is no way around it: anyone may set it.
+    labelled = _refused(
+        lambda: _dry_run_backup(alice, namespace, "borrowed", spec, labels={SCHEDULE_LABEL: "nightly"})
+    )
+    assert (
+        f"spec.encryption.publicKeysSecretRef: alice may not read Secret {namespace}/{KEY_SECRET}" in labelled
+    )
+
+    del spec["target"]["ldap"]["caSecretRef"]
+    _authors_may(api, namespace, alice, [freeipa_pod.DM_PASSWORD_SECRET, S3_SECRET, KEY_SECRET])
+    admitted = _dry_run_backup(alice, namespace, "own", spec)
+    assert admitted["spec"]["encryption"] == {"mode": "GPG", "publicKeysSecretRef": {"name": KEY_SECRET}}
+
+
+def test_the_schedule_label_skips_the_reference_checks_only_for_the_operator(
+    api: client.ApiClient, namespace: str, platform: stack.Platform, webhook: OperatorProcess, secrets: None
+) -> None:
+    """The operator creates its schedules' backups and runs here with the test's kubeconfig, so the test's
+    own (admin) user is the operator's identity; alice, who may read every Secret, is someone else."""
+    alice = _as(api, "alice")
+    _authors_may(api, namespace, alice, [])
+    spec = _spec(platform, "label", encryption={"publicKeysSecretRef": {"name": "keys-not-there"}})
+    labels = {SCHEDULE_LABEL: "nightly"}
+    body = _refused(lambda: _dry_run_backup(alice, namespace, "tick", spec, labels=labels))
+    assert f"spec.encryption: Secret {namespace}/keys-not-there not found" in body
+    # The operator's own: its problems go to the backup's Failed status instead (see the schedule test).
+    admitted = _dry_run_backup(api, namespace, "tick", spec, labels=labels)
+    assert admitted["metadata"]["labels"] == labels
+
+
+def test_a_schedule_may_name_only_secrets_its_author_may_read_when_created_and_when_its_spec_changes(
+    api: client.ApiClient, namespace: str, platform: stack.Platform, webhook: OperatorProcess, secrets: None
+) -> None:
+    """The schedule's backups are created by the operator, which may read everything: whoever sets the
+    template is who is checked, on create and on every change of the spec, and refused, not warned."""
+    apply(
+        api,
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "other-team-s3"},
+            "stringData": {"AWS_ACCESS_KEY_ID": "other", "AWS_SECRET_ACCESS_KEY": "other-secret"},
+        },
+    )
+    alice = _as(api, "alice")
+    _authors_may(api, namespace, alice, [freeipa_pod.DM_PASSWORD_SECRET, S3_SECRET, KEY_SECRET])
+    template = _spec(platform, "schedule")
+    borrowed = copy.deepcopy(template)
+    borrowed["storage"]["s3"]["credentialsSecretRef"] = {"name": "other-team-s3"}
+    message = (
+        f"spec.template.spec.storage.s3.credentialsSecretRef: alice may not read Secret "
+        f"{namespace}/other-team-s3, so no backup they create may use it (RBAC: get on secrets)"
+    )
+    body = _refused(
+        lambda: create_schedule(
+            alice, namespace, "nightly", {"schedule": "0 3 * * *", "template": {"spec": borrowed}}
+        )
+    )
+    assert f"IdmBackupSchedule nightly refused (1 problem): {message}" in body
+
+    create_schedule(
+        alice,
+        namespace,
+        "nightly",
+        {"schedule": "0 3 * * *", "suspend": True, "template": {"spec": template}},
+    )
+    custom = client.CustomObjectsApi(alice)
+    body = _refused(
+        lambda: custom.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, SCHEDULES, "nightly", {"spec": {"template": {"spec": borrowed}}}
+        )
+    )
+    assert f"IdmBackupSchedule nightly refused (1 problem): {message}" in body
+    patched = custom.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, SCHEDULES, "nightly", {"metadata": {"labels": {"team": "idm"}}}
+    )
+    assert patched["metadata"]["labels"] == {"team": "idm"}
+    assert patched["spec"]["template"]["spec"]["storage"]["s3"]["credentialsSecretRef"]["name"] == S3_SECRET
+
+
+def test_a_refusal_does_not_list_the_keys_a_secret_has(
+    api: client.ApiClient, namespace: str, platform: stack.Platform, webhook: OperatorProcess, secrets: None
+) -> None:
+    """Key names can say much (whose, which system, which year): the refusal names only the key asked for."""
+    apply(
+        api,
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "ldap-material"},
+            "stringData": {"dm-password-2026-prod": "x", "ca-of-the-hr-directory": "y"},
+        },
+    )
+    spec = _spec(platform, "keys", target={"podName": "ipa-hidden"})
+    spec["target"]["ldap"]["passwordSecretRef"] = {"name": "ldap-material"}
+    spec["target"]["ldap"]["caSecretRef"] = {"name": "ldap-material"}
+    spec["storage"]["s3"]["caSecretRef"] = {"name": "ldap-material"}
+    body = _refused(lambda: create_backup(api, namespace, "keys", spec))
+    for field, key in (
+        ("spec.target.ldap.passwordSecretRef", "password"),
+        ("spec.target.ldap.caSecretRef", "ca.crt"),
+        ("spec.storage.s3.caSecretRef", "ca.crt"),
+    ):
+        assert f"{field}: Secret {namespace}/ldap-material has no key '{key}'" in body
+    assert "dm-password-2026-prod" not in body and "ca-of-the-hr-directory" not in body
+
+
+# -- who may call the webhook at all ----------------------------------------------------------------------
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _client_pki(directory: Path) -> Path:
+    """A CA of its own for the API server's client certificate (client-ca.crt), a certificate it signed
+    (client.crt), and one from another CA (stranger.crt): what an API server, and anyone else, holds."""
+    directory.mkdir()
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    for ca in ("client-ca", "stranger-ca"):
+        _openssl("req", "-x509", *ec, "-keyout", f"{ca}.key", "-out", f"{ca}.crt", "-subj", f"/CN={ca}",
+                 "-days", "1", cwd=directory)  # fmt: skip
+    (directory / "client.ext").write_text("extendedKeyUsage = clientAuth\n")
+    for name, ca in (("client", "client-ca"), ("stranger", "stranger-ca")):
+        _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}",
+                 cwd=directory)  # fmt: skip
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
+                 "-CAcreateserial", "-out", f"{name}.crt", "-days", "1", "-extfile", "client.ext",
+                 cwd=directory)  # fmt: skip
+    return directory
+
+
+def _review(namespace: str, spec: dict[str, Any]) -> bytes:
+    """An AdmissionReview as anyone can write one: here claiming a cluster admin."""
+    request = {
+        "uid": str(uuid.uuid4()),
+        "kind": {"group": GROUP, "version": VERSION, "kind": "IdmBackup"},
+        "resource": {"group": GROUP, "version": VERSION, "resource": PLURAL},
+        "operation": "CREATE",
+        "namespace": namespace,
+        "userInfo": {"username": "mallory", "groups": ["system:masters", "system:authenticated"]},
+        "object": {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "IdmBackup",
+            "metadata": {"name": "probe", "namespace": namespace},
+            "spec": spec,
+        },
+    }
+    review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": request}
+    return json.dumps(review).encode()
+
+
+def _ask(
+    port: int, server_ca: Path, review: bytes, cert: tuple[Path, Path] | None, *, tls12: bool = False
+) -> dict[str, Any]:
+    """POST the review to the webhook as a caller holding `cert` (or none). TLS 1.2 makes a refused
+    certificate fail the handshake itself; with 1.3 the client may only see the connection close."""
+    context = ssl.create_default_context(cafile=str(server_ca))
+    if tls12:
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+    if cert is not None:
+        context.load_cert_chain(*cert)
+    connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+    try:
+        connection.request("POST", "/validate-idmbackup", review, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200, (response.status, response.reason)
+        answer: dict[str, Any] = json.loads(response.read())
+        return answer
+    finally:
+        connection.close()
+
+
+def test_with_the_charts_client_ca_the_webhook_answers_only_callers_holding_a_certificate_it_signed(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    crds: None,
+    tmp_path: Path,
+    helm: Callable[..., str],
+) -> None:
+    """Without it, any pod that reaches the port could send a review, claim any user, and learn whether a
+    Secret exists in any namespace. The certificate directory is the chart's Secret, as the pod mounts it."""
+    pki_dir = _client_pki(tmp_path / "client-pki")
+    port = processes.free_port()
+    docs = render(
+        helm,
+        "--set", "rbac.scope=namespace", "--set", f"watchNamespaces={{{namespace}}}",
+        "--set", f"webhook.url=https://127.0.0.1:{port}",
+        "--set-file", f"webhook.clientAuth.caBundle={pki_dir / 'client-ca.crt'}",
+        namespace=namespace,
+    )  # fmt: skip
+    (secret,) = of_kind(docs, "Secret")
+    cert_dir = tmp_path / "webhook-tls"
+    cert_dir.mkdir()
+    for key, value in secret["data"].items():
+        (cert_dir / key).write_bytes(base64.b64decode(value))
+    assert (cert_dir / "client-ca.crt").read_bytes() == (pki_dir / "client-ca.crt").read_bytes()
+    (tmp_path / "pvc").mkdir()
+    operator = OperatorProcess(
+        namespace,
+        platform.kubeconfig,
+        tmp_path / "pvc",
+        tmp_path / "operator.log",
+        args=[
+            "--webhook-port",
+            str(port),
+            "--webhook-address",
+            "127.0.0.1",
+            "--webhook-cert-dir",
+            str(cert_dir),
+        ],
+    )
+    operator.start()
+    try:
+        review = _review(
+            namespace, _spec(platform, "mtls", encryption={"publicKeysSecretRef": {"name": "someones-keys"}})
+        )
+        server_ca, client_cert = cert_dir / "ca.crt", (pki_dir / "client.crt", pki_dir / "client.key")
+
+        def answered() -> dict[str, Any] | None:
+            # Until the operator listens and kopf knows the resource (its first answers are 404s).
+            try:
+                return _ask(port, server_ca, review, client_cert)
+            except (OSError, AssertionError):
+                return None
+
+        answer = wait_for("the webhook to answer the API server's certificate", answered, timeout=60)
+        assert answer["response"]["allowed"] is False
+        assert f"Secret {namespace}/someones-keys not found" in answer["response"]["status"]["message"]
+        # Anyone else is refused during the TLS handshake, before a byte of the review is read (without an
+        # alert: the client sees an EOF in the middle of it); the same TLS 1.2 handshake with the API
+        # server's certificate is answered.
+        for refused in (None, (pki_dir / "stranger.crt", pki_dir / "stranger.key")):
+            with pytest.raises(ssl.SSLError):
+                _ask(port, server_ca, review, refused, tls12=True)
+        assert _ask(port, server_ca, review, client_cert, tls12=True) == answer
+        assert "requires a client certificate signed by" in operator.output()
+        _an_api_server_without_the_certificate_is_refused_too(api, namespace, platform, docs)
+    finally:
+        operator.stop()
+
+
+def _an_api_server_without_the_certificate_is_refused_too(
+    api: client.ApiClient, namespace: str, platform: stack.Platform, docs: list[dict[str, Any]]
+) -> None:
+    """This platform's API server presents no client certificate to webhooks (no
+    --admission-control-config-file): with the chart's configuration (failurePolicy Fail) it refuses
+    every IdmBackup, and says why. What a cluster sees when clientAuth is set but the API server is not."""
+    (configuration,) = of_kind(docs, "ValidatingWebhookConfiguration")
+    admission = client.AdmissionregistrationV1Api(api)
+    admission.create_validating_webhook_configuration(configuration)
+    try:
+
+        def refused() -> str | None:
+            try:
+                create_backup(api, namespace, "probe", _spec(platform, "probe"))
+            except client.ApiException as err:
+                return err.body if "failed calling webhook" in (err.body or "") else None
+            # Not yet called: the configuration reaches the API server's webhook manager asynchronously.
+            client.CustomObjectsApi(api).delete_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, "probe"
+            )
+            return None
+
+        body = wait_for("the API server to fail calling the webhook", refused, timeout=60, interval=0.5)
+        assert 'failed calling webhook \\"validate.idmbackups.idm-backup.io\\"' in body, body
+    finally:
+        admission.delete_validating_webhook_configuration(configuration["metadata"]["name"])

@@ -356,3 +356,120 @@ def test_reading_a_secret_with_an_empty_name_says_the_name_is_empty(
     with pytest.raises(cluster.ResolveError) as caught:
         cluster.load_public_keys(client.CoreV1Api(api), namespace, spec.encryption)
     assert str(caught.value) == f"the Secret name is empty: name a Secret in namespace {namespace}"
+
+
+# -- the LDAP bind password never crosses the network in clear text ------------------------------------
+
+LDAP_URLS = [
+    # (url, startTLS, the problem, or None)
+    ("ldaps://ipa-hidden.example.test", False, None),
+    ("ldap://ipa-hidden.example.test", True, None),
+    ("ldap://127.0.0.1:3389", False, None),
+    ("ldap://127.255.0.9/", False, None),
+    ("ldap://localhost", False, None),
+    ("ldap://[::1]:389", False, None),
+    ("ldap://ipa-hidden.example.test", False, "would send the bind password unencrypted"),
+    ("ldap://10.0.0.5:389", False, "would send the bind password unencrypted"),
+    ("ldap://127.0.0.1.attacker.example", False, "would send the bind password unencrypted"),
+    ("ldap://localhost.attacker.example", False, "would send the bind password unencrypted"),
+    ("ldap://127.0.0.256", False, "would send the bind password unencrypted"),
+    ("ldap://[::2]", False, "would send the bind password unencrypted"),
+    ("ldap://127.0.0.1/dc=example,dc=test", False, "is not one URL"),
+    ("ldap://127.0.0.1:1 ldap://attacker.example", False, "is not one URL"),
+    ("ldaps://ipa-hidden.example.test ldap://attacker.example", False, "is not one URL"),
+    ("ldaps://ipa-hidden.example.test,ldap://attacker.example", False, "is not one URL"),
+]
+
+
+@pytest.mark.parametrize(("url", "start_tls", "problem"), LDAP_URLS)
+def test_plain_ldap_is_a_problem_unless_it_stays_on_loopback(
+    url: str, start_tls: bool, problem: str | None
+) -> None:
+    spec = with_value(with_value(VALID_SPEC, "target.ldap.url", url), "target.ldap.startTLS", start_tls)
+    found = validation.spec_problems(parse_backup_spec(spec))
+    if problem is None:
+        assert found == []
+    else:
+        assert (
+            len(found) == 1 and found[0].startswith(f"spec.target.ldap.url: {url!r} ") and problem in found[0]
+        )
+
+
+def test_plain_ldap_is_refused_in_words_that_say_what_to_do() -> None:
+    spec = with_value(VALID_SPEC, "target.ldap.url", "ldap://ipa-hidden.example.test")
+    assert validation.spec_problems(parse_backup_spec(spec)) == [
+        "spec.target.ldap.url: 'ldap://ipa-hidden.example.test' would send the bind password unencrypted: "
+        "use ldaps://, or ldap:// with startTLS: true (plain ldap:// is allowed only to 127.0.0.0/8, "
+        "localhost or [::1])"
+    ]
+
+
+def test_the_crds_ldap_rules_use_the_operators_expressions() -> None:
+    crd = yaml.safe_load((REPO / "crds" / "idm-backup.io_idmbackups.yaml").read_text())
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    separators, cleartext = spec["properties"]["target"]["properties"]["ldap"]["x-kubernetes-validations"]
+    assert separators["rule"] == f'!self.url.matches(r"{validation.LDAP_URL_SEPARATOR.pattern}")'
+    assert f'self.url.matches(r"^{validation.LOOPBACK_LDAP_URL.pattern}$")' in cleartext["rule"]
+    assert separators["fieldPath"] == cleartext["fieldPath"] == ".url"
+
+
+@pytest.mark.platform
+@pytest.mark.parametrize("kind", ["IdmBackup", "IdmBackupSchedule"])
+def test_the_api_server_refuses_exactly_the_ldap_urls_the_operator_refuses(
+    api: client.ApiClient, namespace: str, crds: None, kind: str
+) -> None:
+    """The CRD's CEL rules and validation.spec_problems (for CRDs older than them) must draw the same line."""
+    field = "spec.target.ldap.url" if kind == "IdmBackup" else "spec.template.spec.target.ldap.url"
+
+    def create(spec: dict[str, Any]) -> Any:
+        if kind == "IdmBackup":
+            return dry_run_create(api, namespace, PLURAL, kind, spec)
+        return dry_run_create(
+            api, namespace, SCHEDULES, kind, {"schedule": "0 3 * * *", "template": {"spec": spec}}
+        )
+
+    for url, start_tls, problem in LDAP_URLS:
+        spec = with_value(with_value(VALID_SPEC, "target.ldap.url", url), "target.ldap.startTLS", start_tls)
+        if problem is None:
+            create(spec)
+            continue
+        body = refusal(lambda spec=spec: create(spec))  # type: ignore[misc]
+        assert f"{field}: Invalid value" in body, (url, body)
+        expected = "url must be one LDAP URL" if problem == "is not one URL" else "plain ldap:// would send"
+        assert expected in body, (url, body)
+
+
+# -- whoever names a Secret must be allowed to read it ------------------------------------------------------
+
+
+@pytest.mark.platform
+def test_a_secret_counts_as_unreadable_when_the_api_server_cannot_say(
+    api: client.ApiClient, namespace: str, platform: stack.Platform, tmp_path: Path
+) -> None:
+    """An operator that may not create SubjectAccessReviews (an RBAC rule missing) must refuse, not let
+    the Secrets through unchecked, nor look them up for the requester."""
+    core = client.CoreV1Api(api)
+    core.create_namespaced_service_account(namespace, {"metadata": {"name": "no-reviews"}})
+    token = core.create_namespaced_service_account_token(
+        "no-reviews", namespace, {"spec": {"expirationSeconds": 600}}
+    ).status.token
+    cfg = client.Configuration()
+    cfg.host = platform.api_server
+    cfg.ssl_ca_cert = str(Path(platform.state_dir) / "pki" / "ca.crt")
+    cfg.api_key = {"BearerToken": token}
+    cfg.api_key_prefix = {"BearerToken": "Bearer"}
+    where = validation.Cluster(
+        core, namespace, tmp_path, ambient_s3_credentials=False,
+        authorization=client.AuthorizationV1Api(client.ApiClient(cfg)),
+    )  # fmt: skip
+    spec = backup_spec(platform, s3_storage(platform, "sar"))
+    findings = validation.backup_findings(spec, where, requester=validation.Requester("alice"))
+    secrets = [
+        ("spec.target.ldap.passwordSecretRef", freeipa_pod.DM_PASSWORD_SECRET),
+        ("spec.encryption.publicKeysSecretRef", "backup-public-key"),
+        ("spec.storage.s3.credentialsSecretRef", "s3-credentials"),
+    ]
+    assert findings.errors == [
+        f"{field}: could not check whether alice may read Secret {namespace}/{name} (403 Forbidden)"
+        for field, name in secrets
+    ] + [f"spec.target: target pod {namespace}/ipa-hidden not found"]

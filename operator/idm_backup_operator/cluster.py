@@ -58,8 +58,8 @@ def read_secret(core: client.CoreV1Api, namespace: str, name: str) -> Mapping[st
 def read_secret_key(core: client.CoreV1Api, namespace: str, ref: SecretKeyRef) -> bytes:
     data = read_secret(core, namespace, ref.name)
     if ref.key not in data:
-        keys = ", ".join(sorted(data)) or "none"
-        raise ResolveError(f"Secret {namespace}/{ref.name} has no key {ref.key!r} (it has: {keys})")
+        # The keys it has are not listed: whoever reads the status may not be allowed to read the Secret.
+        raise ResolveError(f"Secret {namespace}/{ref.name} has no key {ref.key!r}")
     return data[ref.key]
 
 

@@ -13,6 +13,12 @@ fail seconds later, so it is refused. A schedule only gets warnings: the Secret 
 schedule (GitOps applies in any order). A backup a schedule creates is not checked against them at all:
 refused at 3 a.m., it would leave no Failed backup behind to alert on, and warnings would only reach the
 operator itself, for ~23 ms of CPU each (benchmarks/webhook.md).
+
+Whoever sets the references must be allowed to read the Secrets they name: the operator reads every
+Secret of a namespace, so without this check anyone who may create an IdmBackup could have it use (and
+send, e.g. as an LDAP bind password) a Secret they may not read themselves. That check is never relaxed
+to a warning, and a Secret the requester may not read is not looked up for them either: whether it exists,
+and what is in it, is none of their business.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from kubernetes import client
 
 from idm_backup_operator import cluster, schedules, scheduling
 from idm_backup_operator.encryption import KeyMaterialError
-from idm_backup_operator.model import BackupSpec, PvcStorage, parse_backup_spec
+from idm_backup_operator.model import BackupSpec, LdapTarget, PvcStorage, parse_backup_spec
 from idm_backup_operator.storage import StorageError
 from idm_backup_operator.storage.base import check_key
 
@@ -59,6 +65,29 @@ class Cluster:
     namespace: str
     pvc_root: Path
     ambient_s3_credentials: bool
+    # Asks the API server what a requester may do; only needed when there is one (see Requester).
+    authorization: client.AuthorizationV1Api | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Requester:
+    """Who asked the API server for the object: the AdmissionReview's userInfo, as the API server
+    authenticated it. The SubjectAccessReview asks about exactly this user, groups and extra included, so
+    that RBAC bound to a group (or an authorizer that reads extra) answers as it did for the request."""
+
+    username: str
+    uid: str | None = None
+    groups: tuple[str, ...] = ()
+    extra: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_userinfo(cls, info: Mapping[str, Any]) -> Requester:
+        return cls(
+            username=str(info.get("username") or ""),
+            uid=info.get("uid") or None,
+            groups=tuple(info.get("groups") or ()),
+            extra={key: tuple(values or ()) for key, values in (info.get("extra") or {}).items()},
+        )
 
 
 # -- the spec alone -----------------------------------------------------------------------------------
@@ -70,6 +99,15 @@ MAX_DEADLINE_SECONDS = 7 * 24 * 3600
 OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _IP_ADDRESS = re.compile(r"[0-9]+(\.[0-9]+){3}")
+# Plain ldap:// sends the bind password (the Directory Manager's) unencrypted: only to the operator's own
+# loopback, which it never leaves. The whole URL is matched, not its parsed host: libldap takes a list of
+# URLs separated by spaces or commas, and "ldap://127.0.0.1,ldap://elsewhere" would fall back to the
+# second. The CRD's CEL rule on target.ldap uses the same expression (tests keep them equal).
+_OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+LOOPBACK_LDAP_URL = re.compile(rf"ldap://(127(\.{_OCTET}){{3}}|localhost|\[::1\])(:[0-9]{{1,5}})?/?")
+# What libldap splits a list of URLs at: "ldaps://ipa ldap://elsewhere" would start with ldaps:// and
+# still fall back to plain LDAP. The CRD refuses the same characters.
+LDAP_URL_SEPARATOR = re.compile(r"[ \t\n\r\f\v,]")
 
 
 def object_name_problem(name: str) -> str | None:
@@ -116,6 +154,22 @@ def endpoint_problem(endpoint: str) -> str | None:
     return None
 
 
+def ldap_url_problems(ldap: LdapTarget) -> list[str]:
+    """Why the bind password could cross the network unencrypted: empty if it cannot."""
+    problems = []
+    if LDAP_URL_SEPARATOR.search(ldap.url):
+        problems.append(
+            f"{ldap.url!r} is not one URL: libldap takes spaces and commas to separate a list of URLs, "
+            "and tries each in turn"
+        )
+    elif not (ldap.url.startswith("ldaps://") or ldap.start_tls or LOOPBACK_LDAP_URL.fullmatch(ldap.url)):
+        problems.append(
+            f"{ldap.url!r} would send the bind password unencrypted: use ldaps://, or ldap:// with "
+            "startTLS: true (plain ldap:// is allowed only to 127.0.0.0/8, localhost or [::1])"
+        )
+    return problems
+
+
 def _named_objects(spec: BackupSpec, at: str) -> list[tuple[str, str | None]]:
     """The names of the objects the spec refers to, under their fields; None where a field is not set."""
     ldap, storage = spec.target.ldap, spec.storage
@@ -151,6 +205,7 @@ def spec_problems(spec: BackupSpec, at: str = "spec") -> list[str]:
             f"{at}.target.ldap.startTLS: an ldaps:// URL is already encrypted; use ldap:// with startTLS, "
             "or ldaps:// without it"
         )
+    problems.extend(f"{at}.target.ldap.url: {problem}" for problem in ldap_url_problems(ldap))
     selector = spec.target.pod_selector
     if selector is not None and not selector.match_labels and not selector.match_expressions:
         problems.append(f"{at}.target.podSelector: an empty selector matches every pod in the namespace")
@@ -180,28 +235,107 @@ def spec_problems(spec: BackupSpec, at: str = "spec") -> list[str]:
 # -- what the spec refers to ----------------------------------------------------------------------------
 
 
-def _reference_problems(spec: BackupSpec, at: str, where: Cluster) -> list[str]:
+def _secret_refs(spec: BackupSpec, at: str) -> list[tuple[str, str]]:
+    """The Secrets a backup of this spec reads, under their fields: those its requester must be able to
+    read. A public-keys Secret with encryption off is never read, so it needs no permission."""
+    ldap, storage = spec.target.ldap, spec.storage
+    refs = [(f"{at}.target.ldap.passwordSecretRef", ldap.password.name)]
+    if ldap.ca is not None:
+        refs.append((f"{at}.target.ldap.caSecretRef", ldap.ca.name))
+    if spec.encryption.enabled and spec.encryption.public_keys_secret is not None:
+        refs.append((f"{at}.encryption.publicKeysSecretRef", spec.encryption.public_keys_secret))
+    if not isinstance(storage, PvcStorage):
+        if storage.credentials_secret is not None:
+            refs.append((f"{at}.storage.s3.credentialsSecretRef", storage.credentials_secret))
+        if storage.ca is not None:
+            refs.append((f"{at}.storage.s3.caSecretRef", storage.ca.name))
+    # A malformed name is already a problem of the spec; asking about it would answer about another.
+    return [(field, name) for field, name in refs if object_name_problem(name) is None]
+
+
+def _may_get_secret(where: Cluster, requester: Requester, name: str) -> bool:
+    """Raises ApiException when the API server cannot answer (e.g. the operator may not ask)."""
+    assert where.authorization is not None, "a requester needs Cluster.authorization"
+    review = client.V1SubjectAccessReview(
+        spec=client.V1SubjectAccessReviewSpec(
+            user=requester.username,
+            uid=requester.uid,
+            groups=list(requester.groups) or None,
+            extra={key: list(values) for key, values in requester.extra.items()} or None,
+            resource_attributes=client.V1ResourceAttributes(
+                namespace=where.namespace, verb="get", group="", resource="secrets", name=name
+            ),
+        )
+    )
+    answer = where.authorization.create_subject_access_review(review)
+    return bool(answer.status and answer.status.allowed)
+
+
+def secret_access_problems(
+    spec: BackupSpec, at: str, where: Cluster, requester: Requester
+) -> tuple[list[str], set[str]]:
+    """Each Secret of the spec the requester may not `get`, named under its field; and the names of
+    those Secrets, which are then not looked up for them. When the API server cannot answer, the Secret
+    counts as not readable: a check that did not run must not let a Secret through."""
+    problems: list[str] = []
+    withheld: set[str] = set()
+    verdicts: dict[str, str | None] = {}  # one review per Secret, however many fields name it
+    for field, name in _secret_refs(spec, at):
+        if name not in verdicts:
+            try:
+                allowed = _may_get_secret(where, requester, name)
+            except client.ApiException as err:
+                verdicts[name] = (
+                    f"could not check whether {requester.username} may read Secret {where.namespace}/{name} "
+                    f"({err.status} {err.reason})"
+                )
+            else:
+                verdicts[name] = (
+                    None
+                    if allowed
+                    else f"{requester.username} may not read Secret {where.namespace}/{name}, so no backup "
+                    "they create may use it (RBAC: get on secrets)"
+                )
+        if (verdict := verdicts[name]) is not None:
+            problems.append(f"{field}: {verdict}")
+            withheld.add(name)
+    return problems, withheld
+
+
+def _reference_problems(spec: BackupSpec, at: str, where: Cluster, withheld: set[str]) -> list[str]:
     core, namespace = where.core, where.namespace
     ldap, storage = spec.target.ldap, spec.storage
-    # Each check with the name it looks up: a malformed name is already a problem of the spec, and would
-    # make the lookup read something else.
-    checks: list[tuple[str, str | None, Callable[[], object]]] = [
-        (f"{at}.target", spec.target.pod_name, lambda: cluster.find_target_pod(core, namespace, spec.target)),
+    # Each check with the name it looks up, and whether that is a Secret's: a malformed name is already a
+    # problem of the spec, and would make the lookup read something else; a withheld Secret is not read.
+    checks: list[tuple[str, str | None, bool, Callable[[], object]]] = [
+        (
+            f"{at}.target",
+            spec.target.pod_name,
+            False,
+            lambda: cluster.find_target_pod(core, namespace, spec.target),
+        ),
         (
             f"{at}.target.ldap.passwordSecretRef",
             ldap.password.name,
+            True,
             lambda: cluster.read_secret_key(core, namespace, ldap.password),
         ),
     ]
     if (ca := ldap.ca) is not None:
         checks.append(
-            (f"{at}.target.ldap.caSecretRef", ca.name, lambda: cluster.read_secret_key(core, namespace, ca))
+            (
+                f"{at}.target.ldap.caSecretRef",
+                ca.name,
+                True,
+                lambda: cluster.read_secret_key(core, namespace, ca),
+            )
         )
     if spec.encryption.enabled:
         checks.append(
             (
                 f"{at}.encryption",
                 spec.encryption.public_keys_secret,
+                True,
                 lambda: cluster.load_public_keys(core, namespace, spec.encryption),
             )
         )
@@ -210,6 +344,7 @@ def _reference_problems(spec: BackupSpec, at: str, where: Cluster) -> list[str]:
             (
                 f"{at}.storage.pvc.claimName",
                 storage.claim_name,
+                False,
                 lambda: cluster.pvc_mount(storage, where.pvc_root),
             )
         )
@@ -218,6 +353,7 @@ def _reference_problems(spec: BackupSpec, at: str, where: Cluster) -> list[str]:
             (
                 f"{at}.storage.s3.credentialsSecretRef",
                 storage.credentials_secret,
+                True,
                 lambda: cluster.s3_credentials(
                     core, namespace, storage, ambient=where.ambient_s3_credentials
                 ),
@@ -228,12 +364,13 @@ def _reference_problems(spec: BackupSpec, at: str, where: Cluster) -> list[str]:
                 (
                     f"{at}.storage.s3.caSecretRef",
                     s3_ca.name,
+                    True,
                     lambda: cluster.read_secret_key(core, namespace, s3_ca),
                 )
             )
     problems = []
-    for field, name, check in checks:
-        if name is not None and object_name_problem(name):
+    for field, name, secret, check in checks:
+        if name is not None and (object_name_problem(name) or (secret and name in withheld)):
             continue
         try:
             check()
@@ -245,17 +382,29 @@ def _reference_problems(spec: BackupSpec, at: str, where: Cluster) -> list[str]:
 
 
 def backup_findings(
-    raw: Mapping[str, Any], where: Cluster, *, at: str = "spec", references: References = "refuse"
+    raw: Mapping[str, Any],
+    where: Cluster,
+    *,
+    at: str = "spec",
+    references: References = "refuse",
+    requester: Requester | None = None,
 ) -> Findings:
-    """The problems of an IdmBackup spec (or a schedule's template, at="spec.template.spec")."""
+    """The problems of an IdmBackup spec (or a schedule's template, at="spec.template.spec").
+
+    With a requester, every Secret the spec names must be readable by them (refused otherwise, whatever
+    `references` says); without one (the operator's own requests), that is not asked."""
     try:
         spec = parse_backup_spec(raw)
     except ValueError as err:
         return Findings(errors=[f"{at}: {err}"])
     findings = Findings(errors=spec_problems(spec, at))
+    withheld: set[str] = set()
+    if requester is not None:
+        denied, withheld = secret_access_problems(spec, at, where, requester)
+        findings.errors.extend(denied)
     if references == "skip":
         return findings
-    problems = _reference_problems(spec, at, where)
+    problems = _reference_problems(spec, at, where, withheld)
     if references == "refuse":
         findings.errors.extend(problems)
     else:
@@ -268,7 +417,9 @@ def backup_findings(
 # -- schedules ------------------------------------------------------------------------------------------
 
 
-def schedule_findings(spec: Mapping[str, Any], where: Cluster, now: datetime.datetime) -> Findings:
+def schedule_findings(
+    spec: Mapping[str, Any], where: Cluster, now: datetime.datetime, *, requester: Requester | None = None
+) -> Findings:
     findings = Findings()
     cron = zone = None
     try:
@@ -289,7 +440,11 @@ def schedule_findings(spec: Mapping[str, Any], where: Cluster, now: datetime.dat
     except ValueError as err:
         findings.errors.append(f"spec.retention: {err}")
     template = spec["template"]["spec"]
-    findings.extend(backup_findings(template, where, at="spec.template.spec", references="warn"))
+    # The schedule's backups are created by the operator, which may read every Secret: whoever sets the
+    # template is who must be allowed to read them.
+    findings.extend(
+        backup_findings(template, where, at="spec.template.spec", references="warn", requester=requester)
+    )
     return findings
 
 

@@ -192,7 +192,9 @@ def _run(
     except (InvalidBackupOptions, KeyError) as err:
         _fail(report, status, "InvalidSpec", f"invalid spec: {err}")
         return
-    if problems := validation.spec_problems(parsed):
+    # Not for a backup left Running: its server may have IPA stopped, and recovery must put it back even
+    # if a newer operator would refuse the spec (a rule added by an upgrade that caught it mid-run).
+    if phase != Phase.RUNNING and (problems := validation.spec_problems(parsed)):
         _fail(report, status, "InvalidSpec", f"invalid spec: {'; '.join(problems)}")
         return
     try:
