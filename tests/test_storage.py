@@ -1,12 +1,15 @@
 """Both stores against real things: a directory, and an S3 server on loopback.
 
-The S3 server is moto's, in a subprocess, with IAM authentication switched on so that wrong credentials
-are refused as a real server would. Set IDM_TEST_S3_ENDPOINT, IDM_TEST_S3_ACCESS_KEY, IDM_TEST_S3_SECRET_KEY
-and IDM_TEST_S3_BUCKET to run the same tests against another server (versitygw, MinIO, ...) instead.
+The S3 tests run against the platform's versitygw, a real S3 implementation with real authentication.
+Set IDM_TEST_S3_ENDPOINT, IDM_TEST_S3_ACCESS_KEY, IDM_TEST_S3_SECRET_KEY and IDM_TEST_S3_BUCKET to run them
+against another server (MinIO, Ceph RGW, ...) instead. moto, in a subprocess, is kept for the one thing
+versitygw cannot show: server-side encryption, whose header versitygw accepts but neither applies nor
+reports. What the network can do to the S3 store is in test_storage_faults.py.
 """
 
 import dataclasses
 import datetime
+import errno
 import hashlib
 import json
 import os
@@ -22,7 +25,18 @@ from typing import Any
 import boto3
 import pytest
 
-from idm_backup_operator.storage import ObjectNotFound, PVCStore, S3Config, S3Store, StorageError, Store
+from idm_backup_operator.storage import (
+    DeadlineExceeded,
+    ObjectExists,
+    ObjectNotFound,
+    PVCStore,
+    S3Config,
+    S3Store,
+    StorageError,
+    Store,
+    claim_mount,
+)
+from idm_backup_operator.storage import pvc as pvc_module
 from testbed import stack
 
 MiB = 1024 * 1024
@@ -84,12 +98,19 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[S3Endpoint]:
+def s3_endpoint(request: pytest.FixtureRequest) -> S3Endpoint:
     names = ["IDM_TEST_S3_ENDPOINT", "IDM_TEST_S3_ACCESS_KEY", "IDM_TEST_S3_SECRET_KEY", "IDM_TEST_S3_BUCKET"]
     if any(name in os.environ for name in names):
         url, access_key, secret_key, bucket = (os.environ[name] for name in names)
-        yield S3Endpoint(url, access_key, secret_key, bucket, moto=False)
-        return
+        return S3Endpoint(url, access_key, secret_key, bucket, moto=False)
+    platform: stack.Platform = request.getfixturevalue("platform")
+    return S3Endpoint(
+        platform.s3_endpoint, platform.s3_access_key, platform.s3_secret_key, platform.s3_bucket, moto=False
+    )
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[S3Endpoint]:
     port = _free_port()
     # After these first unauthenticated requests (create the user, its policy, its key), moto checks
     # every request's signature against its IAM users, as a real S3 server does.
@@ -133,6 +154,7 @@ def s3(s3_endpoint: S3Endpoint) -> Iterator[S3Store]:
     """A store under a prefix of its own, emptied afterwards (a shared real bucket stays clean)."""
     store = S3Store(s3_endpoint.config(prefix=f"test-{uuid.uuid4().hex[:12]}/"))
     yield store
+    store.set_deadline(None)
     store.clean_incomplete(started_before=datetime.datetime.now(datetime.UTC) + SOON)
     for stored in store.list_objects():
         store.delete(stored.key)
@@ -143,6 +165,7 @@ def _multipart_uploads(store: S3Store) -> list[str]:
     return [upload["Key"] for upload in uploads.get("Uploads", [])]
 
 
+@pytest.mark.platform
 def test_s3_multipart_round_trip(s3: S3Store) -> None:
     key = "default/ipa.example.test/ipa-full-2026-11-26-03-00-00/ipa-full.tar.gpg"
     sha256, size = _write_all(s3, key, 40 * MiB + 4321)
@@ -156,6 +179,7 @@ def test_s3_multipart_round_trip(s3: S3Store) -> None:
     assert _multipart_uploads(s3) == []
 
 
+@pytest.mark.platform
 def test_s3_small_object_is_a_single_put(s3: S3Store) -> None:
     stored = s3.put_bytes("a/header", b"[ipa]\ntype = FULL\n")
     assert stored.size == 18 and stored.sha256 == hashlib.sha256(b"[ipa]\ntype = FULL\n").hexdigest()
@@ -165,11 +189,13 @@ def test_s3_small_object_is_a_single_put(s3: S3Store) -> None:
     assert "-" not in etag
 
 
+@pytest.mark.platform
 def test_s3_empty_object(s3: S3Store) -> None:
     assert s3.put_bytes("empty", b"").size == 0
     assert s3.stat("empty") is not None
 
 
+@pytest.mark.platform
 def test_s3_abort_leaves_no_object_and_no_upload(s3: S3Store) -> None:
     upload = s3.open_upload("aborted.tar.gpg")
     for chunk in _random_chunks(12 * MiB):
@@ -181,6 +207,7 @@ def test_s3_abort_leaves_no_object_and_no_upload(s3: S3Store) -> None:
     assert _multipart_uploads(s3) == []
 
 
+@pytest.mark.platform
 def test_s3_exception_inside_the_block_aborts(s3: S3Store) -> None:
     with pytest.raises(RuntimeError, match="pod stream broke"), s3.open_upload("broken.tar.gpg") as upload:
         for chunk in _random_chunks(11 * MiB):
@@ -190,6 +217,7 @@ def test_s3_exception_inside_the_block_aborts(s3: S3Store) -> None:
     assert _multipart_uploads(s3) == []
 
 
+@pytest.mark.platform
 def test_s3_leaving_the_block_without_commit_aborts(s3: S3Store) -> None:
     with s3.open_upload("uncommitted") as upload:
         upload.write(b"x" * 6 * MiB)
@@ -199,6 +227,7 @@ def test_s3_leaving_the_block_without_commit_aborts(s3: S3Store) -> None:
         upload.write(b"more")
 
 
+@pytest.mark.platform
 def test_s3_clean_incomplete_aborts_crashed_uploads(s3: S3Store) -> None:
     crashed = s3.open_upload("crashed/ipa-full.tar.gpg")
     crashed.write(os.urandom(6 * MiB))  # a part is sent: a multipart upload exists; then the operator "dies"
@@ -210,30 +239,19 @@ def test_s3_clean_incomplete_aborts_crashed_uploads(s3: S3Store) -> None:
 
 
 @pytest.mark.platform
-def test_s3_clean_incomplete_spares_recent_uploads(platform: stack.Platform) -> None:
-    # Always on the platform's versitygw: moto reports every multipart upload as initiated in 2010.
-    store = S3Store(
-        S3Config(
-            bucket=platform.s3_bucket,
-            prefix=f"test/spares-{uuid.uuid4().hex[:8]}",
-            endpoint_url=platform.s3_endpoint,
-            access_key_id=platform.s3_access_key,
-            secret_access_key=platform.s3_secret_key,
-            force_path_style=True,
-            part_size=5 * MiB,
-        )
-    )
-    upload = store.open_upload("running/ipa-full.tar.gpg")
+def test_s3_clean_incomplete_spares_recent_uploads(s3: S3Store) -> None:
+    upload = s3.open_upload("running/ipa-full.tar.gpg")
     try:
         upload.write(os.urandom(6 * MiB))  # a full part: the multipart upload exists now
         an_hour_ago = datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=1)
-        assert store.clean_incomplete(started_before=an_hour_ago) == []
-        assert len(_multipart_uploads(store)) == 1
+        assert s3.clean_incomplete(started_before=an_hour_ago) == []
+        assert len(_multipart_uploads(s3)) == 1
     finally:
         upload.abort()
-    assert _multipart_uploads(store) == []
+    assert _multipart_uploads(s3) == []
 
 
+@pytest.mark.platform
 def test_s3_list_stat_delete(s3: S3Store) -> None:
     for key in ["ns/a/1", "ns/a/2", "ns/ab/3", "other/4"]:
         s3.put_bytes(key, key.encode())
@@ -249,39 +267,113 @@ def test_s3_list_stat_delete(s3: S3Store) -> None:
         s3.open_read("ns/a/1")
 
 
+@pytest.mark.platform
 def test_s3_check_writable_leaves_nothing(s3: S3Store) -> None:
     s3.check_writable()
     assert list(s3.list_objects()) == []
 
 
+def _read(store: Store, key: str) -> bytes:
+    with store.open_read(key) as reader:
+        return reader.read()
+
+
+@pytest.mark.platform
+def test_s3_never_replaces_an_object(s3: S3Store) -> None:
+    s3.put_bytes("ns/host/b1/header", b"the first backup's header")
+    uri = s3.uri("ns/host/b1/header")
+    with pytest.raises(ObjectExists, match=f"^{uri} already exists: a stored object is never replaced$"):
+        s3.put_bytes("ns/host/b1/header", b"a hostile pod's header")
+    # Refused before anything is streamed, not after a whole archive.
+    with pytest.raises(ObjectExists, match="already exists"):
+        s3.open_upload("ns/host/b1/header")
+    assert _read(s3, "ns/host/b1/header") == b"the first backup's header"
+
+
+@pytest.mark.platform
+@pytest.mark.parametrize("size", [1000, 12 * MiB], ids=["single-put", "multipart"])
+def test_s3_conditional_write_refuses_a_key_taken_meanwhile(s3: S3Store, size: int) -> None:
+    # Both uploads pass the check at open; only S3's If-None-Match on the final request can tell them
+    # apart. The second must not replace the first, and must leave no multipart upload behind.
+    first, second = os.urandom(size), os.urandom(size)
+    with s3.open_upload("ns/host/b1/archive") as late, s3.open_upload("ns/host/b1/archive") as early:
+        early.write(first)
+        early.commit()
+        late.write(second)
+        with pytest.raises(ObjectExists, match=r"ns/host/b1/archive already exists"):
+            late.commit()
+    assert hashlib.sha256(_read(s3, "ns/host/b1/archive")).digest() == hashlib.sha256(first).digest()
+    assert _multipart_uploads(s3) == []
+
+
+@pytest.mark.platform
+def test_s3_calls_after_the_deadline_are_refused_but_deletes_still_work(s3: S3Store) -> None:
+    s3.put_bytes("ns/host/b1/header", b"written in time")
+    s3.set_deadline(time.monotonic() - 1)
+    for refused in (
+        s3.check_writable,
+        lambda: s3.put_bytes("ns/host/b1/manifest", b"{}"),
+        lambda: s3.stat("ns/host/b1/header"),
+        lambda: list(s3.list_objects()),
+    ):
+        with pytest.raises(DeadlineExceeded, match="did not finish before the backup's deadline"):
+            refused()
+    # What undoes a failed backup's writes has a bound of its own.
+    s3.delete("ns/host/b1/header")
+    s3.set_deadline(None)
+    assert s3.stat("ns/host/b1/header") is None
+
+
+@pytest.mark.platform
+def test_s3_deadline_passing_mid_upload_aborts_it(s3: S3Store) -> None:
+    s3.set_deadline(time.monotonic() + 60)
+    with (
+        pytest.raises(DeadlineExceeded, match="did not finish before the backup's deadline"),
+        s3.open_upload("ns/host/b1/archive") as upload,
+    ):
+        upload.write(os.urandom(6 * MiB))  # a part is sent: the multipart upload exists
+        assert len(_multipart_uploads(s3)) == 1
+        s3.set_deadline(time.monotonic())
+        upload.write(os.urandom(6 * MiB))
+        upload.commit()
+    s3.set_deadline(None)
+    assert s3.stat("ns/host/b1/archive") is None
+    assert _multipart_uploads(s3) == []
+
+
+@pytest.mark.platform
 def test_s3_missing_bucket(s3_endpoint: S3Endpoint) -> None:
     store = S3Store(s3_endpoint.config(bucket="idm-no-such-bucket"))
     with pytest.raises(StorageError, match="bucket 'idm-no-such-bucket' does not exist at http://127"):
         store.check_writable()
 
 
+@pytest.mark.platform
 def test_s3_unknown_access_key(s3_endpoint: S3Endpoint) -> None:
     store = S3Store(s3_endpoint.config(access_key_id="AKIDONOTEXIST0000000"))
     with pytest.raises(StorageError, match="does not know the access key ID"):
         store.check_writable()
 
 
+@pytest.mark.platform
 def test_s3_wrong_secret_key(s3_endpoint: S3Endpoint) -> None:
     store = S3Store(s3_endpoint.config(secret_access_key="wrong"))
     with pytest.raises(StorageError, match="the secret access key is wrong"):
         store.check_writable()
 
 
+@pytest.mark.platform
 def test_s3_unreachable_endpoint(s3_endpoint: S3Endpoint) -> None:
     store = S3Store(s3_endpoint.config(endpoint_url=f"http://127.0.0.1:{_free_port()}", max_attempts=1))
     with pytest.raises(StorageError, match=r"http://127\.0\.0\.1:\d+ is unreachable"):
         store.check_writable()
 
 
-def test_s3_server_side_encryption(s3_endpoint: S3Endpoint, s3: S3Store) -> None:
-    if not s3_endpoint.moto:
-        pytest.skip("server-side encryption depends on the server")
-    store = S3Store(s3_endpoint.config(prefix=s3.config.prefix, server_side_encryption="AES256"))
+def test_s3_server_side_encryption(moto_endpoint: S3Endpoint) -> None:
+    # moto: versitygw accepts the header but neither encrypts nor reports it.
+    store = S3Store(
+        moto_endpoint.config(prefix=f"sse-{uuid.uuid4().hex[:8]}/", server_side_encryption="AES256")
+    )
     store.put_bytes("sse/small", b"x")
     _write_all(store, "sse/large", 6 * MiB)
     for key in ("sse/small", "sse/large"):
@@ -289,15 +381,19 @@ def test_s3_server_side_encryption(s3_endpoint: S3Endpoint, s3: S3Store) -> None
         assert head["ServerSideEncryption"] == "AES256"
 
 
-def test_s3_config_is_validated(s3_endpoint: S3Endpoint) -> None:
+def test_s3_config_is_validated() -> None:
+    endpoint = S3Endpoint("http://127.0.0.1:9", "access", "secret", "bucket", moto=False)
     with pytest.raises(StorageError, match="at least 5 MiB"):
-        s3_endpoint.config(part_size=MiB)
+        endpoint.config(part_size=MiB)
     with pytest.raises(StorageError, match="needs server-side encryption 'aws:kms'"):
-        s3_endpoint.config(server_side_encryption="AES256", kms_key_id="key")
+        endpoint.config(server_side_encryption="AES256", kms_key_id="key")
     with pytest.raises(StorageError, match="invalid prefix"):
-        s3_endpoint.config(prefix="../elsewhere")
+        endpoint.config(prefix="../elsewhere")
+    with pytest.raises(StorageError, match="timeouts must be positive"):
+        endpoint.config(cleanup_timeout=0)
 
 
+@pytest.mark.platform
 @pytest.mark.parametrize("key", ["../x", "/abs", "a//b", "a/./b", "", "a/"])
 def test_s3_invalid_keys(s3: S3Store, key: str) -> None:
     with pytest.raises(StorageError, match="invalid object key"):
@@ -432,3 +528,134 @@ def test_pvc_unwritable_directory(tmp_path: Path) -> None:
     store = PVCStore(tmp_path / "mnt", "file/sub")
     with pytest.raises(StorageError, match=r"cannot write to .*/mnt/file/sub: "):
         store.check_writable()
+
+
+def test_pvc_never_replaces_an_object(pvc: PVCStore, tmp_path: Path) -> None:
+    pvc.put_bytes("ns/host/b1/header", b"the first backup's header")
+    path = tmp_path / "mnt/backups/idm/ns/host/b1/header"
+    with pytest.raises(ObjectExists, match=f"^{path} already exists: a stored object is never replaced$"):
+        pvc.put_bytes("ns/host/b1/header", b"a hostile pod's header")
+    assert path.read_bytes() == b"the first backup's header"
+    assert [p.name for p in path.parent.iterdir()] == ["header"]
+
+
+def test_pvc_link_refuses_a_key_taken_meanwhile(pvc: PVCStore, tmp_path: Path) -> None:
+    # Both pass the check at open; only the final link() can tell them apart (a rename would replace).
+    with pvc.open_upload("b1/archive") as late, pvc.open_upload("b1/archive") as early:
+        early.write(b"first")
+        early.commit()
+        late.write(b"second")
+        with pytest.raises(ObjectExists, match="b1/archive already exists"):
+            late.commit()
+    directory = tmp_path / "mnt/backups/idm/b1"
+    assert (directory / "archive").read_bytes() == b"first"
+    assert [p.name for p in directory.iterdir()] == ["archive"]
+
+
+@pytest.mark.parametrize("missing", ["link", "link-and-renameat2"])
+def test_pvc_never_replaces_without_hard_links(
+    pvc: PVCStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, missing: str
+) -> None:
+    """Volumes without hard links (some FUSE and SMB ones) fall back to renameat2(RENAME_NOREPLACE),
+    then to a check and a rename."""
+
+    def no_link(source: Any, target: Any) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_link)
+    if missing == "link-and-renameat2":
+        renamed: list[str] = []
+        rename = os.rename
+
+        def no_renameat2(source: Path, target: Path) -> None:
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+        def spy(source: Any, target: Any) -> None:
+            renamed.append(str(target))
+            rename(source, target)
+
+        monkeypatch.setattr(pvc_module, "_rename_noreplace", no_renameat2)
+        monkeypatch.setattr(os, "rename", spy)
+    with pvc.open_upload("b1/header") as late:
+        pvc.put_bytes("b1/header", b"first")
+        late.write(b"second")
+        with pytest.raises(ObjectExists, match="b1/header already exists"):
+            late.commit()
+    directory = tmp_path / "mnt/backups/idm/b1"
+    assert (directory / "header").read_bytes() == b"first"
+    assert [p.name for p in directory.iterdir()] == ["header"]
+    if missing == "link-and-renameat2":
+        assert renamed == [str(directory / "header")]
+
+
+def test_pvc_writes_stop_at_the_deadline_but_deletes_do_not(pvc: PVCStore, tmp_path: Path) -> None:
+    pvc.put_bytes("b1/header", b"written in time")
+    pvc.set_deadline(time.monotonic() + 60)
+    with pvc.open_upload("b1/archive") as upload:
+        upload.write(b"in time")
+        pvc.set_deadline(time.monotonic())
+        with pytest.raises(DeadlineExceeded, match="did not finish before the backup's deadline"):
+            upload.write(b"too late")
+        with pytest.raises(DeadlineExceeded):
+            upload.commit()
+    for refused in (pvc.check_writable, lambda: pvc.put_bytes("b1/manifest", b"{}")):
+        with pytest.raises(DeadlineExceeded):
+            refused()
+    pvc.delete("b1/header")
+    assert not (tmp_path / "mnt/backups/idm/b1").exists()
+
+
+@pytest.mark.parametrize(
+    "name", ["..", ".", "", "a/b", "../etc", "backups/..", "a..b", "-a", "a-", "Backups", "a\\b", "a" * 254]
+)
+def test_claim_mount_refuses_what_is_not_a_claim_name(tmp_path: Path, name: str) -> None:
+    with pytest.raises(StorageError, match="invalid claim name"):
+        claim_mount(tmp_path, name)
+    with pytest.raises(StorageError, match="invalid claim name"):
+        PVCStore.for_claim(tmp_path, name)
+
+
+def test_claim_mount(tmp_path: Path) -> None:
+    assert claim_mount(tmp_path, "backups") == tmp_path / "backups"
+    assert claim_mount(tmp_path, "idm.backups-2") == tmp_path / "idm.backups-2"
+    store = PVCStore.for_claim(tmp_path, "backups", "prod")
+    assert store.uri("a/b") == str(tmp_path / "backups/prod/a/b")
+    # The operator's own mount points may be links (the platform tests link a claim's volume there): the
+    # mount is where its files go, and the store keeps every key inside it.
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root/linked").symlink_to(tmp_path / "elsewhere")
+    linked = PVCStore.for_claim(tmp_path / "root", "linked")
+    linked.put_bytes("a/b", b"data")
+    assert (tmp_path / "elsewhere/a/b").read_bytes() == b"data"
+
+
+def test_pvc_refuses_links_out_of_the_volume(tmp_path: Path) -> None:
+    """A symbolic link planted on a shared volume must not lead the operator outside it."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("the operator's own file")
+    mount = tmp_path / "mnt"
+    (mount / "backups").mkdir(parents=True)
+    (mount / "backups/ns").symlink_to(outside)  # a directory on the way to a key
+    (mount / "backups/leak").symlink_to(outside / "secret")  # a key itself
+    (mount / "escape").symlink_to(outside)  # a sub-path
+    store = PVCStore(mount, "backups")
+    out = "outside the volume mounted at"
+    with pytest.raises(StorageError, match=out):
+        store.put_bytes("ns/host/b1/header", b"data")
+    with pytest.raises(StorageError, match=out):
+        store.open_read("leak")
+    with pytest.raises(StorageError, match=out):
+        store.stat("leak")
+    with pytest.raises(StorageError, match=out):
+        store.delete("ns/secret")
+    with pytest.raises(StorageError, match=out):
+        list(store.list_objects("ns/"))
+    assert [o.key for o in store.list_objects()] == []  # neither link is an object
+    with pytest.raises(StorageError, match=out):
+        PVCStore(mount, "escape/sub").check_writable()
+    with pytest.raises(StorageError, match=out):
+        PVCStore(mount, "escape").put_bytes("x", b"data")
+    assert sorted(p.name for p in outside.iterdir()) == ["secret"]
+    assert (outside / "secret").read_text() == "the operator's own file"

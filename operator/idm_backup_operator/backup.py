@@ -40,7 +40,7 @@ from idm_backup_operator.podexec import (
     PodExec,
     PodRef,
 )
-from idm_backup_operator.storage import StorageError, Store, StoredObject
+from idm_backup_operator.storage import DeadlineExceeded, StorageError, Store, StoredObject
 from idm_backup_operator.streams import Tally, chunks_of, tallied
 from idm_backup_operator.topology import TopologyError, check_roles, read_topology
 
@@ -209,11 +209,15 @@ class _Backup:
     def remaining(self) -> float:
         left = self.deadline - time.monotonic()
         if left <= 0:
-            raise BackupFailed(
-                "DeadlineExceeded",
-                f"the backup did not finish within activeDeadlineSeconds={self.spec.deadline_seconds}",
-            )
+            raise self.deadline_exceeded("")
         return left
+
+    def deadline_exceeded(self, during: str) -> BackupFailed:
+        return BackupFailed(
+            "DeadlineExceeded",
+            f"the backup did not finish within activeDeadlineSeconds={self.spec.deadline_seconds}"
+            + (f" ({during})" if during else ""),
+        )
 
     def run(self) -> None:
         self.report.update(
@@ -278,7 +282,12 @@ class _Backup:
                 self.scratch,
                 ambient_credentials=self.services.ambient_s3_credentials,
             )
+            # Every storage call from here on, the probe included, ends by the backup's deadline however
+            # the server behaves (stalls, trickles, never answers).
+            store.set_deadline(self.deadline)
             store.check_writable()
+        except DeadlineExceeded as err:
+            raise self.deadline_exceeded(f"the storage probe: {err}") from None
         except (cluster.ResolveError, StorageError) as err:
             raise BackupFailed("StorageUnavailable", f"storage not usable: {err}") from None
         return store
@@ -578,14 +587,13 @@ class _Backup:
         except ExecCancelled:
             raise self.stop_reason() or BackupFailed(CANCELLED, CANCELLED_MESSAGE) from None
         except ExecTimeout:
-            raise BackupFailed(
-                "DeadlineExceeded",
-                f"the archive was not stored within activeDeadlineSeconds={self.spec.deadline_seconds}",
-            ) from None
+            raise self.deadline_exceeded("reading the archive from the pod") from None
         except ExecError as err:
             raise BackupFailed("TransferFailed", f"reading the archive from the pod failed: {err}") from None
         except encryption.GpgError as err:
             raise BackupFailed("EncryptionFailed", str(err)) from None
+        except DeadlineExceeded as err:
+            raise self.deadline_exceeded(f"the upload: {err}") from None
         except StorageError as err:
             raise BackupFailed("UploadFailed", f"upload failed: {err}") from None
 
@@ -605,7 +613,14 @@ class _Backup:
                 f"the archive read from the pod ({plain.size} bytes, sha256 {plain.sha256}) differs from "
                 f"the file in the pod ({in_pod.size} bytes, sha256 {in_pod.sha256})",
             )
-        found = store.stat(keys.archive)
+        try:
+            found = store.stat(keys.archive)
+        except DeadlineExceeded as err:
+            raise self.deadline_exceeded(f"checking the stored archive: {err}") from None
+        except StorageError as err:
+            raise BackupFailed(
+                "VerificationFailed", f"cannot check {store.uri(keys.archive)}: {err}"
+            ) from None
         if found is None or found.size != stored.size:
             raise BackupFailed(
                 "VerificationFailed",
@@ -622,6 +637,8 @@ class _Backup:
 def _put(store: Store, key: str, data: bytes) -> StoredObject:
     try:
         return store.put_bytes(key, data)
+    except DeadlineExceeded as err:
+        raise BackupFailed("DeadlineExceeded", f"the backup did not finish in time: {err}") from None
     except StorageError as err:
         raise BackupFailed("UploadFailed", f"upload failed: {err}") from None
 
@@ -812,6 +829,8 @@ def _settle_storage(
             Path(scratch),
             ambient_credentials=services.ambient_s3_credentials,
         )
+        # Reading the archive back is bounded as the backup itself was.
+        store.set_deadline(time.monotonic() + spec.deadline_seconds)
         manifest = stored.read_manifest(store, keys)
         if manifest is not None and not stored.owns(manifest, resource):
             return None  # another resource's files: not ours to judge or delete

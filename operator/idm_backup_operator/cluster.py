@@ -25,7 +25,7 @@ from idm_backup_operator.model import (
     Target,
 )
 from idm_backup_operator.podexec import PodRef
-from idm_backup_operator.storage import PVCStore, S3Config, S3Store, StorageError, Store
+from idm_backup_operator.storage import PVCStore, S3Config, S3Store, StorageError, Store, claim_mount
 from idm_backup_operator.topology import LdapConnectionSettings
 
 # freeipa-container takes the server's host name from this variable.
@@ -146,7 +146,10 @@ def _write_ca(core: client.CoreV1Api, namespace: str, ref: SecretKeyRef, scratch
 
 def pvc_mount(storage: PvcStorage, pvc_root: Path) -> Path:
     """Where the operator sees the claim: PVCs reach it as volumes of its own pod, never by themselves."""
-    mount = pvc_root / storage.claim_name
+    try:
+        mount = claim_mount(pvc_root, storage.claim_name)
+    except StorageError as err:
+        raise ResolveError(str(err)) from None
     if not mount.is_dir():
         raise ResolveError(
             f"PVC {storage.claim_name} is not mounted in the operator at {mount}: "

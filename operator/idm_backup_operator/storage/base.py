@@ -3,12 +3,19 @@
 Keys are relative paths such as ``<namespace>/<server>/<backup>/ipa-full.tar.gpg``; each store applies its
 own prefix (an S3 key prefix, a sub-directory of a PVC). An object written through an `Upload` appears under
 its key only when the upload is committed, whole: a reader never sees a partial archive under a final name.
+
+A write never replaces an object: committing to a key that exists raises `ObjectExists` and leaves the
+existing object as it was. Keys are built from what a FreeIPA pod reports about itself (its host name,
+its backup directory), so without this a hostile pod could name a key of an earlier backup, have it
+overwritten, and then deleted by the failure path that removes what a backup wrote. With it, whatever a
+backup wrote successfully is its own, and removing it on failure touches nothing else.
 """
 
 import abc
 import dataclasses
 import datetime
 import re
+import time
 from collections.abc import Iterator
 from types import TracebackType
 from typing import BinaryIO
@@ -22,6 +29,15 @@ class StorageError(Exception):
 
 class ObjectNotFound(StorageError):
     pass
+
+
+class ObjectExists(StorageError):
+    """A write to a key that already holds an object: stores never replace one."""
+
+
+class DeadlineExceeded(StorageError):
+    """A call was cut off, or refused, at its time bound: the store's deadline (`Store.set_deadline`), or
+    a bound of the call's own (an S3 probe, delete or abort)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,15 +107,42 @@ class Upload(abc.ABC):
 
 
 class Store(abc.ABC):
+    _deadline: float | None = None
+
+    def set_deadline(self, deadline: float | None) -> None:
+        """Bound every later call of this store by a wall-clock deadline, a `time.monotonic()` value.
+
+        Past it, no call starts, and a call running when it passes is cut off: both raise
+        `DeadlineExceeded`. A backup sets its own deadline right after opening the store, so that neither
+        the pre-flight probe nor the upload can outlast activeDeadlineSeconds however the server behaves
+        (stalls, trickles a byte a second, never answers). None removes the bound.
+
+        What undoes a write is exempt, so that a backup that ran out of time can still remove what it
+        wrote: `delete` and aborting an upload get a bound of their own instead (S3Config.cleanup_timeout
+        for S3), starting when they are called. How closely the deadline is kept differs per store: see
+        S3Store and PVCStore.
+        """
+        self._deadline = deadline
+
+    @property
+    def deadline(self) -> float | None:
+        return self._deadline
+
+    def check_deadline(self, doing: str) -> None:
+        """Raise DeadlineExceeded if the deadline has passed; `doing` says what was refused."""
+        if self._deadline is not None and time.monotonic() >= self._deadline:
+            raise DeadlineExceeded(f"{doing}: it did not finish before the backup's deadline")
+
     @abc.abstractmethod
     def uri(self, key: str) -> str:
         """Where the key lives, for status fields and messages: ``s3://bucket/prefix/key`` or a path."""
 
     @abc.abstractmethod
-    def open_upload(self, key: str) -> Upload: ...
+    def open_upload(self, key: str) -> Upload:
+        """A new object under `key`; `ObjectExists` if there is one already (now, or at commit)."""
 
     def put_bytes(self, key: str, data: bytes) -> StoredObject:
-        """Store a small object (header, checksum, manifest) as a whole."""
+        """Store a small object (header, checksum, manifest) as a whole; `ObjectExists` as open_upload."""
         with self.open_upload(key) as upload:
             upload.write(data)
             return upload.commit()
