@@ -60,9 +60,15 @@ NAMESPACED_RULES = {
     # API server refuses it (tried on the platform's 1.36).
     ("", "pods/exec"): {"get", "create"},
     ("", "secrets"): {"get"},
-    ("coordination.k8s.io", "leases"): {"get", "create", "update", "delete"},
     ("", "events"): {"create"},
 }
+# The servers' locks, in the release namespace only (whatever the scope): locking.TargetLock reads,
+# creates, replaces and deletes a Lease by name, and never lists or watches.
+LOCK_RULES = {("coordination.k8s.io", "leases"): {"get", "create", "update", "delete"}}
+LEASES = "leases.coordination.k8s.io"
+# Where Lease rights would reach the cluster's own: the control plane's leader election, the nodes'
+# heartbeats.
+SYSTEM_LEASE_NAMESPACES = ("kube-system", "kube-node-lease")
 CRD_DISCOVERY = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
 NAMESPACE_DISCOVERY = {("", "namespaces"): {"list", "watch"}}
 METRICS_ARGS = ["--metrics-port", "9090", "--metrics-address", "0.0.0.0"]
@@ -99,7 +105,10 @@ DENIED_IN_SERVED_NAMESPACE = [
     ("create", "idmbackupschedules.idm-backup.io"),
     ("delete", "idmbackupschedules.idm-backup.io"),
     ("update", "idmbackups.idm-backup.io"),
-    ("list", "leases.coordination.k8s.io"),
+    ("list", LEASES),
+    ("watch", LEASES),
+    ("patch", LEASES),
+    ("deletecollection", LEASES),
     ("get", "deployments.apps"),
     ("list", "deployments.apps"),
     ("create", "deployments.apps"),
@@ -145,6 +154,27 @@ ALLOWED_IN_SERVED_NAMESPACE = [
     for (group, resource), verbs in NAMESPACED_RULES.items()
     for verb in sorted(verbs)
 ]
+# ... and in the release namespace, for the locks.
+ALLOWED_FOR_LOCKS = [(verb, LEASES) for verb in sorted(LOCK_RULES[("coordination.k8s.io", "leases")])]
+
+
+# The webhook (on by default) asks whether the requesting user may read a Secret, and who it is itself:
+# a ClusterRole of its own, rendered only with the webhook.
+WEBHOOK_RULES = {
+    ("authorization.k8s.io", "subjectaccessreviews"): {"create"},
+    ("authentication.k8s.io", "selfsubjectreviews"): {"create"},
+}
+
+
+def operators(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    """ClusterRoles or ClusterRoleBindings other than the webhook's reviews."""
+    return [d for d in of_kind(docs, kind) if not d["metadata"]["name"].endswith("-webhook")]
+
+
+def leases_denied(*namespaces: str | None) -> list[tuple[str, str, str | None]]:
+    """Every verb on Leases, refused in each namespace (None: across all of them)."""
+    verbs = ("get", "list", "watch", "create", "update", "patch", "delete")
+    return [(verb, LEASES, ns) for ns in namespaces for verb in verbs]
 
 
 # --- helm and kubectl ------------------------------------------------------------------------------
@@ -161,6 +191,35 @@ def rules_of(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
                     key = (group, f"{resource}[{name}]" if name else resource)
                     granted.setdefault(key, set()).update(rule["verbs"])
     return granted
+
+
+def lock_role_name(release: str = "rel") -> str:
+    return f"{release}-idm-backup-operator-locks"
+
+
+def served_roles(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The Roles of the namespaces the operator serves (namespace mode): all but the locks' Role."""
+    return [r for r in of_kind(docs, "Role") if r["metadata"]["name"] != lock_role_name()]
+
+
+def assert_lock_role_in_release_namespace_only(docs: list[dict[str, Any]], namespace: str = "ops") -> None:
+    """The only Lease rights the chart grants: one Role in the release namespace, bound to the operator's
+    ServiceAccount; no other Role or ClusterRole mentions Leases."""
+    (role,) = [r for r in of_kind(docs, "Role") if r["metadata"]["name"] == lock_role_name()]
+    assert role["metadata"]["namespace"] == namespace
+    assert rules_of(role) == LOCK_RULES
+    (binding,) = [b for b in of_kind(docs, "RoleBinding") if b["metadata"]["name"] == lock_role_name()]
+    assert binding["metadata"]["namespace"] == namespace
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": lock_role_name(),
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "rel-idm-backup-operator", "namespace": namespace}
+    ]
+    for other in [*served_roles(docs), *of_kind(docs, "ClusterRole")]:
+        assert not any("leases" in rule["resources"] for rule in other["rules"]), other["metadata"]["name"]
 
 
 def assert_no_wildcards(docs: list[dict[str, Any]]) -> None:
@@ -247,15 +306,35 @@ def test_values_schema_refuses_bad_values(helm: Callable[..., str], bad: list[st
     assert "values don't meet the specifications of the schema" in out, out
 
 
+@pytest.mark.parametrize("scope", ["cluster", "namespace"])
+def test_the_webhook_may_ask_who_may_read_a_secret_and_nothing_more(
+    helm: Callable[..., str], scope: str
+) -> None:
+    docs = render(helm, "--set", f"rbac.scope={scope}")
+    (role,) = [r for r in of_kind(docs, "ClusterRole") if r["metadata"]["name"].endswith("-webhook")]
+    assert rules_of(role) == WEBHOOK_RULES
+    (binding,) = [
+        b for b in of_kind(docs, "ClusterRoleBinding") if b["metadata"]["name"].endswith("-webhook")
+    ]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"] == "rel-idm-backup-operator-ops-webhook"
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "rel-idm-backup-operator", "namespace": "ops"}
+    ]
+    without = render(helm, "--set", f"rbac.scope={scope}", "--set", "webhook.enabled=false")
+    assert not [r for r in of_kind(without, "ClusterRole") if r["metadata"]["name"].endswith("-webhook")]
+
+
 def test_cluster_mode_renders_one_cluster_role_with_exactly_the_needed_rules(
     helm: Callable[..., str],
 ) -> None:
     docs = render(helm)
     assert_no_wildcards(docs)
-    assert not of_kind(docs, "Role") and not of_kind(docs, "RoleBinding")
-    (role,) = of_kind(docs, "ClusterRole")
+    # Namespaced: only the locks' Role, in the release namespace.
+    assert not served_roles(docs)
+    assert_lock_role_in_release_namespace_only(docs)
+    (role,) = operators(docs, "ClusterRole")
     assert rules_of(role) == {**NAMESPACED_RULES, **CRD_DISCOVERY}
-    (binding,) = of_kind(docs, "ClusterRoleBinding")
+    (binding,) = operators(docs, "ClusterRoleBinding")
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "rel-idm-backup-operator", "namespace": "ops"}
     ]
@@ -280,17 +359,19 @@ def test_namespace_mode_renders_a_role_per_watched_namespace_and_only_read_only_
         helm, "--set", "rbac.scope=namespace", "--set", "watchNamespaces={identity,identity-staging}"
     )
     assert_no_wildcards(docs)
-    roles = of_kind(docs, "Role")
+    roles = served_roles(docs)
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["identity", "identity-staging"]
     for role in roles:
         assert rules_of(role) == NAMESPACED_RULES
-    bindings = of_kind(docs, "RoleBinding")
+    # The locks stay in the release namespace, which is not one of those served here.
+    assert_lock_role_in_release_namespace_only(docs)
+    bindings = [b for b in of_kind(docs, "RoleBinding") if b["metadata"]["name"] != lock_role_name()]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["identity", "identity-staging"]
     for binding in bindings:
         assert binding["roleRef"]["kind"] == "Role"
         assert binding["subjects"][0]["namespace"] == "ops"
     # Cluster-wide: only kopf's read-only discovery, nothing inside any namespace.
-    (discovery,) = of_kind(docs, "ClusterRole")
+    (discovery,) = operators(docs, "ClusterRole")
     assert rules_of(discovery) == {**CRD_DISCOVERY, **NAMESPACE_DISCOVERY}
     (deploy,) = of_kind(docs, "Deployment")
     args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -307,8 +388,9 @@ def test_namespace_mode_renders_a_role_per_watched_namespace_and_only_read_only_
     ]
     # Without discovery, namespace mode has no cluster-scoped object at all.
     docs = render(helm, "--set", "rbac.scope=namespace", "--set", "rbac.clusterDiscovery=false")
-    assert not of_kind(docs, "ClusterRole") and not of_kind(docs, "ClusterRoleBinding")
-    assert [r["metadata"]["namespace"] for r in of_kind(docs, "Role")] == ["ops"]  # default: release ns
+    assert not operators(docs, "ClusterRole") and not operators(docs, "ClusterRoleBinding")
+    assert [r["metadata"]["namespace"] for r in served_roles(docs)] == ["ops"]  # default: release ns
+    assert_lock_role_in_release_namespace_only(docs)
 
 
 def test_deployment_is_one_hardened_non_root_pod(helm: Callable[..., str]) -> None:
@@ -342,6 +424,9 @@ def test_deployment_is_one_hardened_non_root_pod(helm: Callable[..., str]) -> No
     assert ports == {"health": 8080, "metrics": 9090}
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["TMPDIR"] == "/tmp" and env["IDM_BACKUP_PVC_ROOT"] == "/var/lib/idm-backup-operator/pvc"
+    # The pod's own namespace, where the locks go and the chart grants Lease rights.
+    (pod_namespace,) = [e for e in container["env"] if e["name"] == "POD_NAMESPACE"]
+    assert pod_namespace["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert "emptyDir" in volumes[mounts["/tmp"]]
@@ -366,7 +451,7 @@ def test_deployment_is_one_hardened_non_root_pod(helm: Callable[..., str]) -> No
 def test_the_operators_command_line_accepts_the_rendered_arguments(
     helm: Callable[..., str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from idm_backup_operator import cli
+    from idm_backup_operator import cli, locking
 
     seen: list[Any] = []
     monkeypatch.setattr(cli, "_run", lambda args: seen.append(args) or 0)
@@ -386,6 +471,14 @@ def test_the_operators_command_line_accepts_the_rendered_arguments(
     assert (args.metrics_port, args.metrics_address) == (9090, "0.0.0.0")
     assert args.log_format == "json" and args.verbose and args.peering is None
     assert args.webhook_port == 0 and not args.s3_ambient_credentials
+    # The locks go to the pod's namespace, the release's (from the downward API), not to the first
+    # watched one: the only namespace where the chart grants Lease rights.
+    assert args.lock_namespace is None
+    (pod_namespace,) = [e for e in container["env"] if e["name"] == "POD_NAMESPACE"]
+    assert pod_namespace["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    monkeypatch.delenv(locking.LOCK_NAMESPACE_ENV, raising=False)
+    monkeypatch.setenv("POD_NAMESPACE", "ops")  # what the kubelet sets for a release in ops
+    assert locking.resolve_namespace(args.lock_namespace, args.namespace) == ("ops", "POD_NAMESPACE")
     # Peering and the webhook: --peering, and the webhook where the chart mounts its certificate.
     docs = render(
         helm, "--set", "peering.enabled=true", "--set", "replicaCount=2", "--set", "webhook.enabled=true",
@@ -427,8 +520,9 @@ def test_cluster_mode_peering_renders_a_cluster_kopf_peering_its_rbac_and_severa
     assert peering["apiVersion"] == "kopf.dev/v1" and peering["metadata"]["name"] == PEERING
     assert "namespace" not in peering["metadata"]
     assert not of_kind(docs, "KopfPeering")
-    (role,) = of_kind(docs, "ClusterRole")
+    (role,) = operators(docs, "ClusterRole")
     assert rules_of(role) == {**NAMESPACED_RULES, **CRD_DISCOVERY, **peering_rules("clusterkopfpeerings")}
+    assert_lock_role_in_release_namespace_only(docs)
     (deploy,) = of_kind(docs, "Deployment")
     spec = deploy["spec"]
     assert spec["replicas"] == 3
@@ -453,7 +547,7 @@ def test_cluster_mode_peering_renders_a_cluster_kopf_peering_its_rbac_and_severa
     assert not of_kind(docs, "PodDisruptionBudget")
     (peering,) = of_kind(docs, "ClusterKopfPeering")
     assert peering["metadata"]["name"] == "ops.peers"
-    (role,) = of_kind(docs, "ClusterRole")
+    (role,) = operators(docs, "ClusterRole")
     assert rules_of(role) == {
         **NAMESPACED_RULES,
         **CRD_DISCOVERY,
@@ -476,10 +570,11 @@ def test_namespace_mode_peering_renders_a_kopf_peering_and_its_rules_in_each_wat
     ]
     assert all(p["apiVersion"] == "kopf.dev/v1" for p in peerings)
     assert not of_kind(docs, "ClusterKopfPeering")
-    for role in of_kind(docs, "Role"):
+    for role in served_roles(docs):
         assert rules_of(role) == {**NAMESPACED_RULES, **peering_rules("kopfpeerings")}
+    assert_lock_role_in_release_namespace_only(docs)
     # Cluster-wide still only discovery: no peering object is cluster-scoped in this mode.
-    (discovery,) = of_kind(docs, "ClusterRole")
+    (discovery,) = operators(docs, "ClusterRole")
     assert rules_of(discovery) == {**CRD_DISCOVERY, **NAMESPACE_DISCOVERY}
     (deploy,) = of_kind(docs, "Deployment")
     args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -597,7 +692,7 @@ def test_webhook_helm_certificate_is_served_through_the_service_and_verified_by_
     (volume,) = [v for v in pod["volumes"] if v["name"] == "webhook-tls"]
     assert volume == {"name": "webhook-tls", "secret": {"secretName": "rel-idm-backup-operator-webhook-tls"}}
     assert container["readinessProbe"]["tcpSocket"] == {"port": "webhook"}
-    (role,) = of_kind(docs, "ClusterRole")
+    (role,) = operators(docs, "ClusterRole")
     assert rules_of(role) == {**NAMESPACED_RULES, **CRD_DISCOVERY}
     # What the API server does: dial <service>.<namespace>.svc and verify against the caBundle. The key
     # is the certificate's, too (the handshake needs both).
@@ -635,7 +730,7 @@ def test_webhook_in_namespace_mode_reviews_only_the_watched_namespaces(helm: Cal
         assert webhook["clientConfig"]["service"]["port"] == 443
     assert container["args"][container["args"].index("--webhook-port") + 1] == "8443"
     assert {"name": "webhook", "containerPort": 8443, "protocol": "TCP"} in container["ports"]
-    for role in of_kind(docs, "Role"):
+    for role in served_roles(docs):
         assert rules_of(role) == NAMESPACED_RULES
 
 
@@ -807,6 +902,17 @@ def release(
     rel.uninstall()
 
 
+@pytest.fixture
+def other_namespace(api: client.ApiClient, namespace: str) -> Iterator[str]:
+    """A second namespace of the test's own: another one to serve, or a release namespace apart from
+    the served one (where the operator's own objects go); deleted afterwards."""
+    name = f"{namespace[:50]}-b"
+    core = client.CoreV1Api(api)
+    core.create_namespace({"metadata": {"name": name, "labels": {"idm-backup.io/test": "true"}}})
+    yield name
+    core.delete_namespace(name, propagation_policy="Background")
+
+
 @pytest.fixture(scope="session")
 def kubectl(platform: stack.Platform) -> Path:
     return stack.binaries()["kubectl"]
@@ -854,14 +960,22 @@ def check_grants(
 
 
 def test_namespace_mode_grants_what_the_operator_needs_where_it_watches_and_nothing_else(
-    release: Release, kubectl: Path, platform: stack.Platform, namespace: str
+    release: Release, kubectl: Path, platform: stack.Platform, namespace: str, other_namespace: str
 ) -> None:
-    release.install("--skip-crds", "--set", "rbac.scope=namespace")
-    allowed = [(verb, resource, namespace) for verb, resource in ALLOWED_IN_SERVED_NAMESPACE]
+    # Two served namespaces: the release's own, and another.
+    release.install(
+        "--skip-crds", "--set", "rbac.scope=namespace",
+        "--set", f"watchNamespaces={{{namespace},{other_namespace}}}",
+    )  # fmt: skip
+    served = (namespace, other_namespace)
+    allowed: list[tuple[str, str, str | None]]
+    denied: list[tuple[str, str, str | None]]
+    allowed = [(verb, resource, ns) for ns in served for verb, resource in ALLOWED_IN_SERVED_NAMESPACE]
+    allowed += [(verb, resource, namespace) for verb, resource in ALLOWED_FOR_LOCKS]
     allowed += [("list", "customresourcedefinitions.apiextensions.k8s.io", None)]
     allowed += [("watch", "customresourcedefinitions.apiextensions.k8s.io", None)]
     allowed += [("list", "namespaces", None), ("watch", "namespaces", None)]
-    denied = [(verb, resource, namespace) for verb, resource in DENIED_IN_SERVED_NAMESPACE]
+    denied = [(verb, resource, ns) for ns in served for verb, resource in DENIED_IN_SERVED_NAMESPACE]
     denied += [(verb, resource, None) for verb, resource in DENIED_CLUSTER_WIDE]
     # Nothing in a namespace it does not watch, and nothing across all namespaces.
     for elsewhere in ("default", "kube-system"):
@@ -870,10 +984,11 @@ def test_namespace_mode_grants_what_the_operator_needs_where_it_watches_and_noth
             ("get", "secrets", elsewhere),
             ("get", "pods", elsewhere),
             ("list", "idmbackups.idm-backup.io", elsewhere),
-            ("create", "leases.coordination.k8s.io", elsewhere),
             ("create", "events", elsewhere),
         ]
     denied += [("get", "secrets", None), ("list", "pods", None), ("list", "idmbackups.idm-backup.io", None)]
+    # Leases in the release namespace only: not in the other served namespace, not in the cluster's own.
+    denied += leases_denied(other_namespace, "default", *SYSTEM_LEASE_NAMESPACES, None)
     check_grants(kubectl, platform, release, allowed=allowed, denied=denied)
 
 
@@ -884,12 +999,18 @@ def test_cluster_mode_install_finds_the_crds_present_and_grants_all_namespaces(
     release.install("--set", "rbac.scope=cluster")
     for name in ("idmbackups.idm-backup.io", "idmbackupschedules.idm-backup.io"):
         assert f"CRD {name} is already present. Skipping." in release.install_output
+    allowed: list[tuple[str, str, str | None]]
+    denied: list[tuple[str, str, str | None]]
     allowed = [(verb, resource, None) for verb, resource in ALLOWED_IN_SERVED_NAMESPACE]
     allowed += [(verb, resource, "default") for verb, resource in ALLOWED_IN_SERVED_NAMESPACE]
+    allowed += [(verb, resource, namespace) for verb, resource in ALLOWED_FOR_LOCKS]
     allowed += [("list", "customresourcedefinitions.apiextensions.k8s.io", None)]
     denied = [(verb, resource, namespace) for verb, resource in DENIED_IN_SERVED_NAMESPACE]
     denied += [(verb, resource, None) for verb, resource in DENIED_CLUSTER_WIDE]
     denied += [("list", "namespaces", None)]  # kopf lists namespaces only when not cluster-wide
+    # Every namespace is served, but Leases only in the release namespace: no leader election's or
+    # node's Lease can be read, taken over or deleted.
+    denied += leases_denied("default", *SYSTEM_LEASE_NAMESPACES, None)
     check_grants(kubectl, platform, release, allowed=allowed, denied=denied)
 
 
@@ -935,8 +1056,18 @@ def service_account_kubeconfig(
     return path
 
 
+@pytest.fixture
+def ops_release(
+    helm: Callable[..., str], platform: stack.Platform, crds: None, other_namespace: str
+) -> Iterator[Release]:
+    """A release in a namespace of its own, as in idm-backup-system, apart from the one it serves."""
+    rel = Release(helm, f"r{uuid.uuid4().hex[:6]}", other_namespace, platform.kubeconfig)
+    yield rel
+    rel.uninstall()
+
+
 def test_the_operator_takes_and_deletes_a_backup_with_only_the_charts_rbac(
-    release: Release,
+    ops_release: Release,
     api: client.ApiClient,
     platform: stack.Platform,
     namespace: str,
@@ -944,12 +1075,19 @@ def test_the_operator_takes_and_deletes_a_backup_with_only_the_charts_rbac(
     secrets: None,
     s3: Any,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    release.install("--skip-crds", "--set", "rbac.scope=namespace")
+    release = ops_release
+    release.install(
+        "--skip-crds", "--set", "rbac.scope=namespace", "--set", f"watchNamespaces={{{namespace}}}"
+    )
     kubeconfig = service_account_kubeconfig(api, platform, release, tmp_path / "operator.kubeconfig")
     freeipa()
     pvc_root = tmp_path / "pvc"
     pvc_root.mkdir()
+    # As the chart's pod has it from the downward API: the locks go to the release namespace, the only
+    # one where the chart grants Lease rights, not to the served one.
+    monkeypatch.setenv("POD_NAMESPACE", release.namespace)
     operator = OperatorProcess(namespace, str(kubeconfig), pvc_root, tmp_path / "operator.log")
     operator.start()
     try:
@@ -971,6 +1109,9 @@ def test_the_operator_takes_and_deletes_a_backup_with_only_the_charts_rbac(
         # Neither kopf nor the operator ran into a missing permission anywhere.
         for sign in ("Forbidden", "forbidden", "Not enough permissions", "(403)"):
             assert sign not in log, next(line for line in log.splitlines() if sign in line)
+        assert f"locks (Leases) go to namespace {release.namespace} (from POD_NAMESPACE)" in log
+        coordination = client.CoordinationV1Api(api)
+        assert coordination.list_namespaced_lease(release.namespace).items == []  # released
     finally:
         operator.stop()
 

@@ -127,9 +127,10 @@ def many_servers(
 
 
 def _leases(api: client.ApiClient, namespace: str) -> list[str]:
-    return [
-        lease.metadata.name for lease in client.CoordinationV1Api(api).list_namespaced_lease(namespace).items
-    ]
+    # The locks of this namespace's servers, wherever the operator keeps them (its own namespace).
+    selector = f"idm-backup.io/target-namespace={namespace}"
+    leases = client.CoordinationV1Api(api).list_lease_for_all_namespaces(label_selector=selector).items
+    return [lease.metadata.name for lease in leases]
 
 
 def test_eight_backups_of_eight_servers_applied_at_once_all_succeed(

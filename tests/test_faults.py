@@ -38,7 +38,9 @@ def _ipa_backup_running(api: client.ApiClient, namespace: str, pod: str) -> bool
 
 
 def _leases(api: client.ApiClient, namespace: str) -> list[Any]:
-    return list(client.CoordinationV1Api(api).list_namespaced_lease(namespace).items)
+    # The locks of this namespace's servers, wherever the operator keeps them (its own namespace).
+    selector = f"idm-backup.io/target-namespace={namespace}"
+    return list(client.CoordinationV1Api(api).list_lease_for_all_namespaces(label_selector=selector).items)
 
 
 def _clear_fault(api: client.ApiClient, namespace: str, pod: str) -> None:
@@ -141,7 +143,9 @@ def test_a_backup_whose_lease_is_taken_stops_and_leaves_the_server_to_the_holder
     lease.spec.holder_identity = "intruder"
     lease.spec.renew_time = datetime.datetime.now(datetime.UTC)
     lease.spec.lease_duration_seconds = 600
-    client.CoordinationV1Api(api).replace_namespaced_lease(lease.metadata.name, namespace, lease)
+    client.CoordinationV1Api(api).replace_namespaced_lease(
+        lease.metadata.name, lease.metadata.namespace, lease
+    )
     status = wait_finished(api, namespace, "usurped", operator, timeout=120)["status"]
     assert (status["phase"], status["reason"]) == ("Failed", "LockLost"), status
     assert not _ipa_backup_running(api, namespace, pod)

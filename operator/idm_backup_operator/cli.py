@@ -26,7 +26,7 @@ from typing import Any
 import kopf
 from kubernetes import client, config
 
-from idm_backup_operator import __version__, cluster, logs, metrics, schedules, stored, verify
+from idm_backup_operator import __version__, cluster, locking, logs, metrics, schedules, stored, verify
 from idm_backup_operator.backup import human_size
 from idm_backup_operator.handlers.startup import (
     DEFAULT_PVC_ROOT,
@@ -78,6 +78,7 @@ def _run(args: argparse.Namespace) -> int:
     # kopf hands this memo to the start-up handler and copies it for every object.
     memo = kopf.Memo(
         namespaces=list(args.namespace or ()),
+        lock_namespace=args.lock_namespace,
         metrics_config=metrics.MetricsConfig(port=args.metrics_port, address=args.metrics_address),
         webhook_config=webhook,
         ambient_s3_credentials=args.s3_ambient_credentials,
@@ -406,6 +407,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the operator")
     run.add_argument(
         "--namespace", action="append", help="watch only this namespace (repeatable); default: all namespaces"
+    )
+    run.add_argument(
+        "--lock-namespace",
+        type=locking.namespace_name,
+        default=os.environ.get(locking.LOCK_NAMESPACE_ENV) or None,
+        help="namespace of the servers' locks (Leases), for an operator run outside a cluster (env "
+        f"{locking.LOCK_NAMESPACE_ENV}; default: in a pod its own namespace, else the first --namespace)",
     )
     run.add_argument("--liveness", help="serve a liveness probe, e.g. http://0.0.0.0:8080/healthz")
     run.add_argument("--verbose", action="store_true", help="debug logging")

@@ -1,18 +1,29 @@
 """One backup at a time per FreeIPA server, across schedules and operator replicas: a Lease per pod.
 
 Two backups of one server would run ipa-backup twice at once, which stops services under each other.
-The Lease lives next to the pod; its holder renews it while the backup runs, and a holder that died
-(operator killed) stops renewing, so after the lease duration the next backup may take it over.
+The Lease's holder renews it while the backup runs, and a holder that died (operator killed) stops
+renewing, so after the lease duration the next backup may take it over.
+
+Every server's Lease lives in one namespace, the operator's own (`configure`), not next to the pod: the
+operator then needs Lease rights in that namespace only, never in the namespaces it serves (where
+kube-system and kube-node-lease hold the control plane's and the nodes' Leases), and the people who
+create IdmBackups in a namespace cannot touch the locks, whatever rights they have there.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
+import os
+import re
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import kopf
 import urllib3
 from kubernetes import client
 
@@ -28,9 +39,105 @@ LOST_AFTER_SECONDS = LEASE_SECONDS - RENEW_SECONDS
 # Every call on the Lease is bounded: a hung connection must not hold the lock's holder past its lease.
 CALL_TIMEOUT = 10
 
+# Where the locks go. The option (--lock-namespace, or this variable) is for an operator run outside a
+# cluster; in a pod the chart sets POD_NAMESPACE from the downward API.
+LOCK_NAMESPACE_ENV = "IDM_BACKUP_LOCK_NAMESPACE"
+POD_NAMESPACE_ENV = "POD_NAMESPACE"
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+# Which server a lock is for, besides its name (which a hash shortens when it is too long): the
+# namespace as a label, to select by (`kubectl get lease -l idm-backup.io/target-namespace=identity`),
+# and `<namespace>/<pod>` as an annotation, since a pod's name may be too long for a label value.
+TARGET_NAMESPACE_LABEL = "idm-backup.io/target-namespace"
+TARGET_POD_ANNOTATION = "idm-backup.io/target-pod"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "idm-backup-operator"}
+
+LEASE_PREFIX = "idm-backup-lock-"
+NAME_LIMIT = 253  # an object name: a DNS subdomain
+# 64 bits of sha256: two long pod names of one namespace that differ only after the cut still get
+# different locks.
+DIGEST_CHARS = 16
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
 
 def lease_name(pod: PodRef) -> str:
-    return f"idm-backup-lock-{pod.name}"[:253]
+    """`idm-backup-lock-<namespace>.<pod>`: one name per server in the whole cluster, the same each time.
+
+    The separator is a dot because a namespace never has one (it is a DNS label): the namespace is
+    everything up to the first dot, so ("a-b", "c") and ("a", "b-c") never meet, as they would at
+    `idm-backup-lock-a-b-c`. The namespace is never shortened, so servers of two namespaces never share
+    a lock. A name longer than an object name may be (a long namespace and a long pod name) keeps its
+    start, cut where the pod's name is, and ends in a hash of `<namespace>/<pod>`.
+    """
+    full = f"{LEASE_PREFIX}{pod.namespace}.{pod.name}"
+    if len(full) <= NAME_LIMIT:
+        return full
+    digest = hashlib.sha256(f"{pod.namespace}/{pod.name}".encode()).hexdigest()[:DIGEST_CHARS]
+    # Each dot-separated part of a DNS subdomain starts and ends with a letter or digit: a cut that ends
+    # on a dot or a dash drops it. The prefix, a 63-character namespace and the dot take 80 characters,
+    # so the cut always falls well inside the pod's name.
+    head = full[: NAME_LIMIT - DIGEST_CHARS - 1].rstrip("-.")
+    return f"{head}-{digest}"
+
+
+class LockNamespaceUnknown(kopf.PermanentError):
+    """No namespace for the locks: the operator does not start (a permanent error stops kopf's start-up
+    instead of retrying it every minute)."""
+
+
+def namespace_name(value: str) -> str:
+    """The value if it is a namespace name, else ValueError (which argparse reports as an invalid value)."""
+    if not _DNS_LABEL.fullmatch(value):
+        raise ValueError(f"{value!r} is not a namespace name (a DNS label)")
+    return value
+
+
+def resolve_namespace(option: str | None, watched: Sequence[str]) -> tuple[str, str]:
+    """The locks' namespace and where it came from, in this order:
+
+    1. --lock-namespace (IDM_BACKUP_LOCK_NAMESPACE): an operator run outside a cluster;
+    2. POD_NAMESPACE: the chart's pod, its own namespace from the downward API;
+    3. the service account's namespace file, in a pod the chart did not make (only when the operator
+       talks to the cluster it runs in: KUBERNETES_SERVICE_HOST is what makes it use the in-cluster
+       configuration; with a kubeconfig, the file names a namespace of another cluster);
+    4. the first watched namespace (--namespace): a local process, as the tests and the demo run it,
+       has no namespace of its own, and the first one it serves is where its user expects its objects.
+    Cluster-wide, outside a pod and without the option there is no good guess, and the operator says so.
+    """
+    candidates = [
+        (option or os.environ.get(LOCK_NAMESPACE_ENV), f"--lock-namespace or {LOCK_NAMESPACE_ENV}"),
+        (os.environ.get(POD_NAMESPACE_ENV), POD_NAMESPACE_ENV),
+    ]
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and SERVICE_ACCOUNT_NAMESPACE.is_file():
+        candidates.append((SERVICE_ACCOUNT_NAMESPACE.read_text().strip(), str(SERVICE_ACCOUNT_NAMESPACE)))
+    candidates.append((watched[0] if watched else None, "the first --namespace"))
+    for value, source in candidates:
+        if value:
+            try:
+                return namespace_name(value), source
+            except ValueError as err:
+                raise LockNamespaceUnknown(f"{source}: {err}") from None
+    raise LockNamespaceUnknown(
+        "no namespace for the servers' locks (Leases): outside a pod and watching all namespaces, "
+        f"give --lock-namespace (or {LOCK_NAMESPACE_ENV}), a namespace where the operator may get, "
+        "create, update and delete Leases"
+    )
+
+
+_configured: str | None = None
+
+
+def configure(option: str | None, watched: Sequence[str]) -> str:
+    """Fix the locks' namespace for this process, at start-up, before any backup runs."""
+    global _configured
+    _configured, source = resolve_namespace(option, watched)
+    log.info("servers' locks (Leases) go to namespace %s (from %s)", _configured, source)
+    return _configured
+
+
+def lock_namespace() -> str:
+    """The configured namespace; without `configure` (an operator started other than by the command
+    line), what the environment says."""
+    return _configured if _configured is not None else resolve_namespace(None, ())[0]
 
 
 def _now() -> datetime.datetime:
@@ -49,9 +156,19 @@ class Busy:
 
 
 class TargetLock:
-    def __init__(self, coordination: client.CoordinationV1Api, pod: PodRef, holder: str) -> None:
+    def __init__(
+        self,
+        coordination: client.CoordinationV1Api,
+        pod: PodRef,
+        holder: str,
+        *,
+        namespace: str | None = None,
+    ) -> None:
         self._api = coordination
         self._pod = pod
+        self.name = lease_name(pod)
+        # backup.py leaves it to the start-up's configuration; tests name one.
+        self.namespace = namespace or lock_namespace()
         self._holder = holder
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
@@ -62,10 +179,11 @@ class TargetLock:
         now = _now()
         return client.V1Lease(
             metadata=client.V1ObjectMeta(
-                name=lease_name(self._pod),
-                namespace=self._pod.namespace,
+                name=self.name,
+                namespace=self.namespace,
                 resource_version=resource_version,
-                labels={"app.kubernetes.io/managed-by": "idm-backup-operator"},
+                labels={**MANAGED_BY, TARGET_NAMESPACE_LABEL: self._pod.namespace},
+                annotations={TARGET_POD_ANNOTATION: f"{self._pod.namespace}/{self._pod.name}"},
             ),
             spec=client.V1LeaseSpec(
                 holder_identity=self._holder,
@@ -77,7 +195,7 @@ class TargetLock:
 
     def try_acquire(self) -> Busy | None:
         """Take the lock, or say who has it. Optimistic concurrency makes two takers never both win."""
-        name, ns = lease_name(self._pod), self._pod.namespace
+        name, ns = self.name, self.namespace
         try:
             self._api.create_namespaced_lease(ns, self._body(), _request_timeout=CALL_TIMEOUT)
             return None
@@ -126,7 +244,7 @@ class TargetLock:
 
     def _renew_once(self) -> str | None:
         """None when renewed, what went wrong when that may pass; raises _Lost when it was taken."""
-        name, ns = lease_name(self._pod), self._pod.namespace
+        name, ns = self.name, self.namespace
         try:
             current = self._api.read_namespaced_lease(name, ns, _request_timeout=CALL_TIMEOUT)
             if current.spec.holder_identity != self._holder:
@@ -147,7 +265,7 @@ class TargetLock:
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join()
-        name, ns = lease_name(self._pod), self._pod.namespace
+        name, ns = self.name, self.namespace
         try:
             current = self._api.read_namespaced_lease(name, ns, _request_timeout=CALL_TIMEOUT)
             if current.spec.holder_identity == self._holder:

@@ -90,10 +90,6 @@ RBAC rules for the resources the operator handles and the objects a backup touch
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get]
-# One backup per server at a time: a Lease next to the pod.
-- apiGroups: [coordination.k8s.io]
-  resources: [leases]
-  verbs: [get, create, update, delete]
 # BackupStarted, BackupCompleted, ... (the operator's own and kopf's warnings).
 - apiGroups: [""]
   resources: [events]

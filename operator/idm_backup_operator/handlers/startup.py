@@ -13,7 +13,7 @@ from typing import Any
 import kopf
 from kubernetes import client, config
 
-from idm_backup_operator import metrics
+from idm_backup_operator import locking, metrics
 from idm_backup_operator.backup import Services
 from idm_backup_operator.model import GROUP, IDMBACKUPS, VERSION
 from idm_backup_operator.podexec import PodExec
@@ -72,6 +72,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     webhook: WebhookConfig | None = memo.get("webhook_config")
     if webhook is not None:
         settings.admission.server = webhook.server()
+    # The namespace of every server's lock, before anything starts: without one, the operator stops here.
+    locking.configure(memo.get("lock_namespace"), memo.get("namespaces") or ())
     api = api_client()
     memo.api = api
     memo.schedule_wakeups = {}  # schedule uid -> asyncio.Event, set when one of its backups ends
