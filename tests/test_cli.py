@@ -123,7 +123,9 @@ def test_verify_reads_a_local_directory_and_names_what_a_restore_would_miss(
     assert code == 1 and "because the header is 32 bytes, the manifest says 30" in out, out
 
 
-def test_run_options_come_from_flags_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_options_come_from_flags_or_the_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     args = build_parser().parse_args(["run"])
     assert (args.peering, args.log_format, args.metrics_port) == (None, "text", 9090)
     assert args.metrics_address == "127.0.0.1"  # outside a pod: loopback only
@@ -134,8 +136,16 @@ def test_run_options_come_from_flags_or_the_environment(monkeypatch: pytest.Monk
     args = build_parser().parse_args(["run", "--peering", "idm-backup"])
     assert (args.peering, args.log_format, args.metrics_port) == ("idm-backup", "json", 0)
     assert args.metrics_address == "0.0.0.0"  # in a pod, where Prometheus scrapes the pod IP
-    with pytest.raises(SystemExit):
+    capsys.readouterr()
+    # argparse's refusal of a mutually exclusive pair: usage error, exit code 2, and which pair it was.
+    with pytest.raises(SystemExit) as refused:
         build_parser().parse_args(["run", "--peering", "x", "--standalone"])
+    assert refused.value.code == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        last_line
+        == "idm-backup-operator run: error: argument --standalone: not allowed with argument --peering"
+    )
 
 
 @pytest.mark.platform

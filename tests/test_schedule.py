@@ -6,6 +6,7 @@ These tests follow a `* * * * *` schedule in real time, so each takes one to thr
 from __future__ import annotations
 
 import datetime
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -48,6 +49,16 @@ def children(api: client.ApiClient, namespace: str, schedule: str) -> list[dict[
 def ready_condition(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any] | None:
     conditions = get_schedule(api, namespace, name).get("status", {}).get("conditions", [])
     return next((c for c in conditions if c["type"] == "Ready"), None)
+
+
+def event_messages(api: client.ApiClient, namespace: str, name: str, reason: str) -> list[str]:
+    """The messages of `name`'s Events with this reason, in the order they were created."""
+    items = (
+        client.CoreV1Api(api)
+        .list_namespaced_event(namespace, field_selector=f"involvedObject.name={name},reason={reason}")
+        .items
+    )
+    return [e.message for e in sorted(items, key=lambda e: int(e.metadata.resource_version))]
 
 
 def minute(moment: datetime.datetime) -> datetime.datetime:
@@ -102,8 +113,20 @@ def test_every_minute_with_a_restart_neither_loses_nor_doubles_a_tick(
     assert names[1:] == [child_name("nightly", second_tick), child_name("nightly", missed_tick)]
     for name in names:
         assert wait_finished(api, namespace, name, operator)["status"]["phase"] == "Succeeded"
-    sleep_until(missed_tick + datetime.timedelta(seconds=40))
-    assert len(children(api, namespace, "nightly")) == 3  # no double firing after the restart
+
+    # No double firing after the restart. The catch-up backup's end wakes the schedule for a pass of its
+    # own (recorded as lastSuccessfulBackup, with nothing active): that pass, which runs with the restart's
+    # lastScheduleTime, is the one that would create a second backup. Once it is recorded, the count is
+    # final until the next tick, whatever the clock says.
+    def recorded_after_catch_up() -> dict[str, Any] | None:
+        status: dict[str, Any] = get_schedule(api, namespace, "nightly").get("status", {})
+        done = status.get("lastSuccessfulBackup") == names[-1] and not status.get("active")
+        return status if done else None
+
+    wait_for("a pass after the catch-up backup ended", recorded_after_catch_up, timeout=30)
+    next_tick = missed_tick + datetime.timedelta(minutes=1)
+    assert now() < next_tick, "too slow: the next tick's own backup would be counted"
+    assert [b["metadata"]["name"] for b in children(api, namespace, "nightly")] == names
     status = get_schedule(api, namespace, "nightly")["status"]
     assert status["lastScheduleTime"] == missed_tick.isoformat().replace("+00:00", "Z")
     assert status["nextScheduleTime"] == (missed_tick + datetime.timedelta(minutes=1)).isoformat().replace(
@@ -134,9 +157,16 @@ def test_forbid_skips_a_tick_while_the_previous_backup_runs(
     )
     wait_for("the immediate backup", lambda: children(api, namespace, "forbid"), timeout=30)
     tick = minute(now()) + datetime.timedelta(minutes=1)
-    sleep_until(tick + datetime.timedelta(seconds=8))
-    status = get_schedule(api, namespace, "forbid")["status"]
-    assert status["lastSkipTime"] == tick.isoformat().replace("+00:00", "Z")
+
+    # The tick's pass creates its backup (or not) before it records the skip: once lastSkipTime names the
+    # tick, that pass is over and the count of backups is final.
+    def skip_recorded() -> dict[str, Any] | None:
+        status: dict[str, Any] = get_schedule(api, namespace, "forbid").get("status", {})
+        return status if status.get("lastSkipTime") == tick.isoformat().replace("+00:00", "Z") else None
+
+    status = wait_for(
+        "the tick to be recorded as skipped", skip_recorded, timeout=(tick - now()).total_seconds() + 30
+    )
     assert len(children(api, namespace, "forbid")) == 1
     assert status["active"] == [children(api, namespace, "forbid")[0]["metadata"]["name"]]
     assert "BackupSkipped" in events(api, namespace, "forbid")
@@ -290,9 +320,16 @@ def test_retention_leaves_exactly_the_expected_backups_in_s3_and_the_cluster(
     )
     assert directories == kept_dirs
     assert len(s3_keys(s3, platform.s3_bucket, prefix)) == 3 * len(expected)
+    # Every deletion, pass by pass, from the RetentionApplied events ("deleted 1 backup: b3; kept 3"):
+    # together exactly b1 and b3, each once. The status keeps the last pass that deleted something.
+    passes = [
+        (m.group(1).split(", "), message)
+        for message in event_messages(api, namespace, "kept", "RetentionApplied")
+        if (m := re.fullmatch(r"deleted \d+ backups?: (.+); kept \d+", message))
+    ]
+    assert sorted(name for names, _ in passes for name in names) == ["b1", "b3"], passes
     retention = get_schedule(api, namespace, "kept")["status"]["retention"]
-    assert set(retention["deleted"]) <= {"b1", "b3"}
-    assert "RetentionApplied" in events(api, namespace, "kept")
+    assert (retention["deleted"], retention["message"]) == passes[-1]
 
 
 def test_deleting_a_schedule_removes_its_backups_but_keeps_archives_they_retain(

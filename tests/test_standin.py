@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import configparser
 import gzip
+import hashlib
 import io
 import os
 import re
@@ -590,3 +591,96 @@ def test_fault_hang(pod_factory: Callable[..., Pod], tmp_path: Path) -> None:
         proc.kill()
         proc.wait()
     assert "Backed up to" not in err.read_text()
+
+
+def test_fault_startfail(pod_factory: Callable[..., Pod]) -> None:
+    pod = pod_factory()
+    # Set once the pod is up: init's own `ipactl start` would fail too.
+    (pod.data / "ipa-standin-fault").write_text("startfail\n")
+    r = pod.exec("ipa-backup")
+    assert r.returncode == 1
+    assert r.stderr.splitlines()[-3:] == [
+        "Starting IPA service",
+        "CalledProcessError(Command ['/usr/sbin/ipactl', 'start'] returned non-zero exit status 1)",
+        "The ipa-backup command failed. See /var/log/ipabackup.log for more information",
+    ]
+    assert not any((pod.data / "var/lib/ipa/backup").iterdir())
+    assert not services_running(pod)  # everything stopped again, the directory server too
+
+    r = pod.exec("ipactl", "start")
+    assert r.returncode == 1
+    assert r.stdout.splitlines() == [
+        "Starting Directory Service",
+        "Starting krb5kdc Service",
+        "Starting kadmin Service",
+        "Starting named Service",
+    ]
+    # The failed start before left its (emptied) service list file behind.
+    assert r.stderr.splitlines() == [
+        "Existing service file detected!",
+        "Assuming stale, cleaning and proceeding",
+        "Failed to start named Service",
+        "Shutting down",
+        "Aborting ipactl",
+    ]
+    status = pod.exec("ipactl", "status")
+    assert status.returncode == 3 and status.stdout == "Directory Service: STOPPED\n"
+
+    (pod.data / "ipa-standin-fault").write_text("")
+    assert pod.exec("ipactl", "start").returncode == 0
+    assert services_running(pod)
+
+
+def test_fault_rewrite_changes_the_archive_right_after_its_checksum(pod_factory: Callable[..., Pod]) -> None:
+    pod = pod_factory()
+    r = pod.exec("ipa-backup", "--data", "--online")
+    assert r.returncode == 0, r.stderr
+    path = backed_up_to(r.stderr)
+    archive, header = host_path(pod, path) / "ipa-data.tar", host_path(pod, path) / "header"
+    before, header_before = archive.read_bytes(), header.read_bytes()
+
+    # Without the fault the hook is coreutils' sha256sum and nothing else.
+    out = pod.exec("sha256sum", "--", f"{path}/ipa-data.tar")
+    assert out.returncode == 0 and out.stdout.split()[0] == hashlib.sha256(before).hexdigest()
+    assert archive.read_bytes() == before
+
+    (pod.data / "ipa-standin-fault").write_text("rewrite")
+    out = pod.exec("sha256sum", "--", f"{path}/header", f"{path}/ipa-data.tar")
+    assert out.returncode == 0
+    # The checksums printed are of the files as they were; the archive has changed once it returned.
+    assert [line.split()[0] for line in out.stdout.splitlines()] == [
+        hashlib.sha256(header_before).hexdigest(),
+        hashlib.sha256(before).hexdigest(),
+    ]
+    after = archive.read_bytes()
+    assert len(after) == len(before)
+    assert [i for i in range(len(before)) if before[i] != after[i]] == [len(before) // 2]
+    assert header.read_bytes() == header_before  # only archives are touched
+
+
+@pytest.mark.parametrize("fault", ["noheader", "badheader", "noarchive", "otherdir"])
+def test_faults_in_the_backup_directory_left_by_a_successful_run(
+    pod_factory: Callable[..., Pod], fault: str
+) -> None:
+    pod = pod_factory()
+    (pod.data / "ipa-standin-fault").write_text(fault)
+    r = pod.exec("ipa-backup", "--data", "--online")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines()[-1] == "The ipa-backup command was successful"
+    reported = re.search(r"^Backed up to (\S+)$", r.stderr, re.M)
+    assert reported, r.stderr
+    (name,) = [p.name for p in (pod.data / "var/lib/ipa/backup").iterdir()]
+    canonical = f"/var/lib/ipa/backup/{name}"
+    bdir = host_path(pod, canonical)
+    present = sorted(p.name for p in bdir.iterdir())
+    if fault == "otherdir":
+        assert reported[1] == "/data" + canonical
+        assert pod.exec("test", "-f", f"{reported[1]}/ipa-data.tar").returncode == 0  # the same directory
+    else:
+        assert reported[1] == canonical
+    expected = {"noheader": ["ipa-data.tar"], "noarchive": ["header"]}.get(fault, ["header", "ipa-data.tar"])
+    assert present == expected
+    if fault == "badheader":
+        text = (bdir / "header").read_text()
+        assert len(text) == 40 and text.startswith("[ipa]\ntype = DATA\ntime = ")
+        assert "host" not in text and "version" not in text
