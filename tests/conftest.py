@@ -24,7 +24,16 @@ from kubernetes import client, config
 from testbed import freeipa_pod, stack
 from testbed.deploy import OperatorProcess, drop_finalizers, install_crds
 from testbed.gpgkeys import ExportedKey, Keyring
-from tests.helpers import KEY_SECRET, S3_SECRET, apply, pod_ready, wait_for
+from tests.helpers import (
+    KEY_SECRET,
+    S3_SECRET,
+    Backup,
+    apply,
+    create_backup,
+    pod_ready,
+    wait_finished,
+    wait_for,
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -118,6 +127,17 @@ def operator(
         # A failed test's assertion rarely says why the operator did what it did; its log does. Printed
         # in teardown, pytest shows it under the failure.
         print(f"--- operator log (last 6000 characters) ---\n{proc.output()[-6000:]}")
+
+
+@pytest.fixture
+def run_backup(api: client.ApiClient, namespace: str, operator: OperatorProcess, secrets: None) -> Backup:
+    """Create an IdmBackup and wait until the test's operator has finished it."""
+
+    def run(name: str, spec: dict[str, Any], timeout: float = 180) -> dict[str, Any]:
+        create_backup(api, namespace, name, spec)
+        return wait_finished(api, namespace, name, operator, timeout)
+
+    return run
 
 
 @pytest.fixture(scope="session")

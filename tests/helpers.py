@@ -110,6 +110,9 @@ def wait_deleted(api: client.ApiClient, namespace: str, *names: str, timeout: fl
     wait_for(f"{', '.join(names)} to be deleted", lambda: all(gone(n) for n in names), timeout=timeout)
 
 
+Backup = Callable[..., dict[str, Any]]  # run_backup(name, spec, timeout=180) -> the finished IdmBackup
+
+
 def wait_finished(
     api: client.ApiClient, namespace: str, name: str, operator: OperatorProcess, timeout: float = 180
 ) -> dict[str, Any]:
@@ -140,6 +143,18 @@ def pod_exec(api: client.ApiClient, namespace: str, pod: str, argv: list[str]) -
     )
     ws.run_forever(timeout=120)
     return ws.returncode, ws.read_stdout() + ws.read_stderr()
+
+
+def set_fault(api: client.ApiClient, namespace: str, pod: str, fault: str) -> None:
+    """The stand-in's fault file wins over IPA_STANDIN_FAULT; empty means no fault."""
+    code, out = pod_exec(api, namespace, pod, ["sh", "-c", f"printf %s '{fault}' > /data/ipa-standin-fault"])
+    assert code == 0, out
+
+
+def leases(api: client.ApiClient, namespace: str) -> list[Any]:
+    """The locks of this namespace's servers, wherever the operator keeps them (its own namespace)."""
+    selector = f"idm-backup.io/target-namespace={namespace}"
+    return list(client.CoordinationV1Api(api).list_lease_for_all_namespaces(label_selector=selector).items)
 
 
 def pod_ready(api: client.ApiClient, namespace: str, pod: str) -> bool:

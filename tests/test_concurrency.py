@@ -25,6 +25,7 @@ from tests.helpers import (
     backup_spec,
     create_backup,
     get_backup,
+    leases,
     pod_exec,
     pod_ready,
     s3_keys,
@@ -126,11 +127,33 @@ def many_servers(
         yield create
 
 
-def _leases(api: client.ApiClient, namespace: str) -> list[str]:
-    # The locks of this namespace's servers, wherever the operator keeps them (its own namespace).
-    selector = f"idm-backup.io/target-namespace={namespace}"
-    leases = client.CoordinationV1Api(api).list_lease_for_all_namespaces(label_selector=selector).items
-    return [lease.metadata.name for lease in leases]
+@pytest.fixture
+def operator_with_slots(
+    platform: stack.Platform, namespace: str, crds: None, tmp_path: Path
+) -> Iterator[Callable[[int], OperatorProcess]]:
+    """The real operator for the test's namespace, with --max-concurrent-backups set; stopped afterwards."""
+    started: list[OperatorProcess] = []
+
+    def start(slots: int) -> OperatorProcess:
+        proc = OperatorProcess(
+            namespace, platform.kubeconfig, tmp_path, tmp_path / "operator.log",
+            args=["--max-concurrent-backups", str(slots)],
+        )  # fmt: skip
+        proc.start()
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+def _back_up_each(
+    api: client.ApiClient, namespace: str, platform: stack.Platform, pods: list[str], prefix: str
+) -> None:
+    for pod in pods:
+        spec = backup_spec(platform, s3_storage(platform, prefix), type="Data", target={"podName": pod})
+        create_backup(api, namespace, pod, spec)
 
 
 def test_eight_backups_of_eight_servers_applied_at_once_all_succeed(
@@ -138,34 +161,17 @@ def test_eight_backups_of_eight_servers_applied_at_once_all_succeed(
     namespace: str,
     platform: stack.Platform,
     many_servers: Callable[[int], list[str]],
-    crds: None,
+    operator_with_slots: Callable[[int], OperatorProcess],
     secrets: None,
     s3: Any,
-    tmp_path: Path,
 ) -> None:
     pods = many_servers(8)
     # The default limit would queue half of them: eight slots let all eight run, and race, at once.
-    operator = OperatorProcess(
-        namespace,
-        platform.kubeconfig,
-        tmp_path,
-        tmp_path / "operator.log",
-        args=["--max-concurrent-backups", "8"],
-    )
-    operator.start()
-    try:
-        prefix = f"concurrent/{namespace}"
-        for pod in pods:
-            create_backup(
-                api,
-                namespace,
-                pod,
-                backup_spec(platform, s3_storage(platform, prefix), type="Data", target={"podName": pod}),
-            )
-        results = {pod: wait_finished(api, namespace, pod, operator, timeout=300) for pod in pods}
-        log = operator.output()
-    finally:
-        operator.stop()
+    operator = operator_with_slots(8)
+    prefix = f"concurrent/{namespace}"
+    _back_up_each(api, namespace, platform, pods, prefix)
+    results = {pod: wait_finished(api, namespace, pod, operator, timeout=300) for pod in pods}
+    log = operator.output()
     failed = {
         pod: obj["status"].get("message")
         for pod, obj in results.items()
@@ -190,7 +196,7 @@ def test_eight_backups_of_eight_servers_applied_at_once_all_succeed(
     assert len(s3_keys(s3, platform.s3_bucket, prefix)) == 3 * len(pods)
     # No handler was retried, nothing failed unexpectedly, and no server's lock outlived its backup.
     assert "Traceback" not in log and "will retry" not in log.lower() and "WebSocket" not in log
-    assert _leases(api, namespace) == []
+    assert leases(api, namespace) == []
 
 
 def test_backups_beyond_the_limit_wait_visibly_and_all_run(
@@ -198,45 +204,24 @@ def test_backups_beyond_the_limit_wait_visibly_and_all_run(
     namespace: str,
     platform: stack.Platform,
     many_servers: Callable[[int], list[str]],
-    crds: None,
+    operator_with_slots: Callable[[int], OperatorProcess],
     secrets: None,
-    tmp_path: Path,
 ) -> None:
     pods = many_servers(4)
-    operator = OperatorProcess(
-        namespace,
-        platform.kubeconfig,
-        tmp_path,
-        tmp_path / "operator.log",
-        args=["--max-concurrent-backups", "2"],
-    )
-    operator.start()
-    try:
-        for pod in pods:
-            create_backup(
-                api,
-                namespace,
-                pod,
-                backup_spec(
-                    platform, s3_storage(platform, f"queue/{namespace}"), type="Data", target={"podName": pod}
-                ),
-            )
+    operator = operator_with_slots(2)
+    _back_up_each(api, namespace, platform, pods, f"queue/{namespace}")
 
-        def queued() -> list[dict[str, Any]]:
-            statuses = [get_backup(api, namespace, pod).get("status") or {} for pod in pods]
-            return [s for s in statuses if s.get("step") == "waiting for a backup slot"]
+    def queued() -> list[dict[str, Any]]:
+        statuses = [get_backup(api, namespace, pod).get("status") or {} for pod in pods]
+        return [s for s in statuses if s.get("step") == "waiting for a backup slot"]
 
-        waiting = wait_for(
-            "two backups queued for a slot", lambda: len(queued()) == 2 and queued(), timeout=60
-        )
-        for status in waiting:
-            assert status["phase"] == "Pending"
-            condition = next(c for c in status["conditions"] if c["type"] == "Waiting")
-            assert condition["status"] == "True" and condition["reason"] == "OperatorBusy"
-            assert "at most 2 backups at once" in condition["message"]
-        results = [wait_finished(api, namespace, pod, operator, timeout=300) for pod in pods]
-    finally:
-        operator.stop()
+    waiting = wait_for("two backups queued for a slot", lambda: len(queued()) == 2 and queued(), timeout=60)
+    for status in waiting:
+        assert status["phase"] == "Pending"
+        condition = next(c for c in status["conditions"] if c["type"] == "Waiting")
+        assert condition["status"] == "True" and condition["reason"] == "OperatorBusy"
+        assert "at most 2 backups at once" in condition["message"]
+    results = [wait_finished(api, namespace, pod, operator, timeout=300) for pod in pods]
     assert [r["status"]["phase"] for r in results] == ["Succeeded"] * 4
     # Never more than two at once: sorted by start, each backup starts after some earlier one ended.
     spans = sorted((r["status"]["startTime"], r["status"]["completionTime"]) for r in results)

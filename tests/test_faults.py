@@ -22,10 +22,12 @@ from tests.helpers import (
     create_backup,
     events,
     get_backup,
+    leases,
     pod_exec,
     pod_ready,
     s3_storage,
     services_running,
+    set_fault,
     wait_finished,
     wait_for,
 )
@@ -35,18 +37,6 @@ pytestmark = pytest.mark.platform
 
 def _ipa_backup_running(api: client.ApiClient, namespace: str, pod: str) -> bool:
     return pod_exec(api, namespace, pod, ["pgrep", "-x", "ipa-backup"])[0] == 0
-
-
-def _leases(api: client.ApiClient, namespace: str) -> list[Any]:
-    # The locks of this namespace's servers, wherever the operator keeps them (its own namespace).
-    selector = f"idm-backup.io/target-namespace={namespace}"
-    return list(client.CoordinationV1Api(api).list_lease_for_all_namespaces(label_selector=selector).items)
-
-
-def _clear_fault(api: client.ApiClient, namespace: str, pod: str) -> None:
-    # An empty fault file overrides the pod's IPA_STANDIN_FAULT (testbed/images/freeipa-standin).
-    code, out = pod_exec(api, namespace, pod, ["sh", "-c", ": > /data/ipa-standin-fault"])
-    assert code == 0, out
 
 
 def _start_hanging_backup(
@@ -90,12 +80,12 @@ def test_an_api_server_restart_while_ipa_backup_runs_ends_named_and_ipa_runs_aga
     assert (running["status"], running["reason"]) == ("True", "StartedByOperator"), running
     assert services_running(api, namespace, pod)
     assert not _ipa_backup_running(api, namespace, pod)
-    wait_for("the Lease to be released", lambda: _leases(api, namespace) == [], timeout=30)
+    wait_for("the Lease to be released", lambda: leases(api, namespace) == [], timeout=30)
     assert (back - down).total_seconds() < 60  # an outage shorter than the Lease: not a LockLost
     log = operator.output()
     assert "Traceback" not in log, log[-3000:]
     # The server is usable at once: the next backup of it succeeds.
-    _clear_fault(api, namespace, pod)
+    set_fault(api, namespace, pod, "")
     spec = backup_spec(platform, s3_storage(platform, f"faults/{namespace}"), type="Full")
     create_backup(api, namespace, "after", spec)
     assert wait_finished(api, namespace, "after", operator)["status"]["phase"] == "Succeeded"
@@ -120,9 +110,9 @@ def test_sigterm_winds_a_running_backup_down_and_the_next_operator_takes_it_agai
     assert "BackupInterrupted" in events(api, namespace, "rollout")
     assert services_running(api, namespace, pod)
     assert not _ipa_backup_running(api, namespace, pod)
-    assert _leases(api, namespace) == []
+    assert leases(api, namespace) == []
     # The next operator pod takes it again from the start, and this time ipa-backup completes.
-    _clear_fault(api, namespace, pod)
+    set_fault(api, namespace, pod, "")
     operator.start()
     status = wait_finished(api, namespace, "rollout", operator, timeout=180)["status"]
     assert status["phase"] == "Succeeded", status
@@ -138,7 +128,7 @@ def test_a_backup_whose_lease_is_taken_stops_and_leaves_the_server_to_the_holder
     secrets: None,
 ) -> None:
     pod = _start_hanging_backup(api, namespace, platform, freeipa, "usurped")
-    (lease,) = _leases(api, namespace)
+    (lease,) = leases(api, namespace)
     # Another process takes the lock over, as a standby replica or a recovery would after it expired.
     lease.spec.holder_identity = "intruder"
     lease.spec.renew_time = datetime.datetime.now(datetime.UTC)
@@ -152,7 +142,7 @@ def test_a_backup_whose_lease_is_taken_stops_and_leaves_the_server_to_the_holder
     # The holder acts on the server now: starting IPA under it could spoil its work.
     assert "ServicesNotRestarted" in events(api, namespace, "usurped")
     assert not services_running(api, namespace, pod)
-    assert [lease.spec.holder_identity for lease in _leases(api, namespace)] == ["intruder"]
+    assert [lease.spec.holder_identity for lease in leases(api, namespace)] == ["intruder"]
     code, out = pod_exec(api, namespace, pod, ["ipactl", "start"])
     assert code == 0, out
 

@@ -24,6 +24,7 @@ from tests.helpers import (
     KEY_SECRET,
     PLURAL,
     VERSION,
+    Backup,
     apply,
     backup_spec,
     create_backup,
@@ -40,17 +41,6 @@ from tests.helpers import (
     wait_finished,
     wait_for,
 )
-
-Backup = Callable[..., dict[str, Any]]
-
-
-@pytest.fixture
-def run_backup(api: client.ApiClient, namespace: str, operator: OperatorProcess, secrets: None) -> Backup:
-    def run(name: str, spec: dict[str, Any], timeout: float = 180) -> dict[str, Any]:
-        create_backup(api, namespace, name, spec)
-        return wait_finished(api, namespace, name, operator, timeout)
-
-    return run
 
 
 def test_full_backup_to_s3_decrypts_to_the_archive_ipa_backup_made(

@@ -32,20 +32,19 @@ import pytest
 from kubernetes import client
 
 from testbed import freeipa_pod, stack
-from testbed.deploy import OperatorProcess
 from testbed.faultproxy import Fault, FaultProxy
 from testbed.gpgkeys import ExportedKey
 from tests.helpers import (
+    Backup,
     apply,
     backup_spec,
-    create_backup,
     events,
     pod_exec,
     pod_ready,
     s3_keys,
     s3_storage,
     services_running,
-    wait_finished,
+    set_fault,
     wait_for,
 )
 
@@ -53,16 +52,6 @@ pytestmark = pytest.mark.platform
 
 HOST = "ipa-hidden.example.test"
 SERVERID = "EXAMPLE-TEST"
-Backup = Callable[..., dict[str, Any]]
-
-
-@pytest.fixture
-def run_backup(api: client.ApiClient, namespace: str, operator: OperatorProcess, secrets: None) -> Backup:
-    def run(name: str, spec: dict[str, Any], timeout: float = 180) -> dict[str, Any]:
-        create_backup(api, namespace, name, spec)
-        return wait_finished(api, namespace, name, operator, timeout)
-
-    return run
 
 
 @pytest.fixture
@@ -112,11 +101,6 @@ def in_pod(api: client.ApiClient, namespace: str, pod: str, *argv: str) -> str:
     code, out = pod_exec(api, namespace, pod, list(argv))
     assert code == 0, (argv, out)
     return out
-
-
-def set_fault(api: client.ApiClient, namespace: str, pod: str, fault: str) -> None:
-    """The stand-in's fault file wins over IPA_STANDIN_FAULT; empty means no fault."""
-    in_pod(api, namespace, pod, "sh", "-c", f"printf %s '{fault}' > /data/ipa-standin-fault")
 
 
 def services_up(api: client.ApiClient, namespace: str, pod: str) -> bool:
