@@ -1280,9 +1280,14 @@ def test_two_peered_operators_take_each_backup_once_and_the_standby_takes_over(
         active_id = max(peers, key=lambda pod: peers[pod]["priority"])
         active = operators[active_id]
         (standby,) = [operator for pod, operator in operators.items() if pod != active_id]
+        # kopf pauses the operator first and its watch-streams a moment later: an IdmBackup created in
+        # between still reaches the standby's handler (the server's Lease keeps it from a second
+        # ipa-backup), so the test waits for the stream itself to pause.
         wait_for(
             "one active and one paused operator",
-            lambda: not kopf_paused(active) and kopf_paused(standby),
+            lambda: not kopf_paused(active)
+            and kopf_paused(standby)
+            and "Pausing the watch-stream for idmbackups" in standby.output(),
             timeout=30,
         )
 

@@ -107,12 +107,15 @@ def test_proxy_passes_a_multipart_round_trip(platform: stack.Platform, prefix: s
 def test_stalled_part_upload_ends_at_the_deadline(
     platform: stack.Platform, prefix: str, direct: S3Store
 ) -> None:
-    # The server stops reading 1 MiB into the first part: the client blocks in send(), where botocore's
-    # read_timeout (60 s here, per send) is all that would end it, once per retry.
-    with FaultProxy(platform.s3_endpoint, Fault("stall", after=MiB, connections=1)) as proxy:
+    # The server stops reading 1 MiB into a part: the client blocks in send(), where botocore's
+    # read_timeout (60 s here, per send) is all that would end it, once per retry. Every connection that
+    # carries a part stalls (which one botocore uses, or retries on, is its own choice); the small
+    # requests (create, abort) stay under 1 MiB and pass. 5 s: versitygw itself drops a part whose body
+    # stops coming after about 9 s, which would end the call before a longer deadline could.
+    with FaultProxy(platform.s3_endpoint, Fault("stall", after=MiB)) as proxy:
         store = _through(proxy, platform, prefix)
-        _fails_at_deadline(store, 10, lambda: _upload(store, KEY, 12 * MiB))
-        assert proxy.faulted == 1
+        _fails_at_deadline(store, 5, lambda: _upload(store, KEY, 12 * MiB))
+        assert proxy.faulted >= 1
     _assert_nothing_left(direct, KEY)
 
 
@@ -139,10 +142,11 @@ def test_trickled_answer_ends_at_the_deadline(platform: stack.Platform, prefix: 
 
 
 def test_trickled_part_ends_at_the_deadline(platform: stack.Platform, prefix: str, direct: S3Store) -> None:
-    with FaultProxy(platform.s3_endpoint, Fault("trickle", after=MiB, connections=1)) as proxy:
+    # Every connection that carries a part trickles: a part retried on a fresh connection must not pass.
+    with FaultProxy(platform.s3_endpoint, Fault("trickle", after=MiB)) as proxy:
         store = _through(proxy, platform, prefix)
         _fails_at_deadline(store, 5, lambda: _upload(store, KEY, 12 * MiB))
-        assert proxy.faulted == 1
+        assert proxy.faulted >= 1
     _assert_nothing_left(direct, KEY)
 
 
