@@ -1285,9 +1285,11 @@ def test_two_peered_operators_take_each_backup_once_and_the_standby_takes_over(
         # ipa-backup), so the test waits for the stream itself to pause.
         wait_for(
             "one active and one paused operator",
-            lambda: not kopf_paused(active)
-            and kopf_paused(standby)
-            and "Pausing the watch-stream for idmbackups" in standby.output(),
+            lambda: (
+                not kopf_paused(active)
+                and kopf_paused(standby)
+                and "Pausing the watch-stream for idmbackups" in standby.output()
+            ),
             timeout=30,
         )
 
