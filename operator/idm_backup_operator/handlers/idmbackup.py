@@ -24,6 +24,7 @@ from idm_backup_operator.model import (
 )
 from idm_backup_operator.reporting import CANCEL_CHECK_SECONDS, StatusNotWritten, StatusReporter
 from idm_backup_operator.slots import BackupSlots, MiB, Queued, TooLarge
+from idm_backup_operator.storage.s3 import PARTS_IN_MEMORY
 
 # How often a backup waiting for another one of the same server, or for its pod, checks again.
 WAIT_RETRY_SECONDS = 10
@@ -140,10 +141,9 @@ async def take_backup(
 
 
 def _upload_memory(spec: kopf.Spec) -> int:
-    """The memory a backup's upload holds: three S3 parts (storage/s3.py sends one, has one waiting and
-    fills one); a PVC upload writes each chunk as it comes."""
+    """The memory a backup's upload holds: its S3 parts; a PVC upload writes each chunk as it comes."""
     s3 = (spec.get("storage") or {}).get("s3")
-    return 3 * int(s3.get("partSizeMiB") or 16) * MiB if s3 else 0
+    return PARTS_IN_MEMORY * int(s3.get("partSizeMiB") or 16) * MiB if s3 else 0
 
 
 def _report_queued(report: StatusReporter, phase: str | None, why: Queued) -> None:

@@ -66,6 +66,8 @@ logger = logging.getLogger(__name__)
 MiB = 1024 * 1024
 MIN_PART_SIZE = 5 * MiB  # S3's minimum for every part but the last
 MAX_PARTS = 10_000  # S3's maximum: 16 MiB parts allow archives of up to 160 GiB
+# What an upload holds at most: the part being sent, one waiting for the sender, the one being filled.
+PARTS_IN_MEMORY = 3
 
 _PROBE = ".idm-backup-probe-"
 _WAIT = 0.25  # seconds: how often a writer waiting for the part sender looks at failures and the deadline
