@@ -12,7 +12,7 @@ import yaml
 from kubernetes import client, utils
 from kubernetes.stream import stream
 
-from idm_backup_operator.encryption import decrypt
+from idm_backup_operator.archive.encryption import decrypt
 from testbed import freeipa_pod, stack
 from testbed.deploy import REPO, OperatorProcess
 from testbed.gpgkeys import ExportedKey

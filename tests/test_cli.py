@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from idm_backup_operator.archive.encryption import encrypt, load_recipients
 from idm_backup_operator.cli import build_parser, main, manual_backup_name
-from idm_backup_operator.encryption import encrypt, load_recipients
 from testbed import stack
 from testbed.deploy import OperatorProcess
 from testbed.gpgkeys import ExportedKey, Keyring

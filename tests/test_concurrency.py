@@ -17,7 +17,7 @@ import pytest
 from kubernetes import client
 from kubernetes.stream.ws_client import _IgnoredIO
 
-from idm_backup_operator.podexec import PodExec, PodRef
+from idm_backup_operator.kube.podexec import PodExec, PodRef
 from testbed import freeipa_pod, stack
 from testbed.deploy import OperatorProcess
 from testbed.ldap_server import ALL_ROLES, HIDDEN, Server

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from idm_backup_operator.encryption import (
+from idm_backup_operator.archive.encryption import (
     GpgError,
     KeyMaterialError,
     decrypt,
@@ -319,7 +319,7 @@ def test_encryption_memory_and_throughput(keys: Keys, tmp_path: Path) -> None:
     recipients.write_bytes(keys.alice.armored)
     script = textwrap.dedent("""
         import os, sys, time
-        from idm_backup_operator.encryption import encrypt, load_recipients
+        from idm_backup_operator.archive.encryption import encrypt, load_recipients
 
         def hwm():
             status = open("/proc/self/status").read()

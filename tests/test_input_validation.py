@@ -17,8 +17,10 @@ import pytest
 import yaml
 from kubernetes import client
 
-from idm_backup_operator import cluster, schedules, validation
-from idm_backup_operator.model import parse_backup_spec
+from idm_backup_operator import validation
+from idm_backup_operator.api.spec import parse_backup_spec
+from idm_backup_operator.idmbackupschedule import reconcile
+from idm_backup_operator.kube import references
 from idm_backup_operator.storage import S3Config, S3Store
 from testbed import freeipa_pod, stack
 from testbed.deploy import REPO
@@ -169,7 +171,7 @@ def test_a_pvc_claim_name_must_not_leave_the_operators_mount_directory() -> None
 )
 def test_a_retention_policy_the_crd_refuses_is_a_value_error(max_age: str, message: str) -> None:
     with pytest.raises(ValueError) as caught:
-        schedules.retention_policy({"retention": {"maxAge": max_age}})
+        reconcile.retention_policy({"retention": {"maxAge": max_age}})
     assert str(caught.value) == message
 
 
@@ -209,10 +211,10 @@ def test_a_schedule_pass_with_a_zero_max_age_reports_it_and_deletes_nothing() ->
     }
     now = datetime.datetime(2026, 3, 1, 12, tzinfo=datetime.UTC)
     custom: Any = NoBackups()
-    tick = schedules.take_tick(custom, schedule, now)
+    tick = reconcile.take_tick(custom, schedule, now)
     report = RecordingReporter()
     services: Any = None  # only retention would use them
-    next_pass = schedules.record(services, custom, schedule, report, now, tick)
+    next_pass = reconcile.record(services, custom, schedule, report, now, tick)
     assert report.conditions["Ready"] == (
         False,
         "InvalidRetention",
@@ -230,15 +232,15 @@ def test_a_starting_deadline_too_long_for_a_timedelta_is_taken_as_the_longest_on
         "status": {},
     }
     custom: Any = NoBackups()
-    tick = schedules.take_tick(custom, schedule, datetime.datetime(2026, 3, 1, 12, tzinfo=datetime.UTC))
-    assert isinstance(tick, schedules.Tick) and not tick.created
+    tick = reconcile.take_tick(custom, schedule, datetime.datetime(2026, 3, 1, 12, tzinfo=datetime.UTC))
+    assert isinstance(tick, reconcile.Tick) and not tick.created
     crd = yaml.safe_load((REPO / "crds" / "idm-backup.io_idmbackupschedules.yaml").read_text())
     spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
-    assert spec["properties"]["startingDeadlineSeconds"]["maximum"] == schedules.MAX_STARTING_DEADLINE_SECONDS
+    assert spec["properties"]["startingDeadlineSeconds"]["maximum"] == reconcile.MAX_STARTING_DEADLINE_SECONDS
 
 
 def test_a_valid_max_age_is_parsed() -> None:
-    policy = schedules.retention_policy({"retention": {"maxAge": "036h"}})
+    policy = reconcile.retention_policy({"retention": {"maxAge": "036h"}})
     assert policy.max_age is not None and policy.max_age.total_seconds() == 36 * 3600
 
 
@@ -353,8 +355,8 @@ def test_reading_a_secret_with_an_empty_name_says_the_name_is_empty(
 ) -> None:
     """It used to GET .../secrets/, the namespace's list of Secrets: "Secret ns/ has no keys at all"."""
     spec = parse_backup_spec(with_value(VALID_SPEC, "encryption.publicKeysSecretRef.name", ""))
-    with pytest.raises(cluster.ResolveError) as caught:
-        cluster.load_public_keys(client.CoreV1Api(api), namespace, spec.encryption)
+    with pytest.raises(references.ResolveError) as caught:
+        references.load_public_keys(client.CoreV1Api(api), namespace, spec.encryption)
     assert str(caught.value) == f"the Secret name is empty: name a Secret in namespace {namespace}"
 
 

@@ -7,7 +7,7 @@ from pathlib import PurePosixPath
 
 import pytest
 
-from idm_backup_operator import layout
+from idm_backup_operator.archive import layout
 from idm_backup_operator.freeipa import BackupDirectory, BackupType
 
 DIRECTORY = BackupDirectory(

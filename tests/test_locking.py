@@ -22,9 +22,10 @@ import kopf
 import pytest
 from kubernetes import client
 
-from idm_backup_operator import cli, locking
-from idm_backup_operator.locking import Busy, TargetLock, lease_name
-from idm_backup_operator.podexec import PodRef
+from idm_backup_operator import cli
+from idm_backup_operator.kube import locking
+from idm_backup_operator.kube.locking import Busy, TargetLock, lease_name
+from idm_backup_operator.kube.podexec import PodRef
 from testbed import freeipa_pod, stack
 from testbed.deploy import OperatorProcess, drop_finalizers
 from testbed.gpgkeys import ExportedKey

@@ -15,8 +15,8 @@ from typing import Any
 from kubernetes import client
 from kubernetes.stream import ws_client
 
-from idm_backup_operator import podexec
-from idm_backup_operator.podexec import PodRef
+from idm_backup_operator.kube import podexec
+from idm_backup_operator.kube.podexec import PodRef
 
 
 def test_websocket_call_takes_the_arguments_podexec_binds() -> None:

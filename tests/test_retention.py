@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import yaml
 
-from idm_backup_operator.retention import (
+from idm_backup_operator.idmbackupschedule.retention import (
     BackupRecord,
     RetentionPlan,
     RetentionPolicy,

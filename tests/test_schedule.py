@@ -13,7 +13,7 @@ from typing import Any
 
 from kubernetes import client
 
-from idm_backup_operator.scheduling import child_name
+from idm_backup_operator.idmbackupschedule.clock import child_name
 from testbed import stack
 from testbed.deploy import OperatorProcess
 from tests.helpers import (

@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from idm_backup_operator.scheduling import (
+from idm_backup_operator.idmbackupschedule.clock import (
     CronSchedule,
     Decision,
     InvalidSchedule,

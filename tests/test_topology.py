@@ -8,7 +8,7 @@ from typing import Any
 import ldap
 import pytest
 
-from idm_backup_operator.topology import (
+from idm_backup_operator.freeipa.topology import (
     LdapConnectionSettings,
     ServerState,
     ServiceEntry,

@@ -26,8 +26,10 @@ from typing import Any
 import kopf
 from kubernetes import client, config
 
-from idm_backup_operator import __version__, cluster, locking, logs, metrics, schedules, stored, verify
-from idm_backup_operator.backup import human_size
+from idm_backup_operator import __version__, logs, metrics
+from idm_backup_operator.api.spec import GROUP, IDMBACKUPS, VERSION, BackupSpec, parse_backup_spec
+from idm_backup_operator.archive import stored, verify
+from idm_backup_operator.archive.layout import ResourceIdentity
 from idm_backup_operator.handlers.startup import (
     DEFAULT_PVC_ROOT,
     DEFAULT_WEBHOOK_CERT_DIR,
@@ -36,8 +38,9 @@ from idm_backup_operator.handlers.startup import (
     WEBHOOK_PORT_ENV,
     WebhookConfig,
 )
-from idm_backup_operator.layout import ResourceIdentity
-from idm_backup_operator.model import GROUP, IDMBACKUPS, VERSION, BackupSpec, parse_backup_spec
+from idm_backup_operator.idmbackup.pipeline import human_size
+from idm_backup_operator.idmbackupschedule import reconcile
+from idm_backup_operator.kube import locking, references
 from idm_backup_operator.slots import (
     DEFAULT_MEMORY_MIB,
     DEFAULT_SLOTS,
@@ -167,9 +170,9 @@ def _backup_now(args: argparse.Namespace) -> int:
     name = manual_backup_name(args.schedule, now)
     # The schedule's own recipe: same template, labels and owner as its ticks, so that retention,
     # the schedule's status and garbage collection treat it like any of its backups.
-    body = schedules.child_body(schedule, name, now)
+    body = reconcile.child_body(schedule, name, now)
     body["metadata"]["annotations"][MANUAL_ANNOTATION] = "true"
-    if not schedules.create_child(custom, body):
+    if not reconcile.create_child(custom, body):
         raise CommandError(f"IdmBackup {namespace}/{name} exists already: try again in a second")
     print(f"idmbackup {namespace}/{name} created from schedule {args.schedule}")
     if not args.wait:
@@ -202,7 +205,7 @@ def _list(args: argparse.Namespace) -> int:
     if args.storage is not None:
         return _list_storage(args)
     custom = client.CustomObjectsApi(_api())
-    selector = f"{schedules.SCHEDULE_LABEL}={args.schedule}" if args.schedule else None
+    selector = f"{reconcile.SCHEDULE_LABEL}={args.schedule}" if args.schedule else None
     try:
         if args.all_namespaces:
             items = custom.list_cluster_custom_object(GROUP, VERSION, IDMBACKUPS, label_selector=selector)[
@@ -287,7 +290,7 @@ def _open_spec_store(
 ) -> Store:
     try:
         # A person's own AWS environment is theirs to use when the spec names no Secret.
-        store = cluster.open_store(
+        store = references.open_store(
             client.CoreV1Api(api),
             namespace,
             spec.storage,
@@ -295,7 +298,7 @@ def _open_spec_store(
             scratch,
             ambient_credentials=True,
         )
-    except cluster.ResolveError as err:
+    except references.ResolveError as err:
         raise CommandError(str(err)) from None
     if isinstance(store, S3Store) and args.s3_endpoint:
         # The endpoint the operator uses in the cluster may not be reachable from here.

@@ -37,7 +37,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from idm_backup_operator import model
+from idm_backup_operator.api import spec
 from idm_backup_operator.slots import BackupSlots
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class MetricsConfig:
 
 
 def parse_time(value: str | None) -> float | None:
-    moment = model.parse_time(value)
+    moment = spec.parse_time(value)
     return None if moment is None else moment.timestamp()
 
 

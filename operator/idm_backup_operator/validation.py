@@ -34,9 +34,10 @@ from urllib.parse import urlsplit
 from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
 from kubernetes import client
 
-from idm_backup_operator import cluster, schedules, scheduling
-from idm_backup_operator.encryption import KeyMaterialError
-from idm_backup_operator.model import BackupSpec, LdapTarget, PvcStorage, parse_backup_spec
+from idm_backup_operator.api.spec import BackupSpec, LdapTarget, PvcStorage, parse_backup_spec
+from idm_backup_operator.archive.encryption import KeyMaterialError
+from idm_backup_operator.idmbackupschedule import clock, reconcile
+from idm_backup_operator.kube import references
 from idm_backup_operator.storage import StorageError
 from idm_backup_operator.storage.base import check_key
 
@@ -312,13 +313,13 @@ def _reference_problems(spec: BackupSpec, at: str, where: Cluster, withheld: set
             f"{at}.target",
             spec.target.pod_name,
             False,
-            lambda: cluster.find_target_pod(core, namespace, spec.target),
+            lambda: references.find_target_pod(core, namespace, spec.target),
         ),
         (
             f"{at}.target.ldap.passwordSecretRef",
             ldap.password.name,
             True,
-            lambda: cluster.read_secret_key(core, namespace, ldap.password),
+            lambda: references.read_secret_key(core, namespace, ldap.password),
         ),
     ]
     if (ca := ldap.ca) is not None:
@@ -327,7 +328,7 @@ def _reference_problems(spec: BackupSpec, at: str, where: Cluster, withheld: set
                 f"{at}.target.ldap.caSecretRef",
                 ca.name,
                 True,
-                lambda: cluster.read_secret_key(core, namespace, ca),
+                lambda: references.read_secret_key(core, namespace, ca),
             )
         )
     if spec.encryption.enabled:
@@ -336,7 +337,7 @@ def _reference_problems(spec: BackupSpec, at: str, where: Cluster, withheld: set
                 f"{at}.encryption",
                 spec.encryption.public_keys_secret,
                 True,
-                lambda: cluster.load_public_keys(core, namespace, spec.encryption),
+                lambda: references.load_public_keys(core, namespace, spec.encryption),
             )
         )
     if isinstance(storage, PvcStorage):
@@ -345,7 +346,7 @@ def _reference_problems(spec: BackupSpec, at: str, where: Cluster, withheld: set
                 f"{at}.storage.pvc.claimName",
                 storage.claim_name,
                 False,
-                lambda: cluster.pvc_mount(storage, where.pvc_root),
+                lambda: references.pvc_mount(storage, where.pvc_root),
             )
         )
     else:
@@ -354,7 +355,7 @@ def _reference_problems(spec: BackupSpec, at: str, where: Cluster, withheld: set
                 f"{at}.storage.s3.credentialsSecretRef",
                 storage.credentials_secret,
                 True,
-                lambda: cluster.s3_credentials(
+                lambda: references.s3_credentials(
                     core, namespace, storage, ambient=where.ambient_s3_credentials
                 ),
             )
@@ -365,7 +366,7 @@ def _reference_problems(spec: BackupSpec, at: str, where: Cluster, withheld: set
                     f"{at}.storage.s3.caSecretRef",
                     s3_ca.name,
                     True,
-                    lambda: cluster.read_secret_key(core, namespace, s3_ca),
+                    lambda: references.read_secret_key(core, namespace, s3_ca),
                 )
             )
     problems = []
@@ -374,7 +375,7 @@ def _reference_problems(spec: BackupSpec, at: str, where: Cluster, withheld: set
             continue
         try:
             check()
-        except (cluster.ResolveError, KeyMaterialError) as err:
+        except (references.ResolveError, KeyMaterialError) as err:
             problems.append(f"{field}: {err}")
         except client.ApiException as err:
             problems.append(f"{field}: could not be checked ({err.status} {err.reason})")
@@ -423,20 +424,20 @@ def schedule_findings(
     findings = Findings()
     cron = zone = None
     try:
-        cron = scheduling.CronSchedule.parse(spec["schedule"])
-    except scheduling.InvalidSchedule as err:
+        cron = clock.CronSchedule.parse(spec["schedule"])
+    except clock.InvalidSchedule as err:
         findings.errors.append(f"spec.schedule: {err}")
     try:
-        zone = scheduling.parse_time_zone(spec.get("timeZone") or "UTC")
-    except scheduling.InvalidSchedule as err:
+        zone = clock.parse_time_zone(spec.get("timeZone") or "UTC")
+    except clock.InvalidSchedule as err:
         findings.errors.append(f"spec.timeZone: {err}")
     if cron is not None and zone is not None:
         try:
-            scheduling.next_tick(cron, now, zone)
-        except scheduling.InvalidSchedule as err:
+            clock.next_tick(cron, now, zone)
+        except clock.InvalidSchedule as err:
             findings.errors.append(f"spec.schedule: {err}")
     try:
-        schedules.retention_policy(spec)
+        reconcile.retention_policy(spec)
     except ValueError as err:
         findings.errors.append(f"spec.retention: {err}")
     template = spec["template"]["spec"]

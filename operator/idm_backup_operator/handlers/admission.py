@@ -28,9 +28,9 @@ from kubernetes import client
 # require_client_certificates looks at it.
 import idm_backup_operator.handlers.startup  # noqa: F401
 from idm_backup_operator import validation
-from idm_backup_operator.backup import Services
-from idm_backup_operator.model import GROUP, IDMBACKUPS, VERSION
-from idm_backup_operator.schedules import SCHEDULE_LABEL
+from idm_backup_operator.api.spec import GROUP, IDMBACKUPS, VERSION
+from idm_backup_operator.idmbackup.pipeline import Services
+from idm_backup_operator.idmbackupschedule.reconcile import SCHEDULE_LABEL
 
 IDMBACKUPSCHEDULES = "idmbackupschedules"
 # In the webhook's certificate directory, next to tls.crt and tls.key: the CA that signed the API

@@ -1,4 +1,4 @@
-"""IdmBackup: one backup, taken once, by the pipeline in idm_backup_operator.backup."""
+"""IdmBackup: one backup, taken once, by the pipeline in idm_backup_operator.idmbackup.pipeline."""
 
 from __future__ import annotations
 
@@ -10,10 +10,8 @@ from typing import Any, NoReturn
 import kopf
 from kubernetes import client
 
-from idm_backup_operator import backup, stored, validation
-from idm_backup_operator.freeipa import InvalidBackupOptions
-from idm_backup_operator.layout import ResourceIdentity
-from idm_backup_operator.model import (
+from idm_backup_operator import validation
+from idm_backup_operator.api.spec import (
     GROUP,
     IDMBACKUPS,
     VERSION,
@@ -22,7 +20,11 @@ from idm_backup_operator.model import (
     parse_backup_spec,
     parse_time,
 )
-from idm_backup_operator.reporting import CANCEL_CHECK_SECONDS, StatusNotWritten, StatusReporter
+from idm_backup_operator.archive import stored
+from idm_backup_operator.archive.layout import ResourceIdentity
+from idm_backup_operator.freeipa import InvalidBackupOptions
+from idm_backup_operator.idmbackup import pipeline
+from idm_backup_operator.kube.reporting import CANCEL_CHECK_SECONDS, StatusNotWritten, StatusReporter
 from idm_backup_operator.slots import BackupSlots, MiB, Queued, TooLarge
 from idm_backup_operator.storage.s3 import PARTS_IN_MEMORY
 
@@ -68,7 +70,7 @@ def _requeue(report: StatusReporter, message: str) -> NoReturn:
     makes the next operator take it from the start, as a Job's pod is started again after an eviction."""
     message = f"{message}; the next operator takes it again from the start"
     report.update(phase="Pending", step="waiting for the operator to start again", message=message)
-    report.condition("Waiting", True, backup.SHUTDOWN, message)
+    report.condition("Waiting", True, pipeline.SHUTDOWN, message)
     report.event("BackupInterrupted", message, warning=True)
     raise kopf.TemporaryError(message, delay=WAIT_RETRY_SECONDS)
 
@@ -201,12 +203,12 @@ def _run(
         if phase == Phase.RUNNING:
             # Only a previous operator process leaves a backup Running: this one never raises mid-run,
             # and stale copies of its own backups were set aside.
-            backup.recover_interrupted(resource, parsed, dict(status), memo.services, report)
+            pipeline.recover_interrupted(resource, parsed, dict(status), memo.services, report)
         else:
             if phase is None:
                 report.update(phase="Pending", step="pre-flight checks", message="")
-            backup.take_backup(resource, parsed, memo.services, report)
-    except backup.MustWait as wait:
+            pipeline.take_backup(resource, parsed, memo.services, report)
+    except pipeline.MustWait as wait:
         created = parse_time(body.metadata.get("creationTimestamp"))
         if wait.reason == "TargetNotReady" and created and _now() - created > NOT_READY_PATIENCE:
             _fail(report, status, "TargetUnavailable", f"{wait} for more than {NOT_READY_PATIENCE}")
@@ -218,8 +220,8 @@ def _run(
             report.event("BackupWaiting", str(wait))
         report.condition("Waiting", True, wait.reason, str(wait))
         raise kopf.TemporaryError(str(wait), delay=WAIT_RETRY_SECONDS) from None
-    except backup.BackupFailed as failed:
-        if failed.reason == backup.SHUTDOWN:
+    except pipeline.BackupFailed as failed:
+        if failed.reason == pipeline.SHUTDOWN:
             _requeue(report, failed.message)
         _fail(report, status, failed.reason, failed.message)
     except Exception as err:
@@ -239,7 +241,7 @@ def delete_stored(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, memo: k
     )
     try:
         parsed = parse_backup_spec(spec)
-        services: backup.Services = memo.services
+        services: pipeline.Services = memo.services
         removed = stored.delete_stored_backup(
             services.core,
             services.pvc_root,

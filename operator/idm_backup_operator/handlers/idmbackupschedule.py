@@ -11,10 +11,10 @@ from typing import Any
 import kopf
 from kubernetes import client
 
-from idm_backup_operator import schedules
-from idm_backup_operator.layout import ResourceIdentity
-from idm_backup_operator.model import GROUP, IDMBACKUPS, VERSION
-from idm_backup_operator.reporting import StatusReporter
+from idm_backup_operator.api.spec import GROUP, IDMBACKUPS, VERSION
+from idm_backup_operator.archive.layout import ResourceIdentity
+from idm_backup_operator.idmbackupschedule import reconcile
+from idm_backup_operator.kube.reporting import StatusReporter
 
 IDMBACKUPSCHEDULES = "idmbackupschedules"
 # Even with nothing due, look again this often: it bounds how long a missed wake-up (a lost watch
@@ -38,7 +38,7 @@ def _snapshot(body: kopf.Body) -> dict[str, Any]:
     return {"metadata": dict(body.metadata), "spec": dict(body.spec), "status": dict(body.status)}
 
 
-def _record(body: kopf.Body, memo: kopf.Memo, tick: schedules.Tick | schedules.Invalid) -> datetime.datetime:
+def _record(body: kopf.Body, memo: kopf.Memo, tick: reconcile.Tick | reconcile.Invalid) -> datetime.datetime:
     schedule = _snapshot(body)
     meta = schedule["metadata"]
     report = StatusReporter(
@@ -50,7 +50,7 @@ def _record(body: kopf.Body, memo: kopf.Memo, tick: schedules.Tick | schedules.I
         status=schedule["status"],
     )
     now = datetime.datetime.now(datetime.UTC)
-    return schedules.record(memo.services, client.CustomObjectsApi(memo.api), schedule, report, now, tick)
+    return reconcile.record(memo.services, client.CustomObjectsApi(memo.api), schedule, report, now, tick)
 
 
 def _spread(uid: str) -> float:
@@ -81,8 +81,8 @@ async def follow_schedule(
                 # The body is a live view: each pass sees the latest spec and status.
                 custom = client.CustomObjectsApi(memo.api)
                 now = datetime.datetime.now(datetime.UTC)
-                tick = await asyncio.to_thread(schedules.take_tick, custom, _snapshot(body), now)
-                if isinstance(tick, schedules.Tick) and tick.created:
+                tick = await asyncio.to_thread(reconcile.take_tick, custom, _snapshot(body), now)
+                if isinstance(tick, reconcile.Tick) and tick.created:
                     await _sleep(_spread(uid), asyncio.Event(), stopped)
                 next_time = await asyncio.to_thread(_record, body, memo, tick)
                 delay = (next_time - datetime.datetime.now(datetime.UTC)).total_seconds() + TICK_GRACE_SECONDS
@@ -103,7 +103,7 @@ async def _sleep(seconds: float, wakeup: asyncio.Event, stopped: kopf.DaemonStop
             waiter.cancel()
 
 
-@kopf.on.event(GROUP, VERSION, IDMBACKUPS, labels={schedules.SCHEDULE_LABEL: kopf.PRESENT})
+@kopf.on.event(GROUP, VERSION, IDMBACKUPS, labels={reconcile.SCHEDULE_LABEL: kopf.PRESENT})
 async def backup_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """A schedule's backup finished or vanished: its schedule updates status and retention now.
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import kopf
 
+from idm_backup_operator.api.spec import GROUP, IDMBACKUPS, VERSION
 from idm_backup_operator.metrics import BackupMetrics
-from idm_backup_operator.model import GROUP, IDMBACKUPS, VERSION
 
 IDMBACKUPSCHEDULES = "idmbackupschedules"
 

@@ -13,10 +13,11 @@ from typing import Any
 import kopf
 from kubernetes import client, config
 
-from idm_backup_operator import locking, metrics
-from idm_backup_operator.backup import Services
-from idm_backup_operator.model import GROUP, IDMBACKUPS, VERSION
-from idm_backup_operator.podexec import PodExec
+from idm_backup_operator import metrics
+from idm_backup_operator.api.spec import GROUP, IDMBACKUPS, VERSION
+from idm_backup_operator.idmbackup.pipeline import Services
+from idm_backup_operator.kube import locking
+from idm_backup_operator.kube.podexec import PodExec
 from idm_backup_operator.slots import BackupSlots
 
 log = logging.getLogger(__name__)

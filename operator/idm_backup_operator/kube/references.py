@@ -14,8 +14,7 @@ from typing import Any
 from kubernetes import client
 
 from idm_backup_operator import logs
-from idm_backup_operator.encryption import Recipients, load_recipients
-from idm_backup_operator.model import (
+from idm_backup_operator.api.spec import (
     Encryption,
     LabelSelector,
     LdapTarget,
@@ -24,9 +23,10 @@ from idm_backup_operator.model import (
     SecretKeyRef,
     Target,
 )
-from idm_backup_operator.podexec import PodRef
+from idm_backup_operator.archive.encryption import Recipients, load_recipients
+from idm_backup_operator.freeipa.topology import LdapConnectionSettings
+from idm_backup_operator.kube.podexec import PodRef
 from idm_backup_operator.storage import PVCStore, S3Config, S3Store, StorageError, Store, claim_mount
-from idm_backup_operator.topology import LdapConnectionSettings
 
 # freeipa-container takes the server's host name from this variable.
 HOSTNAME_ENV = "IPA_SERVER_HOSTNAME"

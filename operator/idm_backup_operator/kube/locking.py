@@ -27,7 +27,7 @@ import kopf
 import urllib3
 from kubernetes import client
 
-from idm_backup_operator.podexec import PodRef
+from idm_backup_operator.kube.podexec import PodRef
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,18 @@ from typing import Any
 
 from kubernetes import client
 
-from idm_backup_operator import retention, scheduling, stored
-from idm_backup_operator.backup import Reporter, Services
-from idm_backup_operator.layout import ResourceIdentity
-from idm_backup_operator.model import GROUP, IDMBACKUPS, VERSION, format_time, parse_backup_spec, parse_time
+from idm_backup_operator.api.spec import (
+    GROUP,
+    IDMBACKUPS,
+    VERSION,
+    format_time,
+    parse_backup_spec,
+    parse_time,
+)
+from idm_backup_operator.archive import stored
+from idm_backup_operator.archive.layout import ResourceIdentity
+from idm_backup_operator.idmbackup.pipeline import Reporter, Services
+from idm_backup_operator.idmbackupschedule import clock, retention
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +222,7 @@ def apply_retention(
 class Tick:
     """What the first, urgent half of a pass decided and did."""
 
-    decision: scheduling.Decision
+    decision: clock.Decision
     children: list[Child] | None
     due_name: str | None
     created: bool
@@ -248,18 +256,18 @@ def take_tick(
     """
     meta, spec, status = schedule["metadata"], schedule["spec"], schedule.get("status") or {}
     try:
-        cron = scheduling.CronSchedule.parse(spec["schedule"])
-        tz = scheduling.parse_time_zone(spec.get("timeZone") or "UTC")
-    except scheduling.InvalidSchedule as err:
+        cron = clock.CronSchedule.parse(spec["schedule"])
+        tz = clock.parse_time_zone(spec.get("timeZone") or "UTC")
+    except clock.InvalidSchedule as err:
         return Invalid("InvalidSchedule", str(err))
     identity = ResourceIdentity(meta["namespace"], meta["name"], meta["uid"])
     children = list_children(custom, identity) if status.get("active") else None
     deadline = spec.get("startingDeadlineSeconds")
-    decision = scheduling.decide(
+    decision = clock.decide(
         cron,
         tz,
         now=now,
-        state=scheduling.ScheduleState(
+        state=clock.ScheduleState(
             last_schedule_time=parse_time(status.get("lastScheduleTime")),
             created=parse_time(meta["creationTimestamp"]),  # type: ignore[arg-type]
             active=tuple(history_status(children)["active"]) if children is not None else (),
@@ -273,7 +281,7 @@ def take_tick(
     )
     due_name, created = None, False
     if decision.due is not None and not decision.skipped_for_concurrency:
-        due_name = scheduling.child_name(meta["name"], decision.due)
+        due_name = clock.child_name(meta["name"], decision.due)
         try:
             created = create_child(custom, child_body(schedule, due_name, decision.due))
         except client.ApiException as err:
@@ -330,7 +338,7 @@ def record(
         # Backups go on: a typo in what to delete must neither delete anything nor stop new backups.
         ready = (False, "InvalidRetention", f"spec.retention: {err}; nothing is deleted; {next_backup}")
     else:
-        tz = scheduling.parse_time_zone(spec.get("timeZone") or "UTC")
+        tz = clock.parse_time_zone(spec.get("timeZone") or "UTC")
         pruned = apply_retention(services, custom, policy, children, now, tz)
         if pruned is not None:
             fields["retention"] = pruned

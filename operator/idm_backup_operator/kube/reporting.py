@@ -19,8 +19,8 @@ import urllib3
 from kubernetes import client
 
 from idm_backup_operator import logs
-from idm_backup_operator.layout import ResourceIdentity
-from idm_backup_operator.model import GROUP, VERSION, format_time
+from idm_backup_operator.api.spec import GROUP, VERSION, format_time
+from idm_backup_operator.archive.layout import ResourceIdentity
 
 log = logging.getLogger(__name__)
 COMPONENT = "idm-backup-operator"

@@ -27,11 +27,14 @@ from typing import Any, Protocol
 import urllib3
 from kubernetes import client
 
-from idm_backup_operator import cluster, encryption, freeipa, layout, stored
+from idm_backup_operator import freeipa
+from idm_backup_operator.api.spec import BackupSpec, format_time, parse_time
+from idm_backup_operator.archive import encryption, layout, stored
 from idm_backup_operator.freeipa import BackupDirectory, BackupHeader, IpaServerConfig
-from idm_backup_operator.locking import TargetLock
-from idm_backup_operator.model import BackupSpec, format_time, parse_time
-from idm_backup_operator.podexec import (
+from idm_backup_operator.freeipa.topology import TopologyError, check_roles, read_topology
+from idm_backup_operator.kube import references
+from idm_backup_operator.kube.locking import TargetLock
+from idm_backup_operator.kube.podexec import (
     ExecCancelled,
     ExecError,
     ExecLost,
@@ -42,7 +45,6 @@ from idm_backup_operator.podexec import (
 )
 from idm_backup_operator.storage import DeadlineExceeded, StorageError, Store, StoredObject
 from idm_backup_operator.streams import Tally, chunks_of, tallied
-from idm_backup_operator.topology import TopologyError, check_roles, read_topology
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +130,10 @@ def take_backup(
 ) -> None:
     """Raises BackupFailed with the cause, or MustWait when it cannot start yet."""
     try:
-        pod = cluster.find_target_pod(services.core, resource.namespace, spec.target)
-    except cluster.PodNotReady as err:
+        pod = references.find_target_pod(services.core, resource.namespace, spec.target)
+    except references.PodNotReady as err:
         raise MustWait("TargetNotReady", str(err)) from None
-    except cluster.ResolveError as err:
+    except references.ResolveError as err:
         raise BackupFailed("TargetUnavailable", str(err)) from None
     with _holding_lock(services, pod, resource) as lock:
         # An ipa-backup still running there is an interrupted backup's (operator killed, connection
@@ -265,16 +267,16 @@ class _Backup:
         if not self.spec.encryption.enabled:
             return None
         try:
-            recipients = cluster.load_public_keys(
+            recipients = references.load_public_keys(
                 self.services.core, self.resource.namespace, self.spec.encryption
             )
-        except (cluster.ResolveError, encryption.KeyMaterialError) as err:
+        except (references.ResolveError, encryption.KeyMaterialError) as err:
             raise BackupFailed("InvalidEncryptionKeys", f"encryption keys unusable: {err}") from None
         return recipients
 
     def open_store(self) -> Store:
         try:
-            store = cluster.open_store(
+            store = references.open_store(
                 self.services.core,
                 self.resource.namespace,
                 self.spec.storage,
@@ -288,7 +290,7 @@ class _Backup:
             store.check_writable()
         except DeadlineExceeded as err:
             raise self.deadline_exceeded(f"the storage probe: {err}") from None
-        except (cluster.ResolveError, StorageError) as err:
+        except (references.ResolveError, StorageError) as err:
             raise BackupFailed("StorageUnavailable", f"storage not usable: {err}") from None
         return store
 
@@ -327,12 +329,12 @@ class _Backup:
         target = self.spec.target
         self.report.update(step="pre-flight: reading the topology from LDAP")
         try:
-            settings = cluster.ldap_settings(
+            settings = references.ldap_settings(
                 self.services.core, self.resource.namespace, target.ldap, self.scratch
             )
             topology = read_topology(settings, target.ldap.base_dn or server.basedn)
             replica = topology.server(server.host)
-        except (cluster.ResolveError, TopologyError) as err:
+        except (references.ResolveError, TopologyError) as err:
             raise BackupFailed("TopologyUnavailable", f"cannot check the FreeIPA topology: {err}") from None
         if target.require_hidden_replica and not replica.is_hidden:
             raise BackupFailed(
@@ -821,7 +823,7 @@ def _settle_storage(
     if keys is None:
         return None  # ipa-backup had not finished: nothing was uploaded yet
     with tempfile.TemporaryDirectory(prefix="idm-backup-") as scratch:
-        store = cluster.open_store(
+        store = references.open_store(
             services.core,
             resource.namespace,
             spec.storage,

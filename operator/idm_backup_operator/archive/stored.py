@@ -16,8 +16,10 @@ from typing import Any
 
 from kubernetes import client
 
-from idm_backup_operator import cluster, freeipa, layout
-from idm_backup_operator.model import BackupSpec
+from idm_backup_operator import freeipa
+from idm_backup_operator.api.spec import BackupSpec
+from idm_backup_operator.archive import layout
+from idm_backup_operator.kube import references
 from idm_backup_operator.storage import ObjectNotFound, StorageError, Store
 
 log = logging.getLogger(__name__)
@@ -79,7 +81,7 @@ def delete_stored_backup(
         return []
     with tempfile.TemporaryDirectory(prefix="idm-backup-") as scratch:
         try:
-            store = cluster.open_store(
+            store = references.open_store(
                 core,
                 resource.namespace,
                 spec.storage,
@@ -94,5 +96,5 @@ def delete_stored_backup(
                     f"{manifest.get('resource', {}).get('uid')}): left in place"
                 )
             return delete_files(store, keys)
-        except (cluster.ResolveError, StorageError) as err:
+        except (references.ResolveError, StorageError) as err:
             raise StoredBackupError(f"cannot delete the stored backup: {err}") from None

@@ -29,8 +29,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from idm_backup_operator import layout
-from idm_backup_operator.encryption import GpgError, KeyMaterialError, decrypt
+from idm_backup_operator.archive import layout
+from idm_backup_operator.archive.encryption import GpgError, KeyMaterialError, decrypt
 from idm_backup_operator.freeipa import HEADER_FILE
 from idm_backup_operator.storage import ObjectNotFound, PVCStore, S3Config, S3Store, StorageError, Store
 from idm_backup_operator.streams import CHUNK_SIZE, Tally, chunks_of

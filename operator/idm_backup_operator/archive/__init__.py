@@ -1,0 +1,1 @@
+"""A backup as stored: its layout and manifest, its encryption, and reading it back (verify, stored)."""

@@ -1,0 +1,83 @@
+"""FreeIPA itself, as the operator knows it from FreeIPA's sources: no Kubernetes here.
+
+- ipa_backup: the ipa-backup command line, its output, exit codes, backup directory and header;
+- server: /etc/ipa/default.conf and ipactl;
+- topology: the replication topology and server roles, read from the server's LDAP (imported on its
+  own, so that what only parses output does not load python-ldap).
+"""
+
+from idm_backup_operator.freeipa.ipa_backup import (
+    EXIT_ERROR,
+    EXIT_NOT_CONFIGURED_OR_USAGE,
+    EXIT_SUCCESS,
+    HEADER_FILE,
+    IPA_BACKUP_DIR,
+    IPA_BACKUP_LOG,
+    MAX_HEADER_BYTES,
+    BackupDirectory,
+    BackupHeader,
+    BackupOptions,
+    BackupOutcome,
+    BackupOutputParser,
+    BackupRunResult,
+    BackupType,
+    HeaderError,
+    InvalidBackupOptions,
+    UnsafeBackupPath,
+    backup_directory,
+    describe_exit_code,
+    ipa_backup_argv,
+    parse_backup_output,
+    parse_header,
+    read_ini_section,
+)
+from idm_backup_operator.freeipa.server import (
+    IPACTL_START,
+    IPACTL_STATUS,
+    SOCKET_ACTIVATED_SERVICES,
+    DefaultConfError,
+    IpactlStatus,
+    IpaServerConfig,
+    IpaServicesVerdict,
+    ServiceRunState,
+    parse_default_conf,
+    parse_ipactl_status,
+    serverid,
+)
+
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_NOT_CONFIGURED_OR_USAGE",
+    "EXIT_SUCCESS",
+    "HEADER_FILE",
+    "IPACTL_START",
+    "IPACTL_STATUS",
+    "IPA_BACKUP_DIR",
+    "IPA_BACKUP_LOG",
+    "MAX_HEADER_BYTES",
+    "SOCKET_ACTIVATED_SERVICES",
+    "BackupDirectory",
+    "BackupHeader",
+    "BackupOptions",
+    "BackupOutcome",
+    "BackupOutputParser",
+    "BackupRunResult",
+    "BackupType",
+    "DefaultConfError",
+    "HeaderError",
+    "InvalidBackupOptions",
+    "IpaServerConfig",
+    "IpaServicesVerdict",
+    "IpactlStatus",
+    "ServiceRunState",
+    "UnsafeBackupPath",
+    "backup_directory",
+    "describe_exit_code",
+    "ipa_backup_argv",
+    "parse_backup_output",
+    "parse_default_conf",
+    "parse_header",
+    "parse_ipactl_status",
+    "read_ini_section",
+    "serverid",
+]
