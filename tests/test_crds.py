@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from idm_backup_operator import validation
+from idm_backup_operator.idmbackup import validation
 from testbed.deploy import REPO
 
 CRD_FILES = sorted((REPO / "crds").glob("*.yaml"))

@@ -17,9 +17,10 @@ import pytest
 import yaml
 from kubernetes import client
 
-from idm_backup_operator import validation
 from idm_backup_operator.api.spec import parse_backup_spec
+from idm_backup_operator.idmbackup import validation
 from idm_backup_operator.idmbackupschedule import reconcile
+from idm_backup_operator.idmbackupschedule import spec as schedule_spec
 from idm_backup_operator.kube import references
 from idm_backup_operator.storage import S3Config, S3Store
 from testbed import freeipa_pod, stack
@@ -171,7 +172,7 @@ def test_a_pvc_claim_name_must_not_leave_the_operators_mount_directory() -> None
 )
 def test_a_retention_policy_the_crd_refuses_is_a_value_error(max_age: str, message: str) -> None:
     with pytest.raises(ValueError) as caught:
-        reconcile.retention_policy({"retention": {"maxAge": max_age}})
+        schedule_spec.retention_policy({"retention": {"maxAge": max_age}})
     assert str(caught.value) == message
 
 
@@ -236,11 +237,14 @@ def test_a_starting_deadline_too_long_for_a_timedelta_is_taken_as_the_longest_on
     assert isinstance(tick, reconcile.Tick) and not tick.created
     crd = yaml.safe_load((REPO / "crds" / "idm-backup.io_idmbackupschedules.yaml").read_text())
     spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
-    assert spec["properties"]["startingDeadlineSeconds"]["maximum"] == reconcile.MAX_STARTING_DEADLINE_SECONDS
+    assert (
+        spec["properties"]["startingDeadlineSeconds"]["maximum"]
+        == schedule_spec.MAX_STARTING_DEADLINE_SECONDS
+    )
 
 
 def test_a_valid_max_age_is_parsed() -> None:
-    policy = reconcile.retention_policy({"retention": {"maxAge": "036h"}})
+    policy = schedule_spec.retention_policy({"retention": {"maxAge": "036h"}})
     assert policy.max_age is not None and policy.max_age.total_seconds() == 36 * 3600
 
 
@@ -335,7 +339,9 @@ def test_malformed_names_are_refused_by_the_webhook_checks_without_reading_other
     spec = backup_spec(platform, s3_storage(platform, "names"), target={"podName": ".."})
     spec["encryption"]["publicKeysSecretRef"]["name"] = ""
     spec["storage"]["s3"]["credentialsSecretRef"]["name"] = ""
-    where = validation.Cluster(client.CoreV1Api(api), namespace, tmp_path, ambient_s3_credentials=False)
+    where = validation.ReferenceScope(
+        client.CoreV1Api(api), namespace, tmp_path, ambient_s3_credentials=False
+    )
     findings = validation.backup_findings(spec, where)
     assert findings.errors[:3] == [
         "spec.target.podName: '..' is not an object name: at most 253 lowercase letters, digits, '-' and "
@@ -460,7 +466,7 @@ def test_a_secret_counts_as_unreadable_when_the_api_server_cannot_say(
     cfg.ssl_ca_cert = str(Path(platform.state_dir) / "pki" / "ca.crt")
     cfg.api_key = {"BearerToken": token}
     cfg.api_key_prefix = {"BearerToken": "Bearer"}
-    where = validation.Cluster(
+    where = validation.ReferenceScope(
         core, namespace, tmp_path, ambient_s3_credentials=False,
         authorization=client.AuthorizationV1Api(client.ApiClient(cfg)),
     )  # fmt: skip

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import hashlib
 import os
 import sys
 import tempfile
@@ -27,9 +26,20 @@ import kopf
 from kubernetes import client, config
 
 from idm_backup_operator import __version__, logs, metrics
-from idm_backup_operator.api.spec import GROUP, IDMBACKUPS, VERSION, BackupSpec, parse_backup_spec
+from idm_backup_operator.api.names import (
+    GROUP,
+    IDMBACKUP,
+    IDMBACKUPS,
+    IDMBACKUPSCHEDULE,
+    IDMBACKUPSCHEDULES,
+    MANUAL_ANNOTATION,
+    SCHEDULE_LABEL,
+    VERSION,
+    bounded_name,
+)
+from idm_backup_operator.api.phase import Phase, is_finished
+from idm_backup_operator.api.spec import BackupSpec, parse_backup_spec
 from idm_backup_operator.archive import stored, verify
-from idm_backup_operator.archive.layout import ResourceIdentity
 from idm_backup_operator.handlers.startup import (
     DEFAULT_PVC_ROOT,
     DEFAULT_WEBHOOK_CERT_DIR,
@@ -37,8 +47,8 @@ from idm_backup_operator.handlers.startup import (
     WEBHOOK_CERT_DIR_ENV,
     WEBHOOK_PORT_ENV,
     WebhookConfig,
+    configure_logging,
 )
-from idm_backup_operator.idmbackup.pipeline import human_size
 from idm_backup_operator.idmbackupschedule import reconcile
 from idm_backup_operator.kube import locking, references
 from idm_backup_operator.slots import (
@@ -50,11 +60,9 @@ from idm_backup_operator.slots import (
     BackupSlots,
 )
 from idm_backup_operator.storage import S3Store, StorageError, Store
+from idm_backup_operator.streams import human_size
 
-SCHEDULES = "idmbackupschedules"
 AMBIENT_ENV = "IDM_BACKUP_S3_AMBIENT_CREDENTIALS"
-MANUAL_ANNOTATION = "idm-backup.io/manual"
-NAME_LIMIT = 63  # the same bound as scheduled backups' names
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
@@ -66,7 +74,7 @@ class CommandError(Exception):
 
 
 def _run(args: argparse.Namespace) -> int:
-    logs.configure(args.log_format, verbose=args.verbose)
+    configure_logging(args.log_format, verbose=args.verbose)
     # The handlers register with kopf when imported: the package came in with handlers.startup (above);
     # the metrics' event handlers are named here too, in case the package does not import them.
     import idm_backup_operator.handlers.observe
@@ -153,19 +161,14 @@ def _get(custom: Any, namespace: str, plural: str, name: str, kind: str) -> dict
 
 def manual_backup_name(schedule: str, now: datetime.datetime) -> str:
     """`<schedule>-manual-<YYYYMMDDhhmmss>` (UTC); a long schedule name is cut and given a hash."""
-    suffix = f"-manual-{now.astimezone(datetime.UTC):%Y%m%d%H%M%S}"
-    if len(schedule) + len(suffix) <= NAME_LIMIT:
-        return schedule + suffix
-    digest = hashlib.sha256(schedule.encode()).hexdigest()[:8]
-    keep = NAME_LIMIT - len(suffix) - len(digest) - 1
-    return f"{schedule[:keep].rstrip('-.')}-{digest}{suffix}"
+    return bounded_name(schedule, f"-manual-{now.astimezone(datetime.UTC):%Y%m%d%H%M%S}")
 
 
 def _backup_now(args: argparse.Namespace) -> int:
     api = _api()
     custom = client.CustomObjectsApi(api)
     namespace = _namespace(args)
-    schedule = _get(custom, namespace, SCHEDULES, args.schedule, "IdmBackupSchedule")
+    schedule = _get(custom, namespace, IDMBACKUPSCHEDULES, args.schedule, IDMBACKUPSCHEDULE)
     now = datetime.datetime.now(datetime.UTC)
     name = manual_backup_name(args.schedule, now)
     # The schedule's own recipe: same template, labels and owner as its ticks, so that retention,
@@ -179,10 +182,10 @@ def _backup_now(args: argparse.Namespace) -> int:
         return 0
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
-        status = _get(custom, namespace, IDMBACKUPS, name, "IdmBackup").get("status") or {}
-        if status.get("phase") in ("Succeeded", "Failed"):
+        status = _get(custom, namespace, IDMBACKUPS, name, IDMBACKUP).get("status") or {}
+        if is_finished(status.get("phase")):
             print(f"{status['phase']}: {status.get('message', '')}")
-            return 0 if status["phase"] == "Succeeded" else 1
+            return 0 if status["phase"] == Phase.SUCCEEDED else 1
         time.sleep(2)
     raise CommandError(f"IdmBackup {namespace}/{name} did not finish within {args.timeout}s")
 
@@ -205,7 +208,7 @@ def _list(args: argparse.Namespace) -> int:
     if args.storage is not None:
         return _list_storage(args)
     custom = client.CustomObjectsApi(_api())
-    selector = f"{reconcile.SCHEDULE_LABEL}={args.schedule}" if args.schedule else None
+    selector = f"{SCHEDULE_LABEL}={args.schedule}" if args.schedule else None
     try:
         if args.all_namespaces:
             items = custom.list_cluster_custom_object(GROUP, VERSION, IDMBACKUPS, label_selector=selector)[
@@ -227,7 +230,7 @@ def _list(args: argparse.Namespace) -> int:
         archive = status.get("archive") or {}
         row = [
             item["metadata"]["name"],
-            status.get("phase") or "Pending",
+            status.get("phase") or Phase.PENDING.value,
             (item.get("spec") or {}).get("type") or "Full",
             _human(archive.get("sizeBytes")),
             status.get("completionTime") or "",
@@ -242,16 +245,18 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _list_storage(args: argparse.Namespace) -> int:
-    if args.storage:
-        store = verify.open_location(args.storage, _s3_options(args))
-    elif args.schedule:
-        store = _schedule_store(args)
-    else:
+    if not args.storage and not args.schedule:
         raise CommandError("--storage needs a location (s3://bucket/prefix or a directory) or --schedule")
-    try:
-        found = verify.list_stored(store)
-    except StorageError as err:
-        raise CommandError(str(err)) from None
+    # The scratch directory holds a CA file the store may read on each connection, and goes after.
+    with tempfile.TemporaryDirectory(prefix="idm-backup-cli-") as scratch:
+        if args.storage:
+            store = verify.open_location(args.storage, _s3_options(args))
+        else:
+            store = _schedule_store(args, Path(scratch))
+        try:
+            found = verify.list_stored(store)
+        except StorageError as err:
+            raise CommandError(str(err)) from None
     if not found:
         print(f"no backups stored under {args.storage or store.uri('')}")
         return 0
@@ -276,13 +281,15 @@ def _list_storage(args: argparse.Namespace) -> int:
     return 0
 
 
-def _schedule_store(args: argparse.Namespace) -> Store:
+def _schedule_store(args: argparse.Namespace, scratch: Path) -> Store:
     """The store a schedule's template writes to, opened with the template's own credentials."""
     api = _api()
     namespace = _namespace(args)
-    schedule = _get(client.CustomObjectsApi(api), namespace, SCHEDULES, args.schedule, "IdmBackupSchedule")
+    schedule = _get(
+        client.CustomObjectsApi(api), namespace, IDMBACKUPSCHEDULES, args.schedule, IDMBACKUPSCHEDULE
+    )
     spec = parse_backup_spec(schedule["spec"]["template"]["spec"])
-    return _open_spec_store(api, namespace, spec, args, Path(tempfile.mkdtemp(prefix="idm-backup-cli-")))
+    return _open_spec_store(api, namespace, spec, args, scratch)
 
 
 def _open_spec_store(
@@ -345,18 +352,16 @@ def _resource_location(args: argparse.Namespace, scratch: Path) -> tuple[Store, 
     """Where an IdmBackup stored its backup, from its status, and the store opened with its Secret."""
     api = _api()
     namespace = _namespace(args)
-    obj = _get(client.CustomObjectsApi(api), namespace, IDMBACKUPS, args.target, "IdmBackup")
-    meta, status = obj["metadata"], obj.get("status") or {}
-    resource = ResourceIdentity(namespace, meta["name"], meta["uid"])
-    spec = parse_backup_spec(obj["spec"])
-    keys = stored.keys_from_status(resource, spec, status)
-    if keys is None:
+    obj = _get(client.CustomObjectsApi(api), namespace, IDMBACKUPS, args.target, IDMBACKUP)
+    found = stored.locate(obj)
+    if found is None:
+        status = obj.get("status") or {}
         raise CommandError(
             f"IdmBackup {namespace}/{args.target} stored nothing (phase {status.get('phase') or 'Pending'}"
             f"{': ' + status['message'] if status.get('message') else ''})"
         )
-    store = _open_spec_store(api, namespace, spec, args, scratch)
-    return store, keys.directory, meta["uid"], verify.server_id((status.get("target") or {}).get("realm"))
+    store = _open_spec_store(api, namespace, found.spec, args, scratch)
+    return store, found.keys.directory, found.resource.uid, verify.server_id(found.realm)
 
 
 # -- the parser -----------------------------------------------------------------------------------------

@@ -22,8 +22,6 @@ import re
 import threading
 from typing import Any
 
-import kopf
-
 FORMAT_ENV = "IDM_BACKUP_LOG_FORMAT"
 FORMATS = ("text", "json")
 REDACTED = "***"
@@ -126,24 +124,3 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             entry["stack"] = record.stack_info
         return json.dumps(entry, ensure_ascii=False, default=str)
-
-
-def configure(log_format: str = "text", *, verbose: bool = False) -> None:
-    """Set up the root logger for the operator: kopf's handler, our format, redaction everywhere."""
-    if log_format not in FORMATS:
-        raise ValueError(f"unknown log format {log_format!r}: use one of {', '.join(FORMATS)}")
-    # kopf installs its own handler on the root logger (a second one would print every line twice);
-    # with log_prefix, text lines say which object they are about, as "[namespace/name]".
-    kopf.configure(verbose=verbose, log_prefix=log_format == "text")
-    redacting = RedactingFilter()
-    for handler in logging.getLogger().handlers:
-        if log_format == "json":
-            handler.setFormatter(JsonFormatter())
-        handler.addFilter(redacting)
-    # kopf posts what its per-object loggers say as Events, from a handler on this logger rather than
-    # the root's: a filter on the logger itself runs before that handler too.
-    objects = logging.getLogger("kopf.objects")
-    if not any(isinstance(f, RedactingFilter) for f in objects.filters):
-        objects.addFilter(redacting)
-    for noisy in NOISY_LOGGERS:
-        logging.getLogger(noisy).setLevel(logging.INFO)

@@ -37,13 +37,12 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from idm_backup_operator.api import spec
+from idm_backup_operator.api.names import IDMBACKUPSCHEDULE, SCHEDULE_LABEL
+from idm_backup_operator.api.phase import Phase, is_finished
+from idm_backup_operator.api.times import parse_time
 from idm_backup_operator.slots import BackupSlots
 
 log = logging.getLogger(__name__)
-
-SCHEDULE_LABEL = "idm-backup.io/schedule"  # the same as schedules.SCHEDULE_LABEL, without its imports
-SCHEDULE_KIND = "IdmBackupSchedule"
 
 PORT_ENV = "IDM_BACKUP_METRICS_PORT"
 ADDRESS_ENV = "IDM_BACKUP_METRICS_ADDRESS"
@@ -52,8 +51,6 @@ DEFAULT_PORT = 9090
 # A backup takes minutes (Data, online) to hours (Full of a large directory): the buckets span 10 s to 8 h.
 DURATION_BUCKETS: tuple[float, ...] = (10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800)
 
-_FINISHED = ("Succeeded", "Failed")
-_STARTED = ("Running", *_FINISHED)
 
 Key = tuple[str, str]  # (schedule, namespace): the labels of every per-backup series
 
@@ -76,8 +73,8 @@ class MetricsConfig:
         )
 
 
-def parse_time(value: str | None) -> float | None:
-    moment = spec.parse_time(value)
+def _timestamp(value: str | None) -> float | None:
+    moment = parse_time(value)
     return None if moment is None else moment.timestamp()
 
 
@@ -128,7 +125,7 @@ def _backup_key(body: Mapping[str, Any]) -> Key:
 
 def _owner_schedule(body: Mapping[str, Any]) -> str | None:
     for ref in _meta(body).get("ownerReferences") or []:
-        if ref.get("kind") == SCHEDULE_KIND:
+        if ref.get("kind") == IDMBACKUPSCHEDULE:
             uid: str | None = ref.get("uid")
             return uid
     return None
@@ -173,6 +170,7 @@ class BackupMetrics(Collector):
         owner = _owner_schedule(body)
         status = body.get("status") or {}
         phase = status.get("phase")
+        started = phase == Phase.RUNNING or is_finished(phase)
         with self._lock:
             if owner is not None and owner in self._deleted_schedules:
                 return
@@ -188,19 +186,19 @@ class BackupMetrics(Collector):
                     order=(meta.get("creationTimestamp") or "", meta.get("name") or ""),
                 )
                 if initial:
-                    record.attempt_counted = phase in _STARTED
-                    record.result_counted = phase in _FINISHED
+                    record.attempt_counted = started
+                    record.result_counted = is_finished(phase)
                 self._backups[uid] = record
             record.phase = phase
-            record.completed = parse_time(status.get("completionTime"))
+            record.completed = _timestamp(status.get("completionTime"))
             size = (status.get("archive") or {}).get("sizeBytes")
             record.size = int(size) if size is not None else None
-            if phase in _STARTED and not record.attempt_counted:
+            if started and not record.attempt_counted:
                 record.attempt_counted = True
                 self._attempts[record.key] = self._attempts.get(record.key, 0) + 1
-            if phase in _FINISHED and not record.result_counted:
+            if is_finished(phase) and not record.result_counted:
                 record.result_counted = True
-                counter = self._successes if phase == "Succeeded" else self._failures
+                counter = self._successes if phase == Phase.SUCCEEDED else self._failures
                 counter[record.key] = counter.get(record.key, 0) + 1
                 duration = status.get("durationSeconds")
                 if duration is not None:
@@ -219,7 +217,7 @@ class BackupMetrics(Collector):
         uid = meta.get("uid")
         if not uid:
             return
-        next_run = parse_time((body.get("status") or {}).get("nextScheduleTime"))
+        next_run = _timestamp((body.get("status") or {}).get("nextScheduleTime"))
         with self._lock:
             if uid in self._deleted_schedules:
                 return
@@ -290,10 +288,10 @@ class BackupMetrics(Collector):
         for key in keys:
             mine = [b for b in backups if b.key == key]
             done = sorted(
-                (b for b in mine if b.phase in _FINISHED and b.completed is not None), key=_finish_order
+                (b for b in mine if is_finished(b.phase) and b.completed is not None), key=_finish_order
             )
-            succeeded = [b for b in done if b.phase == "Succeeded"]
-            failed = [b for b in done if b.phase == "Failed"]
+            succeeded = [b for b in done if b.phase == Phase.SUCCEEDED]
+            failed = [b for b in done if b.phase == Phase.FAILED]
             if succeeded:
                 last_success.add_metric(list(key), _completed(succeeded[-1]))
                 if succeeded[-1].size is not None:
@@ -301,8 +299,8 @@ class BackupMetrics(Collector):
             if failed:
                 last_failure.add_metric(list(key), _completed(failed[-1]))
             if done:
-                last_status.add_metric(list(key), 1 if done[-1].phase == "Succeeded" else 0)
-            in_progress.add_metric(list(key), sum(1 for b in mine if b.phase == "Running"))
+                last_status.add_metric(list(key), 1 if done[-1].phase == Phase.SUCCEEDED else 0)
+            in_progress.add_metric(list(key), sum(1 for b in mine if b.phase == Phase.RUNNING))
         yield from (last_success, last_failure, last_status, size, in_progress)
 
         yield _counter("idm_backup_attempt", "Backups started", keys, attempts)

@@ -65,3 +65,13 @@ def tallied(chunks: Iterable[bytes], tally: Tally) -> Iterator[bytes]:
     for chunk in chunks:
         tally.update(chunk)
         yield chunk
+
+
+def human_size(size: int) -> str:
+    """A byte count as people read it: 1.5 GiB."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")

@@ -6,37 +6,11 @@ only give the handlers names and types instead of nested dictionaries.
 
 from __future__ import annotations
 
-import datetime
-import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from idm_backup_operator.freeipa import BackupOptions, BackupType
-
-GROUP = "idm-backup.io"
-VERSION = "v1alpha1"
-IDMBACKUPS = "idmbackups"
-
-
-def format_time(moment: datetime.datetime) -> str:
-    """A time as status fields and annotations hold it: RFC 3339, UTC, whole seconds."""
-    return moment.astimezone(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def parse_time(value: str | None) -> datetime.datetime | None:
-    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
-
-
-class Phase(enum.StrEnum):
-    PENDING = "Pending"
-    RUNNING = "Running"
-    SUCCEEDED = "Succeeded"
-    FAILED = "Failed"
-
-    @property
-    def finished(self) -> bool:
-        return self in (Phase.SUCCEEDED, Phase.FAILED)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from idm_backup_operator import __version__
+from idm_backup_operator.api.identity import ResourceIdentity
+from idm_backup_operator.api.names import IDMBACKUP
 from idm_backup_operator.freeipa import HEADER_FILE, BackupDirectory, BackupHeader
 
 MANIFEST_FILE = "manifest.json"
@@ -50,13 +52,6 @@ class FileRecord:
     sha256: str
 
 
-@dataclass(frozen=True)
-class ResourceIdentity:
-    namespace: str
-    name: str
-    uid: str
-
-
 def build_manifest(
     *,
     resource: ResourceIdentity,
@@ -76,7 +71,7 @@ def build_manifest(
         "createdAt": created.isoformat(timespec="seconds"),
         "operatorVersion": __version__,
         "resource": {
-            "kind": "IdmBackup",
+            "kind": IDMBACKUP,
             "namespace": resource.namespace,
             "name": resource.name,
             "uid": resource.uid,

@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import datetime
 import logging
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-from kubernetes import client
-
 from idm_backup_operator import freeipa
-from idm_backup_operator.api.spec import BackupSpec
+from idm_backup_operator.api.identity import ResourceIdentity
+from idm_backup_operator.api.spec import BackupSpec, parse_backup_spec
 from idm_backup_operator.archive import layout
-from idm_backup_operator.kube import references
 from idm_backup_operator.storage import ObjectNotFound, StorageError, Store
 
 log = logging.getLogger(__name__)
@@ -30,7 +27,7 @@ class StoredBackupError(Exception):
 
 
 def keys_from_status(
-    resource: layout.ResourceIdentity, spec: BackupSpec, status: Mapping[str, Any]
+    resource: ResourceIdentity, spec: BackupSpec, status: Mapping[str, Any]
 ) -> layout.BackupKeys | None:
     """The keys a backup writes, known once ipa-backup reported its directory; None before that."""
     directory_path = (status.get("ipaBackup") or {}).get("directory")
@@ -51,7 +48,7 @@ def read_manifest(store: Store, keys: layout.BackupKeys) -> dict[str, Any] | Non
         raise StoredBackupError(f"{store.uri(keys.manifest)} is not a readable manifest: {err}") from None
 
 
-def owns(manifest: Mapping[str, Any], resource: layout.ResourceIdentity) -> bool:
+def owns(manifest: Mapping[str, Any], resource: ResourceIdentity) -> bool:
     return bool(manifest.get("resource", {}).get("uid") == resource.uid)
 
 
@@ -66,35 +63,37 @@ def delete_files(store: Store, keys: layout.BackupKeys) -> list[str]:
     return removed
 
 
-def delete_stored_backup(
-    core: client.CoreV1Api,
-    pvc_root: Path,
-    resource: layout.ResourceIdentity,
-    spec: BackupSpec,
-    status: Mapping[str, Any],
-    *,
-    ambient_credentials: bool,
-) -> list[str]:
-    """Delete what this resource stored; returns the URIs removed. Raises StoredBackupError."""
+def delete_owned(store: Store, keys: layout.BackupKeys, resource: ResourceIdentity) -> list[str]:
+    """Delete the backup's files unless its manifest names another resource; returns the URIs removed.
+    Raises StoredBackupError."""
+    try:
+        manifest = read_manifest(store, keys)
+        if manifest is not None and not owns(manifest, resource):
+            raise StoredBackupError(
+                f"{store.uri(keys.manifest)} belongs to another resource (uid "
+                f"{manifest.get('resource', {}).get('uid')}): left in place"
+            )
+        return delete_files(store, keys)
+    except StorageError as err:
+        raise StoredBackupError(f"cannot delete the stored backup: {err}") from None
+
+
+@dataclass(frozen=True)
+class Located:
+    """What an IdmBackup stored, found from the resource itself (its spec and status)."""
+
+    resource: ResourceIdentity
+    spec: BackupSpec
+    keys: layout.BackupKeys
+    realm: str | None
+
+
+def locate(obj: Mapping[str, Any]) -> Located | None:
+    """Where the IdmBackup `obj` (a whole resource body) stored its backup; None if it stored nothing."""
+    meta, status = obj["metadata"], obj.get("status") or {}
+    resource = ResourceIdentity(meta["namespace"], meta["name"], meta["uid"])
+    spec = parse_backup_spec(obj["spec"])
     keys = keys_from_status(resource, spec, status)
     if keys is None:
-        return []
-    with tempfile.TemporaryDirectory(prefix="idm-backup-") as scratch:
-        try:
-            store = references.open_store(
-                core,
-                resource.namespace,
-                spec.storage,
-                pvc_root,
-                Path(scratch),
-                ambient_credentials=ambient_credentials,
-            )
-            manifest = read_manifest(store, keys)
-            if manifest is not None and not owns(manifest, resource):
-                raise StoredBackupError(
-                    f"{store.uri(keys.manifest)} belongs to another resource (uid "
-                    f"{manifest.get('resource', {}).get('uid')}): left in place"
-                )
-            return delete_files(store, keys)
-        except (references.ResolveError, StorageError) as err:
-            raise StoredBackupError(f"cannot delete the stored backup: {err}") from None
+        return None
+    return Located(resource, spec, keys, (status.get("target") or {}).get("realm"))

@@ -16,6 +16,7 @@ from idm_backup_operator.freeipa.ipa_backup import describe_exit_code, read_ini_
 IPACTL_START = ("ipactl", "start")
 IPACTL_STATUS = ("ipactl", "status")
 
+
 class DefaultConfError(ValueError):
     """/etc/ipa/default.conf lacks what the operator needs to know about the server."""
 

@@ -27,12 +27,19 @@ from kubernetes import client
 # start-up handlers in the order they were registered, has created the webhook server when
 # require_client_certificates looks at it.
 import idm_backup_operator.handlers.startup  # noqa: F401
-from idm_backup_operator import validation
-from idm_backup_operator.api.spec import GROUP, IDMBACKUPS, VERSION
-from idm_backup_operator.idmbackup.pipeline import Services
-from idm_backup_operator.idmbackupschedule.reconcile import SCHEDULE_LABEL
+from idm_backup_operator.api.names import (
+    GROUP,
+    IDMBACKUP,
+    IDMBACKUPS,
+    IDMBACKUPSCHEDULE,
+    IDMBACKUPSCHEDULES,
+    SCHEDULE_LABEL,
+    VERSION,
+)
+from idm_backup_operator.idmbackup import validation
+from idm_backup_operator.idmbackupschedule import validation as schedule_validation
+from idm_backup_operator.kube.services import Services
 
-IDMBACKUPSCHEDULES = "idmbackupschedules"
 # In the webhook's certificate directory, next to tls.crt and tls.key: the CA that signed the API
 # server's client certificate for webhooks (its --admission-control-config-file).
 CLIENT_CA_FILE = "client-ca.crt"
@@ -105,9 +112,9 @@ def _unchanged_or_leaving(body: kopf.Body, old: kopf.Body | None, operation: str
     return operation == "UPDATE" and old is not None and old.get("spec") == body.get("spec")
 
 
-def _cluster(body: kopf.Body, memo: kopf.Memo) -> validation.Cluster:
+def _cluster(body: kopf.Body, memo: kopf.Memo) -> validation.ReferenceScope:
     services: Services = memo.services
-    return validation.Cluster(
+    return validation.ReferenceScope(
         services.core,
         body.metadata.namespace or "",
         services.pvc_root,
@@ -146,7 +153,7 @@ async def validate_backup(
         references="skip" if by_schedule else "refuse",
         requester=requester,
     )
-    _answer("IdmBackup", body, findings, warnings)
+    _answer(IDMBACKUP, body, findings, warnings)
 
 
 @kopf.on.validate(
@@ -166,6 +173,6 @@ async def validate_schedule(
     requester = await _requester(userinfo, memo)
     now = datetime.datetime.now(datetime.UTC)
     findings = await asyncio.to_thread(
-        validation.schedule_findings, body.spec, _cluster(body, memo), now, requester=requester
+        schedule_validation.schedule_findings, body.spec, _cluster(body, memo), now, requester=requester
     )
-    _answer("IdmBackupSchedule", body, findings, warnings)
+    _answer(IDMBACKUPSCHEDULE, body, findings, warnings)

@@ -10,20 +10,15 @@ from typing import Any, NoReturn
 import kopf
 from kubernetes import client
 
-from idm_backup_operator import validation
-from idm_backup_operator.api.spec import (
-    GROUP,
-    IDMBACKUPS,
-    VERSION,
-    Phase,
-    format_time,
-    parse_backup_spec,
-    parse_time,
-)
+from idm_backup_operator.api.identity import ResourceIdentity
+from idm_backup_operator.api.names import GROUP, IDMBACKUP, IDMBACKUPS, VERSION
+from idm_backup_operator.api.phase import Phase
+from idm_backup_operator.api.spec import parse_backup_spec
+from idm_backup_operator.api.times import parse_time
 from idm_backup_operator.archive import stored
-from idm_backup_operator.archive.layout import ResourceIdentity
 from idm_backup_operator.freeipa import InvalidBackupOptions
-from idm_backup_operator.idmbackup import pipeline
+from idm_backup_operator.idmbackup import pipeline, removal, validation
+from idm_backup_operator.idmbackup import status as idmbackup_status
 from idm_backup_operator.kube.reporting import CANCEL_CHECK_SECONDS, StatusNotWritten, StatusReporter
 from idm_backup_operator.slots import BackupSlots, MiB, Queued, TooLarge
 from idm_backup_operator.storage.s3 import PARTS_IN_MEMORY
@@ -43,7 +38,7 @@ def _reporter(memo: kopf.Memo, resource: ResourceIdentity, body: kopf.Body) -> S
     return StatusReporter(
         memo.api,
         resource,
-        kind="IdmBackup",
+        kind=IDMBACKUP,
         plural=IDMBACKUPS,
         generation=body.metadata.get("generation") or 1,
         status=dict(body.status),
@@ -55,21 +50,14 @@ def _now() -> datetime.datetime:
 
 
 def _fail(report: StatusReporter, status: kopf.Status, reason: str, message: str) -> None:
-    now = _now()
-    fields: dict[str, Any] = {"phase": "Failed", "reason": reason, "message": message}
-    fields["completionTime"] = format_time(now)
-    if began := parse_time(status.get("startTime")):
-        fields["durationSeconds"] = round((now - began).total_seconds(), 1)
-    report.condition("Completed", False, reason, message)
-    report.update(**fields)
-    report.event("BackupFailed", message, warning=True)
+    idmbackup_status.set_failed(report, parse_time(status.get("startTime")), reason, message)
 
 
 def _requeue(report: StatusReporter, message: str) -> NoReturn:
     """Stopped cleanly by a shutdown: Pending again, and kopf's retry (kept in the resource's annotations)
     makes the next operator take it from the start, as a Job's pod is started again after an eviction."""
     message = f"{message}; the next operator takes it again from the start"
-    report.update(phase="Pending", step="waiting for the operator to start again", message=message)
+    report.update(phase=Phase.PENDING.value, step="waiting for the operator to start again", message=message)
     report.condition("Waiting", True, pipeline.SHUTDOWN, message)
     report.event("BackupInterrupted", message, warning=True)
     raise kopf.TemporaryError(message, delay=WAIT_RETRY_SECONDS)
@@ -150,7 +138,9 @@ def _upload_memory(spec: kopf.Spec) -> int:
 
 def _report_queued(report: StatusReporter, phase: str | None, why: Queued) -> None:
     # A Running backup waits here only to be recovered after a restart: its step says where it stopped.
-    where = {} if phase == Phase.RUNNING else {"phase": "Pending", "step": "waiting for a backup slot"}
+    where = (
+        {} if phase == Phase.RUNNING else {"phase": Phase.PENDING.value, "step": "waiting for a backup slot"}
+    )
     report.update(**where, message=why.message)
     report.condition("Waiting", True, "OperatorBusy", why.message)
 
@@ -206,7 +196,7 @@ def _run(
             pipeline.recover_interrupted(resource, parsed, dict(status), memo.services, report)
         else:
             if phase is None:
-                report.update(phase="Pending", step="pre-flight checks", message="")
+                report.update(phase=Phase.PENDING.value, step="pre-flight checks", message="")
             pipeline.take_backup(resource, parsed, memo.services, report)
     except pipeline.MustWait as wait:
         created = parse_time(body.metadata.get("creationTimestamp"))
@@ -241,15 +231,7 @@ def delete_stored(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, memo: k
     )
     try:
         parsed = parse_backup_spec(spec)
-        services: pipeline.Services = memo.services
-        removed = stored.delete_stored_backup(
-            services.core,
-            services.pvc_root,
-            resource,
-            parsed,
-            dict(status),
-            ambient_credentials=services.ambient_s3_credentials,
-        )
+        removed = removal.delete_stored_backup(memo.services, resource, parsed, dict(status))
     except stored.StoredBackupError as err:
         # Keeping the finalizer would block the deletion forever on, say, a revoked credential: the
         # resource goes, and the Event says what was left behind.

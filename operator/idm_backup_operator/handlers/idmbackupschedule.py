@@ -11,12 +11,19 @@ from typing import Any
 import kopf
 from kubernetes import client
 
-from idm_backup_operator.api.spec import GROUP, IDMBACKUPS, VERSION
-from idm_backup_operator.archive.layout import ResourceIdentity
+from idm_backup_operator.api.identity import ResourceIdentity
+from idm_backup_operator.api.names import (
+    GROUP,
+    IDMBACKUPS,
+    IDMBACKUPSCHEDULE,
+    IDMBACKUPSCHEDULES,
+    SCHEDULE_LABEL,
+    VERSION,
+)
+from idm_backup_operator.api.phase import is_finished
 from idm_backup_operator.idmbackupschedule import reconcile
 from idm_backup_operator.kube.reporting import StatusReporter
 
-IDMBACKUPSCHEDULES = "idmbackupschedules"
 # Even with nothing due, look again this often: it bounds how long a missed wake-up (a lost watch
 # event) can delay a status update or retention.
 MAX_SLEEP_SECONDS = 300.0
@@ -44,7 +51,7 @@ def _record(body: kopf.Body, memo: kopf.Memo, tick: reconcile.Tick | reconcile.I
     report = StatusReporter(
         memo.api,
         ResourceIdentity(meta["namespace"], meta["name"], meta["uid"]),
-        kind="IdmBackupSchedule",
+        kind=IDMBACKUPSCHEDULE,
         plural=IDMBACKUPSCHEDULES,
         generation=meta.get("generation") or 1,
         status=schedule["status"],
@@ -103,19 +110,16 @@ async def _sleep(seconds: float, wakeup: asyncio.Event, stopped: kopf.DaemonStop
             waiter.cancel()
 
 
-@kopf.on.event(GROUP, VERSION, IDMBACKUPS, labels={reconcile.SCHEDULE_LABEL: kopf.PRESENT})
+@kopf.on.event(GROUP, VERSION, IDMBACKUPS, labels={SCHEDULE_LABEL: kopf.PRESENT})
 async def backup_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """A schedule's backup finished or vanished: its schedule updates status and retention now.
 
     Async, so it runs on the event loop that owns the daemons' events.
     """
-    if (
-        body.status.get("phase") not in ("Succeeded", "Failed")
-        and body.metadata.get("deletionTimestamp") is None
-    ):
+    if not is_finished(body.status.get("phase")) and body.metadata.get("deletionTimestamp") is None:
         return
     for owner in body.metadata.get("ownerReferences") or []:
-        if owner.get("kind") == "IdmBackupSchedule" and (event := _wakeups(memo).get(owner.get("uid"))):
+        if owner.get("kind") == IDMBACKUPSCHEDULE and (event := _wakeups(memo).get(owner.get("uid"))):
             event.set()
 
 

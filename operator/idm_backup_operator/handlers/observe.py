@@ -11,10 +11,8 @@ from typing import Any
 
 import kopf
 
-from idm_backup_operator.api.spec import GROUP, IDMBACKUPS, VERSION
+from idm_backup_operator.api.names import GROUP, IDMBACKUPS, IDMBACKUPSCHEDULES, VERSION
 from idm_backup_operator.metrics import BackupMetrics
-
-IDMBACKUPSCHEDULES = "idmbackupschedules"
 
 
 def _metrics(memo: kopf.Memo) -> BackupMetrics | None:

@@ -13,11 +13,18 @@ from typing import Any
 import kopf
 from kubernetes import client, config
 
-from idm_backup_operator import metrics
-from idm_backup_operator.api.spec import GROUP, IDMBACKUPS, VERSION
-from idm_backup_operator.idmbackup.pipeline import Services
+from idm_backup_operator import logs, metrics
+from idm_backup_operator.api.names import (
+    FINALIZER,
+    GROUP,
+    IDMBACKUPS,
+    IDMBACKUPSCHEDULES,
+    KOPF_ANNOTATION_PREFIX,
+    VERSION,
+)
 from idm_backup_operator.kube import locking
 from idm_backup_operator.kube.podexec import PodExec
+from idm_backup_operator.kube.services import Services
 from idm_backup_operator.slots import BackupSlots
 
 log = logging.getLogger(__name__)
@@ -59,14 +66,35 @@ def api_client() -> client.ApiClient:
         return config.new_client_from_config()
 
 
+def configure_logging(log_format: str = "text", *, verbose: bool = False) -> None:
+    """Set up the root logger for the operator: kopf's handler, our format, redaction everywhere."""
+    if log_format not in logs.FORMATS:
+        raise ValueError(f"unknown log format {log_format!r}: use one of {', '.join(logs.FORMATS)}")
+    # kopf installs its own handler on the root logger (a second one would print every line twice);
+    # with log_prefix, text lines say which object they are about, as "[namespace/name]".
+    kopf.configure(verbose=verbose, log_prefix=log_format == "text")
+    redacting = logs.RedactingFilter()
+    for handler in logging.getLogger().handlers:
+        if log_format == "json":
+            handler.setFormatter(logs.JsonFormatter())
+        handler.addFilter(redacting)
+    # kopf posts what its per-object loggers say as Events, from a handler on this logger rather than
+    # the root's: a filter on the logger itself runs before that handler too.
+    objects = logging.getLogger("kopf.objects")
+    if not any(isinstance(f, logs.RedactingFilter) for f in objects.filters):
+        objects.addFilter(redacting)
+    for noisy in logs.NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.INFO)
+
+
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # Progress and the last handled spec go into annotations of our own prefix; the CRD status schema
     # has no room for kopf's bookkeeping, and the prefix makes clear who owns them.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="idm-backup.io")
-    settings.persistence.finalizer = "idm-backup.io/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_ANNOTATION_PREFIX)
+    settings.persistence.finalizer = FINALIZER
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="idm-backup.io", key="last-handled-configuration"
+        prefix=KOPF_ANNOTATION_PREFIX, key="last-handled-configuration"
     )
     # Our handlers post their own, meaningful Events; kopf's per-handler ones would only add noise.
     settings.posting.level = logging.WARNING
@@ -112,7 +140,7 @@ def start_metrics(memo: kopf.Memo, api: client.ApiClient) -> None:
     try:
         state.seed(
             metrics.list_resources(custom, GROUP, VERSION, IDMBACKUPS, namespaces),
-            metrics.list_resources(custom, GROUP, VERSION, "idmbackupschedules", namespaces),
+            metrics.list_resources(custom, GROUP, VERSION, IDMBACKUPSCHEDULES, namespaces),
         )
     except client.ApiException as err:
         # The watches deliver the same objects moments later; only the very first scrapes are short.

@@ -17,21 +17,23 @@ import contextlib
 import datetime
 import logging
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Protocol
+from typing import Any
 
 import urllib3
 from kubernetes import client
 
 from idm_backup_operator import freeipa
-from idm_backup_operator.api.spec import BackupSpec, format_time, parse_time
+from idm_backup_operator.api.identity import ResourceIdentity
+from idm_backup_operator.api.phase import Phase
+from idm_backup_operator.api.spec import BackupSpec
+from idm_backup_operator.api.times import format_time, parse_time
 from idm_backup_operator.archive import encryption, layout, stored
 from idm_backup_operator.freeipa import BackupDirectory, BackupHeader, IpaServerConfig
 from idm_backup_operator.freeipa.topology import TopologyError, check_roles, read_topology
+from idm_backup_operator.idmbackup import status as idmbackup_status
 from idm_backup_operator.kube import references
 from idm_backup_operator.kube.locking import TargetLock
 from idm_backup_operator.kube.podexec import (
@@ -43,8 +45,9 @@ from idm_backup_operator.kube.podexec import (
     PodExec,
     PodRef,
 )
+from idm_backup_operator.kube.services import Reporter, Services
 from idm_backup_operator.storage import DeadlineExceeded, StorageError, Store, StoredObject
-from idm_backup_operator.streams import Tally, chunks_of, tallied
+from idm_backup_operator.streams import Tally, chunks_of, human_size, tallied
 
 log = logging.getLogger(__name__)
 
@@ -54,32 +57,6 @@ ORPHAN_WAIT_SECONDS = 120
 # How long the commands that put a server back (stop ipa-backup, ipactl start, ipactl status) keep
 # trying through a lost exec connection: an API server restart takes seconds, a node's a few minutes.
 OUTAGE_PATIENCE_SECONDS = 300
-
-
-class Reporter(Protocol):
-    """Where a backup tells what it does: the resource's status and Events."""
-
-    def update(self, **status: Any) -> None: ...
-
-    def condition(self, type_: str, status: bool, reason: str, message: str) -> None: ...
-
-    def event(self, reason: str, message: str, *, warning: bool = False) -> None: ...
-
-    def cancelled(self) -> bool: ...
-
-
-@dataclass(frozen=True)
-class Services:
-    """The connections a backup uses."""
-
-    core: client.CoreV1Api
-    coordination: client.CoordinationV1Api
-    execs: PodExec
-    pvc_root: Path
-    # Whether an S3 spec without credentialsSecretRef may use the operator's own AWS identity.
-    ambient_s3_credentials: bool = False
-    # Set when the operator shuts down (SIGTERM): running backups wind down, services started again.
-    stopping: threading.Event = field(default_factory=threading.Event)
 
 
 CANCELLED = "Cancelled"
@@ -108,26 +85,15 @@ def _busy(holder: str) -> MustWait:
     return MustWait("TargetBusy", f"waiting for {holder} to finish: one backup per server at a time")
 
 
-def lock_holder(resource: layout.ResourceIdentity) -> str:
+def lock_holder(resource: ResourceIdentity) -> str:
     return f"IdmBackup {resource.namespace}/{resource.name} ({resource.uid})"
-
-
-def human_size(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def take_backup(
-    resource: layout.ResourceIdentity, spec: BackupSpec, services: Services, report: Reporter
-) -> None:
+def take_backup(resource: ResourceIdentity, spec: BackupSpec, services: Services, report: Reporter) -> None:
     """Raises BackupFailed with the cause, or MustWait when it cannot start yet."""
     try:
         pod = references.find_target_pod(services.core, resource.namespace, spec.target)
@@ -149,7 +115,7 @@ def take_backup(
 
 
 @contextlib.contextmanager
-def _holding_lock(services: Services, pod: PodRef, resource: layout.ResourceIdentity) -> Iterator[TargetLock]:
+def _holding_lock(services: Services, pod: PodRef, resource: ResourceIdentity) -> Iterator[TargetLock]:
     lock = TargetLock(services.coordination, pod, lock_holder(resource))
     busy = lock.try_acquire()
     if busy is not None:
@@ -171,7 +137,7 @@ def _ipa_backup_running(execs: PodExec, pod: PodRef) -> bool:
 class _Backup:
     def __init__(
         self,
-        resource: layout.ResourceIdentity,
+        resource: ResourceIdentity,
         spec: BackupSpec,
         services: Services,
         report: Reporter,
@@ -223,7 +189,7 @@ class _Backup:
 
     def run(self) -> None:
         self.report.update(
-            phase="Running",
+            phase=Phase.RUNNING.value,
             startTime=format_time(self.started),
             step="pre-flight checks",
             message="",  # the reason it waited for the server's lock, if it did, is over
@@ -248,18 +214,7 @@ class _Backup:
                 self.cleanup_pod(directory)
             raise
         cleanup_note = self.cleanup_pod(directory)
-        # Conditions first: whoever sees the phase change also sees them.
-        self.report.condition("Completed", True, "BackupSucceeded", f"stored and verified {archive_uri}")
-        finished = _now()
-        self.report.update(
-            phase="Succeeded",
-            step="done",
-            completionTime=format_time(finished),
-            durationSeconds=round((finished - self.started).total_seconds(), 1),
-            reason="BackupSucceeded",
-            message=f"stored {archive_uri}{cleanup_note}",
-        )
-        self.report.event("BackupCompleted", f"stored and verified {archive_uri}")
+        idmbackup_status.set_succeeded(self.report, self.started, archive_uri, note=cleanup_note)
 
     # -- pre-flight: nothing on the server is touched until all of this passed --------------------------
 
@@ -276,14 +231,7 @@ class _Backup:
 
     def open_store(self) -> Store:
         try:
-            store = references.open_store(
-                self.services.core,
-                self.resource.namespace,
-                self.spec.storage,
-                self.services.pvc_root,
-                self.scratch,
-                ambient_credentials=self.services.ambient_s3_credentials,
-            )
+            store = self.services.open_store(self.resource.namespace, self.spec.storage, self.scratch)
             # Every storage call from here on, the probe included, ends by the backup's deadline however
             # the server behaves (stalls, trickles, never answers).
             store.set_deadline(self.deadline)
@@ -744,7 +692,7 @@ def stop_orphaned_ipa_backup(execs: PodExec, pod: PodRef, wait: float) -> None:
 
 
 def recover_interrupted(
-    resource: layout.ResourceIdentity,
+    resource: ResourceIdentity,
     spec: BackupSpec,
     status: dict[str, Any],
     services: Services,
@@ -759,9 +707,7 @@ def recover_interrupted(
     pod = None
     if target.get("pod"):
         pod = PodRef(resource.namespace, target["pod"], target.get("container") or "")
-        try:
-            services.core.read_namespaced_pod(pod.name, pod.namespace)
-        except client.ApiException:
+        if not references.pod_exists(services.core, pod):
             return _settle(resource, spec, status, services, report, None, [f"pod {pod.name} is gone"])
     if pod is None:
         return _settle(resource, spec, status, services, report, None, [])
@@ -772,7 +718,7 @@ def recover_interrupted(
 
 
 def _settle(
-    resource: layout.ResourceIdentity,
+    resource: ResourceIdentity,
     spec: BackupSpec,
     status: dict[str, Any],
     services: Services,
@@ -792,19 +738,12 @@ def _settle(
         directory = (status.get("ipaBackup") or {})["directory"]  # known: the archive was stored
         cleanup_note = remove_from_pod(services.execs, pod, PurePosixPath(directory), report)
     if outcome is not None:
-        report.condition("Completed", True, "BackupSucceeded", f"stored and verified {outcome}")
-        finished = _now()
-        began = parse_time(status.get("startTime"))
-        report.update(
-            phase="Succeeded",
-            step="done",
-            completionTime=format_time(finished),
-            **({"durationSeconds": round((finished - began).total_seconds(), 1)} if began else {}),
-            reason="BackupSucceeded",
-            message=f"stored {outcome} (completed before the operator restarted){cleanup_note}",
-        )
-        report.event(
-            "BackupCompleted", f"stored and verified {outcome} (found complete after an operator restart)"
+        idmbackup_status.set_succeeded(
+            report,
+            parse_time(status.get("startTime")),
+            outcome,
+            note=f" (completed before the operator restarted){cleanup_note}",
+            event_note=" (found complete after an operator restart)",
         )
         return
     notes.append("nothing partial is left in storage")
@@ -816,21 +755,13 @@ def _settle(
 
 
 def _settle_storage(
-    resource: layout.ResourceIdentity, spec: BackupSpec, status: dict[str, Any], services: Services
+    resource: ResourceIdentity, spec: BackupSpec, status: dict[str, Any], services: Services
 ) -> str | None:
     """The archive URI if the interrupted backup is completely stored; otherwise remove what it wrote."""
     keys = stored.keys_from_status(resource, spec, status)
     if keys is None:
         return None  # ipa-backup had not finished: nothing was uploaded yet
-    with tempfile.TemporaryDirectory(prefix="idm-backup-") as scratch:
-        store = references.open_store(
-            services.core,
-            resource.namespace,
-            spec.storage,
-            services.pvc_root,
-            Path(scratch),
-            ambient_credentials=services.ambient_s3_credentials,
-        )
+    with services.opened_store(resource.namespace, spec.storage) as store:
         # Reading the archive back is bounded as the backup itself was.
         store.set_deadline(time.monotonic() + spec.deadline_seconds)
         manifest = stored.read_manifest(store, keys)

@@ -39,12 +39,13 @@ The per-reconcile decision (`decide`):
 from __future__ import annotations
 
 import calendar
-import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import MAXYEAR, MINYEAR, UTC, date, datetime, timedelta
 from typing import Literal, NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from idm_backup_operator.api.names import bounded_name
 
 ConcurrencyPolicy = Literal["Forbid", "Allow", "Replace"]
 
@@ -550,15 +551,6 @@ def decide(
     return Decision(due, missed, False, stop, next_time, due, reason)
 
 
-_NAME_LIMIT = 63
-
-
 def child_name(schedule_name: str, tick: datetime) -> str:
     """`<schedule>-<YYYYMMDDhhmm>` (UTC), at most 63 characters; a long name is cut and given a hash."""
-    suffix = f"-{_utc(tick, 'tick'):%Y%m%d%H%M}"
-    if len(schedule_name) + len(suffix) <= _NAME_LIMIT:
-        return schedule_name + suffix
-    # The hash keeps two long names with a common prefix from sharing children.
-    digest = hashlib.sha256(schedule_name.encode()).hexdigest()[:8]
-    keep = _NAME_LIMIT - len(suffix) - len(digest) - 1
-    return f"{schedule_name[:keep].rstrip('-.')}-{digest}{suffix}"
+    return bounded_name(schedule_name, f"-{_utc(tick, 'tick'):%Y%m%d%H%M}")

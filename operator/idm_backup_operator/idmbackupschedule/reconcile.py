@@ -11,70 +11,33 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from kubernetes import client
 
-from idm_backup_operator.api.spec import (
+from idm_backup_operator.api.identity import ResourceIdentity
+from idm_backup_operator.api.names import (
     GROUP,
+    IDMBACKUP,
     IDMBACKUPS,
+    IDMBACKUPSCHEDULE,
+    PINNED_LABEL,
+    SCHEDULE_LABEL,
+    TICK_ANNOTATION,
     VERSION,
-    format_time,
-    parse_backup_spec,
-    parse_time,
 )
+from idm_backup_operator.api.phase import Phase, is_finished
+from idm_backup_operator.api.spec import parse_backup_spec
+from idm_backup_operator.api.times import format_time, parse_time
 from idm_backup_operator.archive import stored
-from idm_backup_operator.archive.layout import ResourceIdentity
-from idm_backup_operator.idmbackup.pipeline import Reporter, Services
+from idm_backup_operator.idmbackup import removal
 from idm_backup_operator.idmbackupschedule import clock, retention
+from idm_backup_operator.idmbackupschedule.spec import parse_schedule_spec, retention_policy
+from idm_backup_operator.kube.services import Reporter, Services
 
 log = logging.getLogger(__name__)
-
-SCHEDULE_LABEL = "idm-backup.io/schedule"
-PINNED_LABEL = "idm-backup.io/pinned"
-TICK_ANNOTATION = "idm-backup.io/scheduled-for"
-_DURATION_UNITS = {
-    "h": datetime.timedelta(hours=1),
-    "d": datetime.timedelta(days=1),
-    "w": datetime.timedelta(weeks=1),
-}
-_DURATION = re.compile(r"([0-9]+)([hdw])")
-# The CRD's maximum. A CRD from before it let 2**62 through, which overflows a timedelta; any deadline
-# this long already means "take a missed tick late, whenever".
-MAX_STARTING_DEADLINE_SECONDS = 366 * 24 * 3600
-
-
-def parse_duration(text: str) -> datetime.timedelta:
-    """Raises ValueError for anything but a number of hours, days or weeks that a timedelta can hold."""
-    match = _DURATION.fullmatch(text)
-    if match is None:
-        raise ValueError(f"{text!r} is not a number followed by h, d or w, e.g. 90d")
-    try:
-        return int(match[1]) * _DURATION_UNITS[match[2]]
-    except OverflowError:
-        raise ValueError(f"{text!r} is too long") from None
-
-
-def retention_policy(spec: Mapping[str, Any]) -> retention.RetentionPolicy:
-    """Raises ValueError naming the field: older CRDs, without the webhook, let such policies through."""
-    keep = spec.get("retention") or {}
-    max_age = keep.get("maxAge")
-    try:
-        age = parse_duration(max_age) if max_age else None
-    except ValueError as err:
-        raise ValueError(f"maxAge {err}") from None
-    return retention.RetentionPolicy(
-        keep_last=keep.get("keepLast"),
-        keep_daily=keep.get("keepDaily"),
-        keep_weekly=keep.get("keepWeekly"),
-        keep_monthly=keep.get("keepMonthly"),
-        max_age=age,
-        min_successful=keep.get("minSuccessful", 1),
-        failed_history_limit=keep.get("failedHistoryLimit", 3),
-    )
 
 
 @dataclass(frozen=True)
@@ -88,7 +51,7 @@ class Child:
 
     @property
     def finished(self) -> bool:
-        return self.phase in ("Succeeded", "Failed")
+        return is_finished(self.phase)
 
 
 def list_children(custom: client.CustomObjectsApi, schedule: ResourceIdentity) -> list[Child]:
@@ -116,19 +79,19 @@ def list_children(custom: client.CustomObjectsApi, schedule: ResourceIdentity) -
 
 
 def history_status(children: Sequence[Child]) -> dict[str, Any]:
-    done = sorted((c for c in children if c.finished and c.completed), key=lambda c: c.completed)  # type: ignore[arg-type,return-value]
+    done = sorted((c.completed, c) for c in children if c.finished and c.completed is not None)
     fields: dict[str, Any] = {"active": sorted(c.name for c in children if not c.finished)}
-    succeeded = [c for c in done if c.phase == "Succeeded"]
-    failed = [c for c in done if c.phase == "Failed"]
+    succeeded = [(at, c) for at, c in done if c.phase == Phase.SUCCEEDED]
+    failed = [(at, c) for at, c in done if c.phase == Phase.FAILED]
     if succeeded:
-        fields["lastSuccessfulTime"] = format_time(succeeded[-1].completed)  # type: ignore[arg-type]
-        fields["lastSuccessfulBackup"] = succeeded[-1].name
+        fields["lastSuccessfulTime"] = format_time(succeeded[-1][0])
+        fields["lastSuccessfulBackup"] = succeeded[-1][1].name
     if failed:
-        fields["lastFailedTime"] = format_time(failed[-1].completed)  # type: ignore[arg-type]
-        fields["lastFailedBackup"] = failed[-1].name
+        fields["lastFailedTime"] = format_time(failed[-1][0])
+        fields["lastFailedBackup"] = failed[-1][1].name
     streak = 0
-    for child in reversed(done):
-        if child.phase != "Failed":
+    for _, child in reversed(done):
+        if child.phase != Phase.FAILED:
             break
         streak += 1
     fields["consecutiveFailures"] = streak
@@ -141,7 +104,7 @@ def child_body(schedule: Mapping[str, Any], name: str, tick: datetime.datetime) 
     template_meta = template.get("metadata") or {}
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "IdmBackup",
+        "kind": IDMBACKUP,
         "metadata": {
             "name": name,
             "namespace": meta["namespace"],
@@ -152,7 +115,7 @@ def child_body(schedule: Mapping[str, Any], name: str, tick: datetime.datetime) 
             "ownerReferences": [
                 {
                     "apiVersion": f"{GROUP}/{VERSION}",
-                    "kind": "IdmBackupSchedule",
+                    "kind": IDMBACKUPSCHEDULE,
                     "name": meta["name"],
                     "uid": meta["uid"],
                     "controller": True,
@@ -188,7 +151,7 @@ def apply_retention(
     """Delete the backups the policy lets go, stored files first; None when there is nothing to do."""
     records = [
         retention.BackupRecord(
-            name=c.name, completed=c.completed, succeeded=c.phase == "Succeeded", pinned=c.pinned
+            name=c.name, completed=c.completed, succeeded=c.phase == Phase.SUCCEEDED, pinned=c.pinned
         )
         for c in children
     ]
@@ -201,13 +164,8 @@ def apply_retention(
         child = by_name[name]
         resource = ResourceIdentity(child.body["metadata"]["namespace"], name, child.uid)
         try:
-            stored.delete_stored_backup(
-                services.core,
-                services.pvc_root,
-                resource,
-                parse_backup_spec(child.body["spec"]),
-                child.body.get("status") or {},
-                ambient_credentials=services.ambient_s3_credentials,
+            removal.delete_stored_backup(
+                services, resource, parse_backup_spec(child.body["spec"]), child.body.get("status") or {}
             )
             custom.delete_namespaced_custom_object(GROUP, VERSION, resource.namespace, IDMBACKUPS, name)
             deleted.append(name)
@@ -256,28 +214,24 @@ def take_tick(
     """
     meta, spec, status = schedule["metadata"], schedule["spec"], schedule.get("status") or {}
     try:
-        cron = clock.CronSchedule.parse(spec["schedule"])
-        tz = clock.parse_time_zone(spec.get("timeZone") or "UTC")
+        parsed = parse_schedule_spec(spec)
     except clock.InvalidSchedule as err:
         return Invalid("InvalidSchedule", str(err))
     identity = ResourceIdentity(meta["namespace"], meta["name"], meta["uid"])
     children = list_children(custom, identity) if status.get("active") else None
-    deadline = spec.get("startingDeadlineSeconds")
     decision = clock.decide(
-        cron,
-        tz,
+        parsed.cron,
+        parsed.tz,
         now=now,
         state=clock.ScheduleState(
             last_schedule_time=parse_time(status.get("lastScheduleTime")),
-            created=parse_time(meta["creationTimestamp"]),  # type: ignore[arg-type]
+            created=parse_time(meta["creationTimestamp"]),
             active=tuple(history_status(children)["active"]) if children is not None else (),
         ),
-        suspend=spec.get("suspend", False),
-        immediate=spec.get("immediate", False),
-        concurrency=spec.get("concurrencyPolicy", "Forbid"),
-        starting_deadline=datetime.timedelta(seconds=min(deadline, MAX_STARTING_DEADLINE_SECONDS))
-        if deadline
-        else None,
+        suspend=parsed.suspend,
+        immediate=parsed.immediate,
+        concurrency=parsed.concurrency,
+        starting_deadline=parsed.starting_deadline,
     )
     due_name, created = None, False
     if decision.due is not None and not decision.skipped_for_concurrency:
@@ -338,8 +292,7 @@ def record(
         # Backups go on: a typo in what to delete must neither delete anything nor stop new backups.
         ready = (False, "InvalidRetention", f"spec.retention: {err}; nothing is deleted; {next_backup}")
     else:
-        tz = clock.parse_time_zone(spec.get("timeZone") or "UTC")
-        pruned = apply_retention(services, custom, policy, children, now, tz)
+        pruned = apply_retention(services, custom, policy, children, now, parse_schedule_spec(spec).tz)
         if pruned is not None:
             fields["retention"] = pruned
             report.event(
@@ -353,7 +306,7 @@ def record(
         report.condition(
             "LastBackupSucceeded",
             last_ok,
-            "Succeeded" if last_ok else "Failed",
+            Phase.SUCCEEDED.value if last_ok else Phase.FAILED.value,
             fields.get("lastSuccessfulBackup", "")
             if last_ok
             else f"{fields['consecutiveFailures']} failed in a row",

@@ -138,6 +138,15 @@ def find_target_pod(core: client.CoreV1Api, namespace: str, target: Target) -> P
     return PodRef(namespace=namespace, name=pod.metadata.name, container=container)
 
 
+def pod_exists(core: client.CoreV1Api, pod: PodRef) -> bool:
+    """Whether the pod can still be read; any API error counts as gone, as a recovery must not wait on it."""
+    try:
+        core.read_namespaced_pod(pod.name, pod.namespace)
+    except client.ApiException:
+        return False
+    return True
+
+
 def _write_ca(core: client.CoreV1Api, namespace: str, ref: SecretKeyRef, scratch: Path, name: str) -> str:
     path = scratch / name
     path.write_bytes(read_secret_key(core, namespace, ref))

@@ -19,8 +19,10 @@ import urllib3
 from kubernetes import client
 
 from idm_backup_operator import logs
-from idm_backup_operator.api.spec import GROUP, VERSION, format_time
-from idm_backup_operator.archive.layout import ResourceIdentity
+from idm_backup_operator.api.identity import ResourceIdentity
+from idm_backup_operator.api.names import GROUP, VERSION
+from idm_backup_operator.api.phase import is_finished
+from idm_backup_operator.api.times import format_time
 
 log = logging.getLogger(__name__)
 COMPONENT = "idm-backup-operator"
@@ -31,7 +33,6 @@ WRITE_PATIENCE_SECONDS = 30.0
 # One call's bound: a connection that hangs must not hold a backup (or its cancellation check) for ever.
 CALL_TIMEOUT = 15
 _TRANSIENT = {0, 429, 500, 502, 503, 504}
-_FINISHED = ("Succeeded", "Failed")
 
 
 class StatusNotWritten(Exception):
@@ -86,7 +87,7 @@ class StatusReporter:
         write (phase Succeeded or Failed, sent with every condition) raises StatusNotWritten instead."""
         if self._deleted:
             return
-        final = status.get("phase") in _FINISHED
+        final = is_finished(status.get("phase"))
         if final:
             status = {"conditions": list(self._conditions.values()), **status}
         body = {"status": {**status, "observedGeneration": self.generation}}

@@ -24,7 +24,6 @@ and what is in it, is none of their business.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -36,7 +35,6 @@ from kubernetes import client
 
 from idm_backup_operator.api.spec import BackupSpec, LdapTarget, PvcStorage, parse_backup_spec
 from idm_backup_operator.archive.encryption import KeyMaterialError
-from idm_backup_operator.idmbackupschedule import clock, reconcile
 from idm_backup_operator.kube import references
 from idm_backup_operator.storage import StorageError
 from idm_backup_operator.storage.base import check_key
@@ -59,7 +57,7 @@ References = Literal["refuse", "warn", "skip"]
 
 
 @dataclasses.dataclass(frozen=True)
-class Cluster:
+class ReferenceScope:
     """Where references are looked up: the object's namespace, as the operator will see it."""
 
     core: client.CoreV1Api
@@ -254,9 +252,9 @@ def _secret_refs(spec: BackupSpec, at: str) -> list[tuple[str, str]]:
     return [(field, name) for field, name in refs if object_name_problem(name) is None]
 
 
-def _may_get_secret(where: Cluster, requester: Requester, name: str) -> bool:
+def _may_get_secret(where: ReferenceScope, requester: Requester, name: str) -> bool:
     """Raises ApiException when the API server cannot answer (e.g. the operator may not ask)."""
-    assert where.authorization is not None, "a requester needs Cluster.authorization"
+    assert where.authorization is not None, "a requester needs ReferenceScope.authorization"
     review = client.V1SubjectAccessReview(
         spec=client.V1SubjectAccessReviewSpec(
             user=requester.username,
@@ -273,7 +271,7 @@ def _may_get_secret(where: Cluster, requester: Requester, name: str) -> bool:
 
 
 def secret_access_problems(
-    spec: BackupSpec, at: str, where: Cluster, requester: Requester
+    spec: BackupSpec, at: str, where: ReferenceScope, requester: Requester
 ) -> tuple[list[str], set[str]]:
     """Each Secret of the spec the requester may not `get`, named under its field; and the names of
     those Secrets, which are then not looked up for them. When the API server cannot answer, the Secret
@@ -303,7 +301,7 @@ def secret_access_problems(
     return problems, withheld
 
 
-def _reference_problems(spec: BackupSpec, at: str, where: Cluster, withheld: set[str]) -> list[str]:
+def _reference_problems(spec: BackupSpec, at: str, where: ReferenceScope, withheld: set[str]) -> list[str]:
     core, namespace = where.core, where.namespace
     ldap, storage = spec.target.ldap, spec.storage
     # Each check with the name it looks up, and whether that is a Secret's: a malformed name is already a
@@ -384,7 +382,7 @@ def _reference_problems(spec: BackupSpec, at: str, where: Cluster, withheld: set
 
 def backup_findings(
     raw: Mapping[str, Any],
-    where: Cluster,
+    where: ReferenceScope,
     *,
     at: str = "spec",
     references: References = "refuse",
@@ -412,40 +410,6 @@ def backup_findings(
         findings.warnings.extend(
             f"{problem} (the backup will fail until this is fixed)" for problem in problems
         )
-    return findings
-
-
-# -- schedules ------------------------------------------------------------------------------------------
-
-
-def schedule_findings(
-    spec: Mapping[str, Any], where: Cluster, now: datetime.datetime, *, requester: Requester | None = None
-) -> Findings:
-    findings = Findings()
-    cron = zone = None
-    try:
-        cron = clock.CronSchedule.parse(spec["schedule"])
-    except clock.InvalidSchedule as err:
-        findings.errors.append(f"spec.schedule: {err}")
-    try:
-        zone = clock.parse_time_zone(spec.get("timeZone") or "UTC")
-    except clock.InvalidSchedule as err:
-        findings.errors.append(f"spec.timeZone: {err}")
-    if cron is not None and zone is not None:
-        try:
-            clock.next_tick(cron, now, zone)
-        except clock.InvalidSchedule as err:
-            findings.errors.append(f"spec.schedule: {err}")
-    try:
-        reconcile.retention_policy(spec)
-    except ValueError as err:
-        findings.errors.append(f"spec.retention: {err}")
-    template = spec["template"]["spec"]
-    # The schedule's backups are created by the operator, which may read every Secret: whoever sets the
-    # template is who must be allowed to read them.
-    findings.extend(
-        backup_findings(template, where, at="spec.template.spec", references="warn", requester=requester)
-    )
     return findings
 
 
