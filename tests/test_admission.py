@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from idm_backup_operator.idmbackupschedule.reconcile import SCHEDULE_LABEL
+from idm_backup_operator.api.names import SCHEDULE_LABEL
 from testbed import freeipa_pod, pki, processes, stack
 from testbed.deploy import OperatorProcess
 from tests.helpers import (
