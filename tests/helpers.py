@@ -104,7 +104,7 @@ def wait_deleted(api: client.ApiClient, namespace: str, *names: str, timeout: fl
         try:
             get_backup(api, namespace, name)
         except client.ApiException as err:
-            return err.status == 404
+            return bool(err.status == 404)
         return False
 
     wait_for(f"{', '.join(names)} to be deleted", lambda: all(gone(n) for n in names), timeout=timeout)

@@ -178,3 +178,46 @@ def test_every_failure_reason_of_a_backup_is_in_the_troubleshooting_table() -> N
     reasons |= set(re.findall(r"_fail\(\s*report,\s*status,\s*\"(\w+)\"", source))
     assert {"TargetUnavailable", "IpaBackupFailed", "InvalidSpec", "InternalError"} <= reasons
     assert sorted(reasons - set(troubleshooting_names())) == []
+
+
+def _architecture_rows() -> list[tuple[str, list[str]]]:
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("\n## Architecture\n", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0] not in ("layer", "---"):
+            rows.append((cells[0].strip("`"), re.findall(r"`([\w/.]+\.py)`", cells[1])))
+    return rows
+
+
+def test_the_architecture_section_names_every_module_once_in_its_layer() -> None:
+    package = REPO / "operator" / "idm_backup_operator"
+    on_disk = {
+        str(p.relative_to(package))
+        for p in package.rglob("*.py")
+        if p.name != "__init__.py" or p.parent == package
+    } - {"__init__.py"}
+    named: list[str] = []
+    for layer, modules in _architecture_rows():
+        folder = layer if layer.endswith("/") else ""
+        named += [folder + m for m in modules]
+    assert sorted(named) == sorted(on_disk), "README's Architecture table and the package's modules differ"
+
+
+def test_the_architecture_layers_are_the_import_contracts_layers() -> None:
+    import tomllib
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]
+    (layers,) = [c["layers"] for c in config["contracts"] if c["type"] == "layers"]
+    expected = []
+    for layer in layers:
+        names = [n.strip().removeprefix("idm_backup_operator.") for n in layer.split("|")]
+        expected.append(
+            "utilities" if len(names) > 1 else names[0] + (".py" if names[0] in ("cli", "metrics") else "/")
+        )
+    documented = [layer for layer, _ in _architecture_rows()]
+    assert documented == expected
+    # The utilities row holds exactly the modules of the contract's bottom layer.
+    utilities = dict(_architecture_rows())["utilities"]
+    assert sorted(utilities) == sorted(n.strip().split(".")[-1] + ".py" for n in layers[-1].split("|"))

@@ -23,6 +23,7 @@ import pytest
 from kubernetes import client
 
 from idm_backup_operator import cli
+from idm_backup_operator.handlers import startup
 from idm_backup_operator.kube import locking
 from idm_backup_operator.kube.locking import Busy, TargetLock, lease_name
 from idm_backup_operator.kube.podexec import PodRef
@@ -166,7 +167,10 @@ def test_without_any_namespace_or_with_a_bad_one_the_operator_does_not_start(
     # stops on this error instead of retrying it.
     with pytest.raises(locking.LockNamespaceUnknown, match="give --lock-namespace"):
         locking.resolve_namespace(None, [])
-    assert issubclass(locking.LockNamespaceUnknown, kopf.PermanentError)
+    with pytest.raises(kopf.PermanentError, match="give --lock-namespace"):
+        startup.configure(
+            settings=kopf.OperatorSettings(), memo=kopf.Memo(lock_namespace=None, namespaces=[])
+        )
     # A wrong value is not passed over for the next source: whoever set it meant it.
     monkeypatch.setenv("POD_NAMESPACE", "Not_A_Namespace")
     with pytest.raises(locking.LockNamespaceUnknown, match="POD_NAMESPACE: 'Not_A_Namespace'"):

@@ -112,7 +112,7 @@ def _unchanged_or_leaving(body: kopf.Body, old: kopf.Body | None, operation: str
     return operation == "UPDATE" and old is not None and old.get("spec") == body.get("spec")
 
 
-def _cluster(body: kopf.Body, memo: kopf.Memo) -> validation.ReferenceScope:
+def _scope(body: kopf.Body, memo: kopf.Memo) -> validation.ReferenceScope:
     services: Services = memo.services
     return validation.ReferenceScope(
         services.core,
@@ -149,7 +149,7 @@ async def validate_backup(
     findings = await asyncio.to_thread(
         validation.backup_findings,
         body.spec,
-        _cluster(body, memo),
+        _scope(body, memo),
         references="skip" if by_schedule else "refuse",
         requester=requester,
     )
@@ -173,6 +173,6 @@ async def validate_schedule(
     requester = await _requester(userinfo, memo)
     now = datetime.datetime.now(datetime.UTC)
     findings = await asyncio.to_thread(
-        schedule_validation.schedule_findings, body.spec, _cluster(body, memo), now, requester=requester
+        schedule_validation.schedule_findings, body.spec, _scope(body, memo), now, requester=requester
     )
     _answer(IDMBACKUPSCHEDULE, body, findings, warnings)

@@ -102,7 +102,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     if webhook is not None:
         settings.admission.server = webhook.server()
     # The namespace of every server's lock, before anything starts: without one, the operator stops here.
-    locking.configure(memo.get("lock_namespace"), memo.get("namespaces") or ())
+    try:
+        locking.configure(memo.get("lock_namespace"), memo.get("namespaces") or ())
+    except locking.LockNamespaceUnknown as err:
+        raise kopf.PermanentError(str(err)) from None
     api = api_client()
     memo.api = api
     memo.schedule_wakeups = {}  # schedule uid -> asyncio.Event, set when one of its backups ends

@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import kopf
 import urllib3
 from kubernetes import client
 
@@ -79,9 +78,9 @@ def lease_name(pod: PodRef) -> str:
     return f"{head}-{digest}"
 
 
-class LockNamespaceUnknown(kopf.PermanentError):
-    """No namespace for the locks: the operator does not start (a permanent error stops kopf's start-up
-    instead of retrying it every minute)."""
+class LockNamespaceUnknown(ValueError):
+    """No namespace for the locks: the operator does not start (handlers/startup.py makes it a permanent
+    error, which stops kopf's start-up instead of retrying it every minute)."""
 
 
 def namespace_name(value: str) -> str:

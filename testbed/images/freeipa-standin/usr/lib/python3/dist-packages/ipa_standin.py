@@ -5,11 +5,15 @@ observable behaviour of FreeIPA 4.12 tools (messages, exit codes, files) on top 
 reached over LDAP; no IPA service actually runs. Service states are simulated in /run.
 """
 
+from __future__ import annotations
+
 import configparser
 import fcntl
 import json
 import os
 import socket
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import ldap
 
@@ -48,24 +52,24 @@ SERVICE_LIST = {
 class ScriptError(Exception):
     """ipapython.admintool.ScriptError: a message and the process exit code."""
 
-    def __init__(self, msg="", rval=1):
+    def __init__(self, msg: str | None = "", rval: int = 1) -> None:
         super().__init__(msg or "")
         self.rval = rval
 
     @property
-    def msg(self):
+    def msg(self) -> str:
         return str(self)
 
 
-def realm_to_serverid(realm):
+def realm_to_serverid(realm: str) -> str:
     return "-".join(realm.split("."))
 
 
-def domain_to_basedn(domain):
+def domain_to_basedn(domain: str) -> str:
     return ",".join("dc=" + part for part in domain.split("."))
 
 
-def read_default_conf():
+def read_default_conf() -> dict[str, str] | None:
     """The [global] section of /etc/ipa/default.conf, or None when IPA is not configured."""
     if not os.path.exists(DEFAULT_CONF):
         return None
@@ -74,18 +78,18 @@ def read_default_conf():
     return dict(parser.items("global"))
 
 
-def env_host():
+def env_host() -> str:
     return os.environ.get("IPA_SERVER_HOSTNAME") or socket.getfqdn()
 
 
-def env_realm(host):
+def env_realm(host: str) -> str:
     realm = os.environ.get("IPA_REALM")
     if realm:
         return realm
     return host.split(".", 1)[1].upper() if "." in host else "EXAMPLE.TEST"
 
 
-def fault():
+def fault() -> str:
     """The injected fault: /data/ipa-standin-fault (so tests can change it after the pod started)
     wins over the IPA_STANDIN_FAULT variable of the pod spec. An empty file means no fault."""
     try:
@@ -95,7 +99,7 @@ def fault():
         return os.environ.get("IPA_STANDIN_FAULT", "").strip()
 
 
-def save_credentials(uri, password):
+def save_credentials(uri: str, password: str) -> None:
     """Lets processes started without the pod's environment (rare) still reach the directory."""
     os.makedirs(STATE_DIR, exist_ok=True)
     fd = os.open(CREDENTIALS_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -103,13 +107,13 @@ def save_credentials(uri, password):
         json.dump({"uri": uri, "password": password}, f)
 
 
-def ldap_connect(conf=None):
+def ldap_connect(conf: Mapping[str, str] | None = None) -> ldap.ldapobject.LDAPObject:
     """Bind to the stand-in's directory as Directory Manager.
 
     The real tools bind with EXTERNAL over ldapi as root; the stand-in's directory is a shared 389-ds
     on loopback, so it binds with the Directory Manager password from the pod's environment.
     """
-    saved = {}
+    saved: dict[str, Any] = {}
     try:
         with open(CREDENTIALS_FILE) as f:
             saved = json.load(f)
@@ -123,11 +127,16 @@ def ldap_connect(conf=None):
     return conn
 
 
-def masters_dn(basedn):
+def masters_dn(basedn: str) -> str:
     return "cn=masters,cn=ipa,cn=etc," + basedn
 
 
-def host_services(conn, host, basedn, states=(ENABLED_SERVICE, HIDDEN_SERVICE)):
+def host_services(
+    conn: ldap.ldapobject.LDAPObject,
+    host: str,
+    basedn: str,
+    states: Iterable[str] = (ENABLED_SERVICE, HIDDEN_SERVICE),
+) -> list[tuple[str, list[str]]]:
     """(cn, ipaConfigString list) of the service entries under this host's master entry."""
     base = f"cn={host},{masters_dn(basedn)}"
     wanted = "".join(f"(ipaConfigString={s})" for s in states)
@@ -136,29 +145,29 @@ def host_services(conn, host, basedn, states=(ENABLED_SERVICE, HIDDEN_SERVICE)):
         res = conn.search_s(base, ldap.SCOPE_SUBTREE, flt, ["cn", "ipaConfigString"])
     except ldap.NO_SUCH_OBJECT:
         return []
-    out = []
+    out: list[tuple[str, list[str]]] = []
     for _dn, attrs in res:
         out.append((attrs["cn"][0].decode(), [v.decode() for v in attrs.get("ipaConfigString", [])]))
     return out
 
 
-def service_cns(conn, host, basedn):
+def service_cns(conn: ldap.ldapobject.LDAPObject, host: str, basedn: str) -> list[str]:
     """cns of the children of this host's master entry, in the server's order (the backup header)."""
     base = f"cn={host},{masters_dn(basedn)}"
     res = conn.search_s(base, ldap.SCOPE_ONELEVEL, "(objectClass=*)", ["cn"])
     return [attrs["cn"][0].decode() for _dn, attrs in res]
 
 
-def ordered_systemd_services(entries):
+def ordered_systemd_services(entries: Iterable[tuple[str, Iterable[str]]]) -> list[str]:
     """ipactl.get_config: sort by startOrder, map to systemd names, drop duplicates (CA/KRA)."""
-    svc_list = []
+    svc_list: list[tuple[int, str]] = []
     for name, config in entries:
         order = 0
         for p in config:
             if p.startswith("startOrder "):
                 order = int(p.split()[1])
         svc_list.append((order, name))
-    ordered = []
+    ordered: list[str] = []
     for _order, svc in sorted(svc_list):
         if svc in SERVICE_LIST and SERVICE_LIST[svc][0] not in ordered:
             ordered.append(SERVICE_LIST[svc][0])
@@ -168,11 +177,11 @@ def ordered_systemd_services(entries):
 class ServiceState:
     """Simulated systemd unit states, shared by every process in the pod through /run."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         os.makedirs(STATE_DIR, exist_ok=True)
         self._lock = open(STATE_DIR + "/lock", "w")  # noqa: SIM115 - held for the object's life
 
-    def _update(self, fn):
+    def _update(self, fn: Callable[[dict[str, str]], None]) -> None:
         fcntl.flock(self._lock, fcntl.LOCK_EX)
         try:
             states = self.read()
@@ -185,18 +194,19 @@ class ServiceState:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
 
     @staticmethod
-    def read():
+    def read() -> dict[str, str]:
         try:
             with open(STATE_FILE) as f:
-                return json.load(f)
+                states: dict[str, str] = json.load(f)
+                return states
         except (OSError, ValueError):
             return {}
 
-    def is_running(self, name):
+    def is_running(self, name: str) -> bool:
         return self.read().get(name) == "running"
 
-    def set(self, name, running):
-        def fn(states):
+    def set(self, name: str, running: bool) -> None:
+        def fn(states: dict[str, str]) -> None:
             states[name] = "running" if running else "stopped"
 
         self._update(fn)
