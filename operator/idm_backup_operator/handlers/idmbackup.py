@@ -204,7 +204,9 @@ def _run(
             _fail(report, status, "TargetUnavailable", f"{wait} for more than {NOT_READY_PATIENCE}")
             return
         # A recovery that waits stays Running: its step says where the interrupted backup stopped.
-        where = {} if phase == Phase.RUNNING else {"phase": "Pending", "step": WAIT_STEPS[wait.reason]}
+        where = (
+            {} if phase == Phase.RUNNING else {"phase": Phase.PENDING.value, "step": WAIT_STEPS[wait.reason]}
+        )
         report.update(**where, message=str(wait))
         if not _condition_true(status, "Waiting"):
             report.event("BackupWaiting", str(wait))
