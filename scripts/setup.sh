@@ -37,3 +37,8 @@ command -v go >/dev/null || { echo "setup: Go is required to build the platform 
 export GOTOOLCHAIN=${GOTOOLCHAIN:-auto}
 bash testbed/build.sh all >/dev/null
 bash testbed/build.sh helm >/dev/null   # for the chart's tests
+# The chart's checkers: promtool (alert rules and their unit tests), kubeconform (rendered manifests), and
+# the Prometheus Operator's and cert-manager's CRDs, generated from their Go types, for kubeconform.
+bash testbed/build.sh promtool >/dev/null
+bash testbed/build.sh kubeconform >/dev/null
+bash testbed/build.sh crds >/dev/null

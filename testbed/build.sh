@@ -56,6 +56,24 @@ build_tool() {
   rm -rf "$out" && mv "$out.tmp" "$out"
 }
 
+# CRDs generated from a Go module's API types: "$cache/crds/<name>-<version>/*.yaml"; "$cache/crds.path"
+# names the directory that holds the current ones.
+generate_crds() {
+  local name=$1 module=$2 version=$3 pkg=$4
+  local out="$cache/crds/$name-$version"
+  [ -d "$out" ] && return 0
+  build_tool controller-gen sigs.k8s.io/controller-tools "$CONTROLLER_TOOLS_VERSION" sigs.k8s.io/controller-tools/cmd/controller-gen
+  local work="$cache/src/crds-$name-$version"
+  mkdir -p "$work" && cd "$work"
+  [ -f go.mod ] || go mod init "idm-testbed/crds-$name" >/dev/null 2>&1
+  go get "$module@$version"
+  log "CRDs of $name $version"
+  rm -rf "$out.tmp"
+  "$cache/bin/controller-gen-$CONTROLLER_TOOLS_VERSION/controller-gen" crd:crdVersions=v1,allowDangerousTypes=true \
+    "paths=$pkg" "output:crd:dir=$out.tmp"
+  rm -rf "$out" && mv "$out.tmp" "$out"
+}
+
 # This repository's own Go programs (testbed/<name>: the node simulator, and the runner of Argo CD health
 # checks): keyed by a hash of their sources; "$cache/<name>.path" names the directory of the current build.
 build_own() {
@@ -76,10 +94,25 @@ case $what in
   etcd) build_tool etcd go.etcd.io/etcd/server/v3 "$ETCD_VERSION" go.etcd.io/etcd/server/v3 ;;
   versitygw) build_tool versitygw github.com/versity/versitygw "$VERSITYGW_VERSION" github.com/versity/versitygw/cmd/versitygw ;;
   helm) build_tool helm helm.sh/helm/v3 "$HELM_VERSION" helm.sh/helm/v3/cmd/helm ;;
+  # Like this repository's own programs, the checkers name their current build in "$cache/<name>.path",
+  # so the tests find them without knowing the pinned version.
+  promtool)
+    build_tool promtool github.com/prometheus/prometheus "$PROMETHEUS_VERSION" github.com/prometheus/prometheus/cmd/promtool
+    echo "$cache/bin/promtool-$PROMETHEUS_VERSION" > "$cache/promtool.path" ;;
+  kubeconform)
+    build_tool kubeconform github.com/yannh/kubeconform "$KUBECONFORM_VERSION" github.com/yannh/kubeconform/cmd/kubeconform
+    echo "$cache/bin/kubeconform-$KUBECONFORM_VERSION" > "$cache/kubeconform.path" ;;
+  crds)
+    generate_crds prometheus-operator github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring \
+      "$PROMETHEUS_OPERATOR_VERSION" github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring/v1
+    generate_crds cert-manager github.com/cert-manager/cert-manager "$CERT_MANAGER_VERSION" \
+      github.com/cert-manager/cert-manager/pkg/apis/certmanager/v1
+    printf '%s\n' "$cache/crds/prometheus-operator-$PROMETHEUS_OPERATOR_VERSION" \
+      "$cache/crds/cert-manager-$CERT_MANAGER_VERSION" > "$cache/crds.path" ;;
   fakenode) build_own fakenode ;;
   argocd-lua) build_own argocd-lua ;;
   all)
     "$0" kubernetes; "$0" etcd; "$0" versitygw; "$0" fakenode ;;
-  *) echo "usage: $0 [all|kubernetes|etcd|versitygw|helm|fakenode|argocd-lua]" >&2; exit 2 ;;
+  *) echo "usage: $0 [all|kubernetes|etcd|versitygw|helm|promtool|kubeconform|crds|fakenode|argocd-lua]" >&2; exit 2 ;;
 esac
 echo "$cache/bin"
