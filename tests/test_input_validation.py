@@ -22,6 +22,7 @@ from idm_backup_operator.idmbackup import validation
 from idm_backup_operator.idmbackupschedule import reconcile
 from idm_backup_operator.idmbackupschedule import spec as schedule_spec
 from idm_backup_operator.kube import references
+from idm_backup_operator.kube.backups import IdmBackups
 from idm_backup_operator.storage import S3Config, S3Store
 from testbed import freeipa_pod, stack
 from testbed.deploy import REPO
@@ -212,10 +213,10 @@ def test_a_schedule_pass_with_a_zero_max_age_reports_it_and_deletes_nothing() ->
     }
     now = datetime.datetime(2026, 3, 1, 12, tzinfo=datetime.UTC)
     custom: Any = NoBackups()
-    tick = reconcile.take_tick(custom, schedule, now)
+    tick = reconcile.take_tick(IdmBackups(custom), schedule, now)
     report = RecordingReporter()
     services: Any = None  # only retention would use them
-    next_pass = reconcile.record(services, custom, schedule, report, now, tick)
+    next_pass = reconcile.record(services, IdmBackups(custom), schedule, report, now, tick)
     assert report.conditions["Ready"] == (
         False,
         "InvalidRetention",
@@ -233,7 +234,9 @@ def test_a_starting_deadline_too_long_for_a_timedelta_is_taken_as_the_longest_on
         "status": {},
     }
     custom: Any = NoBackups()
-    tick = reconcile.take_tick(custom, schedule, datetime.datetime(2026, 3, 1, 12, tzinfo=datetime.UTC))
+    tick = reconcile.take_tick(
+        IdmBackups(custom), schedule, datetime.datetime(2026, 3, 1, 12, tzinfo=datetime.UTC)
+    )
     assert isinstance(tick, reconcile.Tick) and not tick.created
     crd = yaml.safe_load((REPO / "crds" / "idm-backup.io_idmbackupschedules.yaml").read_text())
     spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]

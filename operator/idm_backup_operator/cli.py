@@ -51,6 +51,7 @@ from idm_backup_operator.handlers.startup import (
 )
 from idm_backup_operator.idmbackupschedule import reconcile
 from idm_backup_operator.kube import locking, references
+from idm_backup_operator.kube.backups import IdmBackups, Refused
 from idm_backup_operator.slots import (
     DEFAULT_MEMORY_MIB,
     DEFAULT_SLOTS,
@@ -175,7 +176,11 @@ def _backup_now(args: argparse.Namespace) -> int:
     # the schedule's status and garbage collection treat it like any of its backups.
     body = reconcile.child_body(schedule, name, now)
     body["metadata"]["annotations"][MANUAL_ANNOTATION] = "true"
-    if not reconcile.create_child(custom, body):
+    try:
+        created = IdmBackups(custom).create(body)
+    except Refused as err:
+        raise CommandError(f"IdmBackup {namespace}/{name} refused: {err}") from None
+    if not created:
         raise CommandError(f"IdmBackup {namespace}/{name} exists already: try again in a second")
     print(f"idmbackup {namespace}/{name} created from schedule {args.schedule}")
     if not args.wait:

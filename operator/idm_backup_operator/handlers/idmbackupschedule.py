@@ -22,6 +22,7 @@ from idm_backup_operator.api.names import (
 )
 from idm_backup_operator.api.phase import is_finished
 from idm_backup_operator.idmbackupschedule import reconcile
+from idm_backup_operator.kube.backups import IdmBackups
 from idm_backup_operator.kube.reporting import StatusReporter
 
 # Even with nothing due, look again this often: it bounds how long a missed wake-up (a lost watch
@@ -41,6 +42,10 @@ def _wakeups(memo: kopf.Memo) -> dict[str, asyncio.Event]:
     return wakeups
 
 
+def _backups(memo: kopf.Memo) -> IdmBackups:
+    return IdmBackups(client.CustomObjectsApi(memo.api))
+
+
 def _snapshot(body: kopf.Body) -> dict[str, Any]:
     return {"metadata": dict(body.metadata), "spec": dict(body.spec), "status": dict(body.status)}
 
@@ -57,7 +62,7 @@ def _record(body: kopf.Body, memo: kopf.Memo, tick: reconcile.Tick | reconcile.I
         status=schedule["status"],
     )
     now = datetime.datetime.now(datetime.UTC)
-    return reconcile.record(memo.services, client.CustomObjectsApi(memo.api), schedule, report, now, tick)
+    return reconcile.record(memo.services, _backups(memo), schedule, report, now, tick)
 
 
 def _spread(uid: str) -> float:
@@ -86,9 +91,8 @@ async def follow_schedule(
             wakeup.clear()
             try:
                 # The body is a live view: each pass sees the latest spec and status.
-                custom = client.CustomObjectsApi(memo.api)
                 now = datetime.datetime.now(datetime.UTC)
-                tick = await asyncio.to_thread(reconcile.take_tick, custom, _snapshot(body), now)
+                tick = await asyncio.to_thread(reconcile.take_tick, _backups(memo), _snapshot(body), now)
                 if isinstance(tick, reconcile.Tick) and tick.created:
                     await _sleep(_spread(uid), asyncio.Event(), stopped)
                 next_time = await asyncio.to_thread(_record, body, memo, tick)

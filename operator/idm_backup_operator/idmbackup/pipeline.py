@@ -23,7 +23,6 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import urllib3
-from kubernetes import client
 
 from idm_backup_operator import freeipa
 from idm_backup_operator.api.identity import ResourceIdentity
@@ -35,6 +34,7 @@ from idm_backup_operator.freeipa import BackupDirectory, BackupHeader, IpaServer
 from idm_backup_operator.freeipa.topology import TopologyError, check_roles, read_topology
 from idm_backup_operator.idmbackup import status as idmbackup_status
 from idm_backup_operator.kube import references
+from idm_backup_operator.kube.errors import ApiError
 from idm_backup_operator.kube.locking import TargetLock
 from idm_backup_operator.kube.podexec import (
     ExecCancelled,
@@ -130,7 +130,7 @@ def _holding_lock(services: Services, pod: PodRef, resource: ResourceIdentity) -
 def _ipa_backup_running(execs: PodExec, pod: PodRef) -> bool:
     try:
         return execs.run(pod, ["pgrep", "-x", "ipa-backup"], timeout=30).exit_code == 0
-    except (ExecError, client.ApiException) as err:
+    except (ExecError, ApiError) as err:
         raise BackupFailed("ExecFailed", f"cannot exec in pod {pod.name}: {err}") from None
 
 
@@ -303,7 +303,7 @@ class _Backup:
             return self.services.execs.run(self.pod, argv, timeout=min(timeout, self.remaining()))
         except ExecError as err:
             raise BackupFailed("ExecFailed", f"{' '.join(argv)} in pod {self.pod.name}: {err}") from None
-        except client.ApiException as err:
+        except ApiError as err:
             raise BackupFailed("ExecFailed", f"cannot exec in pod {self.pod.name}: {err.reason}") from None
 
     def run_ipa_backup(self) -> BackupDirectory:
@@ -365,7 +365,7 @@ class _Backup:
         except ExecLost as err:
             # Whether the command started is unknown: treat it as running.
             interruption = BackupFailed("ExecStreamLost", f"ipa-backup could not be run reliably: {err}")
-        except (ExecError, client.ApiException) as err:
+        except (ExecError, ApiError) as err:
             self.services_settled = True  # refused: nothing ran
             raise BackupFailed("ExecFailed", f"cannot run ipa-backup in pod {self.pod.name}: {err}") from None
         else:
@@ -414,7 +414,7 @@ class _Backup:
         """Take the lost lock back; who holds it instead, if that fails."""
         try:
             busy = self.lock.try_acquire()
-        except (client.ApiException, urllib3.exceptions.HTTPError, OSError) as err:
+        except (ApiError, urllib3.exceptions.HTTPError, OSError) as err:
             return f"whoever may hold it (it cannot be read: {err})"
         return None if busy is None else busy.holder
 
@@ -598,7 +598,7 @@ def remove_from_pod(execs: PodExec, pod: PodRef, path: PurePosixPath, report: Re
     try:
         result = execs.run(pod, ["rm", "-rf", "--", str(path)], timeout=300)
         problem = result.stderr.strip() if result.exit_code != 0 else ""
-    except (ExecError, client.ApiException) as err:
+    except (ExecError, ApiError) as err:
         problem = str(err)
     if not problem:
         return ""
@@ -628,7 +628,7 @@ def _through_outages(call: Callable[[], ExecResult], patience: float = OUTAGE_PA
 def check_services(execs: PodExec, pod: PodRef, report: Reporter, *, started_by: str) -> bool:
     try:
         result = _through_outages(lambda: execs.run(pod, list(freeipa.IPACTL_STATUS), timeout=120))
-    except (ExecError, client.ApiException) as err:
+    except (ExecError, ApiError) as err:
         report.condition("ServicesRunning", False, "StatusUnknown", f"ipactl status could not run: {err}")
         return False
     status = freeipa.parse_ipactl_status(
@@ -649,7 +649,7 @@ def restart_services(execs: PodExec, pod: PodRef, report: Reporter) -> bool:
     report.update(step="starting IPA services again (ipactl start)")
     try:
         _through_outages(lambda: execs.run(pod, list(freeipa.IPACTL_START), timeout=SERVICE_START_TIMEOUT))
-    except (ExecError, client.ApiException) as err:
+    except (ExecError, ApiError) as err:
         log.warning("ipactl start in %s: %s", pod, err)
     running = check_services(execs, pod, report, started_by="operator")
     if running:
@@ -684,7 +684,7 @@ def stop_orphaned_ipa_backup(execs: PodExec, pod: PodRef, wait: float) -> None:
         # Most often TERM is enough at once: KILL only what is still there after 2 s.
         if not gone_within(2, interval=0.25):
             run(["pkill", "-KILL", "-x", "ipa-backup"])
-    except (ExecError, client.ApiException) as err:
+    except (ExecError, ApiError) as err:
         log.warning("stopping ipa-backup in %s: %s", pod, err)
 
 

@@ -26,16 +26,20 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
-from kubernetes import client
 
 from idm_backup_operator.api.spec import BackupSpec, LdapTarget, PvcStorage, parse_backup_spec
 from idm_backup_operator.archive.encryption import KeyMaterialError
 from idm_backup_operator.kube import references
+
+# Re-exported: the webhook builds the scope and the requester for the checks here.
+from idm_backup_operator.kube.access import ReferenceScope as ReferenceScope
+from idm_backup_operator.kube.access import Requester as Requester
+from idm_backup_operator.kube.access import may_get_secret
+from idm_backup_operator.kube.errors import ApiError
 from idm_backup_operator.storage import StorageError
 from idm_backup_operator.storage.base import check_key
 
@@ -54,39 +58,6 @@ class Findings:
 
 # What to do with problems of the objects a spec refers to: see the module's docstring.
 References = Literal["refuse", "warn", "skip"]
-
-
-@dataclasses.dataclass(frozen=True)
-class ReferenceScope:
-    """Where references are looked up: the object's namespace, as the operator will see it."""
-
-    core: client.CoreV1Api
-    namespace: str
-    pvc_root: Path
-    ambient_s3_credentials: bool
-    # Asks the API server what a requester may do; only needed when there is one (see Requester).
-    authorization: client.AuthorizationV1Api | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Requester:
-    """Who asked the API server for the object: the AdmissionReview's userInfo, as the API server
-    authenticated it. The SubjectAccessReview asks about exactly this user, groups and extra included, so
-    that RBAC bound to a group (or an authorizer that reads extra) answers as it did for the request."""
-
-    username: str
-    uid: str | None = None
-    groups: tuple[str, ...] = ()
-    extra: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
-
-    @classmethod
-    def from_userinfo(cls, info: Mapping[str, Any]) -> Requester:
-        return cls(
-            username=str(info.get("username") or ""),
-            uid=info.get("uid") or None,
-            groups=tuple(info.get("groups") or ()),
-            extra={key: tuple(values or ()) for key, values in (info.get("extra") or {}).items()},
-        )
 
 
 # -- the spec alone -----------------------------------------------------------------------------------
@@ -252,24 +223,6 @@ def _secret_refs(spec: BackupSpec, at: str) -> list[tuple[str, str]]:
     return [(field, name) for field, name in refs if object_name_problem(name) is None]
 
 
-def _may_get_secret(where: ReferenceScope, requester: Requester, name: str) -> bool:
-    """Raises ApiException when the API server cannot answer (e.g. the operator may not ask)."""
-    assert where.authorization is not None, "a requester needs ReferenceScope.authorization"
-    review = client.V1SubjectAccessReview(
-        spec=client.V1SubjectAccessReviewSpec(
-            user=requester.username,
-            uid=requester.uid,
-            groups=list(requester.groups) or None,
-            extra={key: list(values) for key, values in requester.extra.items()} or None,
-            resource_attributes=client.V1ResourceAttributes(
-                namespace=where.namespace, verb="get", group="", resource="secrets", name=name
-            ),
-        )
-    )
-    answer = where.authorization.create_subject_access_review(review)
-    return bool(answer.status and answer.status.allowed)
-
-
 def secret_access_problems(
     spec: BackupSpec, at: str, where: ReferenceScope, requester: Requester
 ) -> tuple[list[str], set[str]]:
@@ -282,8 +235,8 @@ def secret_access_problems(
     for field, name in _secret_refs(spec, at):
         if name not in verdicts:
             try:
-                allowed = _may_get_secret(where, requester, name)
-            except client.ApiException as err:
+                allowed = may_get_secret(where, requester, name)
+            except ApiError as err:
                 verdicts[name] = (
                     f"could not check whether {requester.username} may read Secret {where.namespace}/{name} "
                     f"({err.status} {err.reason})"
@@ -375,7 +328,7 @@ def _reference_problems(spec: BackupSpec, at: str, where: ReferenceScope, withhe
             check()
         except (references.ResolveError, KeyMaterialError) as err:
             problems.append(f"{field}: {err}")
-        except client.ApiException as err:
+        except ApiError as err:
             problems.append(f"{field}: could not be checked ({err.status} {err.reason})")
     return problems
 

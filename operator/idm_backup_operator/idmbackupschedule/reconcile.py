@@ -9,19 +9,15 @@ child exists, so a crash in between never loses a tick and a restart never doubl
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kubernetes import client
-
 from idm_backup_operator.api.identity import ResourceIdentity
 from idm_backup_operator.api.names import (
     GROUP,
     IDMBACKUP,
-    IDMBACKUPS,
     IDMBACKUPSCHEDULE,
     PINNED_LABEL,
     SCHEDULE_LABEL,
@@ -35,6 +31,8 @@ from idm_backup_operator.archive import stored
 from idm_backup_operator.idmbackup import removal
 from idm_backup_operator.idmbackupschedule import clock, retention
 from idm_backup_operator.idmbackupschedule.spec import parse_schedule_spec, retention_policy
+from idm_backup_operator.kube.backups import IdmBackups, Refused
+from idm_backup_operator.kube.errors import ApiError
 from idm_backup_operator.kube.services import Reporter, Services
 
 log = logging.getLogger(__name__)
@@ -54,16 +52,11 @@ class Child:
         return is_finished(self.phase)
 
 
-def list_children(custom: client.CustomObjectsApi, schedule: ResourceIdentity) -> list[Child]:
+def list_children(backups: IdmBackups, schedule: ResourceIdentity) -> list[Child]:
     """The schedule's IdmBackups: labelled with its name and owned by its uid (not a namesake's)."""
-    items = custom.list_namespaced_custom_object(
-        GROUP, VERSION, schedule.namespace, IDMBACKUPS, label_selector=f"{SCHEDULE_LABEL}={schedule.name}"
-    )["items"]
     children = []
-    for item in items:
+    for item in backups.owned_by(schedule):
         meta = item["metadata"]
-        if not any(ref.get("uid") == schedule.uid for ref in meta.get("ownerReferences") or []):
-            continue
         status = item.get("status") or {}
         children.append(
             Child(
@@ -127,22 +120,9 @@ def child_body(schedule: Mapping[str, Any], name: str, tick: datetime.datetime) 
     }
 
 
-def create_child(custom: client.CustomObjectsApi, body: dict[str, Any]) -> bool:
-    """Create the tick's backup; False if it exists already (a retry after a crash): never a second one."""
-    try:
-        custom.create_namespaced_custom_object(
-            GROUP, VERSION, body["metadata"]["namespace"], IDMBACKUPS, body
-        )
-    except client.ApiException as err:
-        if err.status == 409:
-            return False
-        raise
-    return True
-
-
 def apply_retention(
     services: Services,
-    custom: client.CustomObjectsApi,
+    backups: IdmBackups,
     policy: retention.RetentionPolicy,
     children: Sequence[Child],
     now: datetime.datetime,
@@ -167,9 +147,9 @@ def apply_retention(
             removal.delete_stored_backup(
                 services, resource, parse_backup_spec(child.body["spec"]), child.body.get("status") or {}
             )
-            custom.delete_namespaced_custom_object(GROUP, VERSION, resource.namespace, IDMBACKUPS, name)
+            backups.delete(resource.namespace, name)
             deleted.append(name)
-        except (stored.StoredBackupError, client.ApiException) as err:
+        except (stored.StoredBackupError, ApiError) as err:
             # Kept rather than half-deleted: the resource stays as the record of what is still stored.
             problems.append(f"{name}: {err}")
     message = retention.summarize(plan) if not problems else f"could not delete: {'; '.join(problems)}"
@@ -194,17 +174,7 @@ class Invalid:
     message: str
 
 
-def _api_message(err: client.ApiException) -> str:
-    try:
-        message = json.loads(err.body or "")["message"]
-    except (ValueError, KeyError, TypeError):
-        return f"{err.status} {err.reason}"
-    return str(message)
-
-
-def take_tick(
-    custom: client.CustomObjectsApi, schedule: Mapping[str, Any], now: datetime.datetime
-) -> Tick | Invalid:
+def take_tick(backups: IdmBackups, schedule: Mapping[str, Any], now: datetime.datetime) -> Tick | Invalid:
     """Create the due tick's backup, if any; Invalid says why the schedule cannot.
 
     Nothing else is read or written before the create: when many schedules fire together, every call
@@ -218,7 +188,7 @@ def take_tick(
     except clock.InvalidSchedule as err:
         return Invalid("InvalidSchedule", str(err))
     identity = ResourceIdentity(meta["namespace"], meta["name"], meta["uid"])
-    children = list_children(custom, identity) if status.get("active") else None
+    children = list_children(backups, identity) if status.get("active") else None
     decision = clock.decide(
         parsed.cron,
         parsed.tz,
@@ -237,21 +207,17 @@ def take_tick(
     if decision.due is not None and not decision.skipped_for_concurrency:
         due_name = clock.child_name(meta["name"], decision.due)
         try:
-            created = create_child(custom, child_body(schedule, due_name, decision.due))
-        except client.ApiException as err:
-            if err.status != 422:
-                raise
+            created = backups.create(child_body(schedule, due_name, decision.due))
+        except Refused as err:
             # The API server's schema or the webhook refuses the template (e.g. a template stored before
             # a CRD upgrade that tightened a rule): retrying every few seconds would only repeat that.
-            return Invalid(
-                "InvalidTemplate", f"the backup this schedule creates is refused: {_api_message(err)}"
-            )
+            return Invalid("InvalidTemplate", f"the backup this schedule creates is refused: {err}")
     return Tick(decision, children, due_name, created)
 
 
 def record(
     services: Services,
-    custom: client.CustomObjectsApi,
+    backups: IdmBackups,
     schedule: Mapping[str, Any],
     report: Reporter,
     now: datetime.datetime,
@@ -269,7 +235,7 @@ def record(
     decision = tick.decision
     children = tick.children if tick.children is not None and not tick.created else None
     if children is None:
-        children = list_children(custom, ResourceIdentity(meta["namespace"], meta["name"], meta["uid"]))
+        children = list_children(backups, ResourceIdentity(meta["namespace"], meta["name"], meta["uid"]))
     fields = history_status(children)
     fields["nextScheduleTime"] = format_time(decision.next_time)
     if decision.missed:
@@ -292,7 +258,7 @@ def record(
         # Backups go on: a typo in what to delete must neither delete anything nor stop new backups.
         ready = (False, "InvalidRetention", f"spec.retention: {err}; nothing is deleted; {next_backup}")
     else:
-        pruned = apply_retention(services, custom, policy, children, now, parse_schedule_spec(spec).tz)
+        pruned = apply_retention(services, backups, policy, children, now, parse_schedule_spec(spec).tz)
         if pruned is not None:
             fields["retention"] = pruned
             report.event(
