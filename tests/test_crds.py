@@ -91,3 +91,18 @@ def test_every_object_name_and_the_deadline_follow_the_rules_the_operator_checks
         assert (node["minLength"], node["maxLength"]) == (1, 253)
         assert node["pattern"] == f"^{validation.OBJECT_NAME.pattern}$"
     assert nodes["spec.activeDeadlineSeconds"]["maximum"] == validation.MAX_DEADLINE_SECONDS
+
+
+def test_selector_labels_and_the_region_follow_the_rules_the_operator_checks() -> None:
+    crd = yaml.safe_load((REPO / "crds" / "idm-backup.io_idmbackups.yaml").read_text())
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    selector = spec["properties"]["target"]["properties"]["podSelector"]["properties"]
+    labels = selector["matchLabels"]
+    assert labels["additionalProperties"]["pattern"] == f"^{validation.LABEL_VALUE.pattern}$"
+    (rule,) = labels["x-kubernetes-validations"]
+    assert f"k.matches('^{validation.LABEL_KEY.pattern}$')" in rule["rule"]
+    expression = selector["matchExpressions"]["items"]["properties"]
+    assert expression["key"]["pattern"] == f"^{validation.LABEL_KEY.pattern}$"
+    assert expression["values"]["items"]["pattern"] == f"^{validation.LABEL_VALUE.pattern}$"
+    region = spec["properties"]["storage"]["properties"]["s3"]["properties"]["region"]
+    assert (region["pattern"], region["maxLength"]) == (f"^{validation.REGION.pattern}$", 63)

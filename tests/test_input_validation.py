@@ -484,3 +484,76 @@ def test_a_secret_counts_as_unreadable_when_the_api_server_cannot_say(
         f"{field}: could not check whether alice may read Secret {namespace}/{name} (403 Forbidden)"
         for field, name in secrets
     ] + [f"spec.target: target pod {namespace}/ipa-hidden not found"]
+
+
+def test_a_selector_with_characters_that_would_add_selector_terms_is_a_problem() -> None:
+    # "app=ipa,tier" as a value would be sent as the selector "app=ipa,tier": a second term.
+    selector = {
+        "matchLabels": {"app": "ipa,tier"},
+        "matchExpressions": [
+            {"key": "role in (x),other", "operator": "Exists"},
+            {"key": "zone", "operator": "In", "values": ["a", "b)"]},
+        ],
+    }
+    spec = with_value(VALID_SPEC, "target", {"podSelector": selector, "ldap": VALID_SPEC["target"]["ldap"]})
+    assert validation.spec_problems(parse_backup_spec(spec)) == [
+        "spec.target.podSelector.matchLabels: 'app'='ipa,tier' is not a label key and value",
+        "spec.target.podSelector.matchExpressions[0]: 'role in (x),other' [] are not a label key and values",
+        "spec.target.podSelector.matchExpressions[1]: 'zone' ['a', 'b)'] are not a label key and values",
+    ]
+    fine = with_value(
+        spec,
+        "target.podSelector",
+        {
+            "matchLabels": {"app.kubernetes.io/name": "freeipa", "role": ""},
+            "matchExpressions": [{"key": "example.com/tier", "operator": "NotIn", "values": ["a-1", "b.2"]}],
+        },
+    )
+    assert validation.spec_problems(parse_backup_spec(fine)) == []
+
+
+@pytest.mark.parametrize("region", ["us-east-1", "eu-central-1", "default", "garage_1"])
+def test_a_region_name_is_no_problem(region: str) -> None:
+    assert (
+        validation.spec_problems(parse_backup_spec(with_value(VALID_SPEC, "storage.s3.region", region))) == []
+    )
+
+
+@pytest.mark.parametrize("region", ["attacker.example/x", "us east", "-x", "a" * 64, "eu#1"])
+def test_a_region_that_would_change_aws_host_names_is_a_problem(region: str) -> None:
+    problems = validation.spec_problems(
+        parse_backup_spec(with_value(VALID_SPEC, "storage.s3.region", region))
+    )
+    assert problems == [
+        f"spec.storage.s3.region: {region!r} is not a region name (letters, digits, '-', '_', '.')"
+    ]
+
+
+def test_an_administrator_can_keep_s3_endpoints_to_a_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(validation.ENDPOINTS_ENV, "s3.example.test, *.storage.example.test, 127.0.0.1:7070")
+    allowed = [
+        "https://s3.example.test",
+        "https://S3.Example.Test:443/",
+        "https://eu.storage.example.test",
+        "http://127.0.0.1:7070",
+    ]
+    refused = [
+        "https://s3.example.test:8443",  # another port of an allowed host
+        "https://storage.example.test",  # the wildcard's own domain is not one of its hosts
+        "https://kubernetes.default.svc",
+        "http://127.0.0.1:7071",
+        "http://169.254.169.254",
+    ]
+    assert [validation.endpoint_problem(e) for e in allowed] == [None] * len(allowed)
+    for endpoint in refused:
+        assert validation.endpoint_problem(endpoint) == (
+            f"{endpoint!r} is not an S3 endpoint this operator may use (its administrator allows: "
+            "s3.example.test, *.storage.example.test, 127.0.0.1:7070)"
+        )
+    # At run time too: the handler runs the same spec checks before anything else.
+    spec = with_value(VALID_SPEC, "storage.s3.endpoint", "http://169.254.169.254")
+    assert [p.split(":", 1)[0] for p in validation.spec_problems(parse_backup_spec(spec))] == [
+        "spec.storage.s3.endpoint"
+    ]
+    monkeypatch.delenv(validation.ENDPOINTS_ENV)
+    assert validation.endpoint_problem("http://169.254.169.254") is None

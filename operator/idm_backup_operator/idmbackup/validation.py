@@ -24,8 +24,9 @@ and what is in it, is none of their business.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -78,6 +79,38 @@ LOOPBACK_LDAP_URL = re.compile(rf"ldap://(127(\.{_OCTET}){{3}}|localhost|\[::1\]
 # What libldap splits a list of URLs at: "ldaps://ipa ldap://elsewhere" would start with ldaps:// and
 # still fall back to plain LDAP. The CRD refuses the same characters.
 LDAP_URL_SEPARATOR = re.compile(r"[ \t\n\r\f\v,]")
+# Label keys and values as Kubernetes spells them. The selector is sent to the API server as one string
+# in which "," and "=" separate terms: a value holding them would add terms of its own.
+LABEL_KEY = re.compile(
+    r"([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?"
+)
+LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
+# Without an endpoint, botocore puts the region in AWS's host name.
+REGION = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+# Which S3 endpoints specs may name (comma-separated host names or IPv4 addresses, with ":port" for a port
+# other than the scheme's own, "*.example.com" for a domain's hosts); unset, any. Every endpoint is a connection the operator makes from inside the cluster on a
+# tenant's behalf: an administrator can keep those to the storage the cluster really uses.
+ENDPOINTS_ENV = "IDM_BACKUP_S3_ALLOWED_ENDPOINTS"
+
+
+def allowed_endpoints() -> tuple[str, ...]:
+    return tuple(e.strip().lower() for e in os.environ.get(ENDPOINTS_ENV, "").split(",") if e.strip())
+
+
+def endpoint_allowed(endpoint: str, allowed: tuple[str, ...]) -> bool:
+    parts = urlsplit(endpoint)
+    host = (parts.hostname or "").lower()
+    default_port = 443 if parts.scheme.lower() == "https" else 80
+    port = parts.port or default_port
+    for entry in allowed:
+        # An entry without a port allows the scheme's own port only: another port of the same host is
+        # another service.
+        entry_host, _, entry_port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        if port != (int(entry_port) if entry_port.isdigit() else default_port):
+            continue
+        if entry_host == host or (entry_host.startswith("*.") and host.endswith(entry_host[1:])):
+            return True
+    return False
 
 
 def object_name_problem(name: str) -> str | None:
@@ -121,7 +154,29 @@ def endpoint_problem(endpoint: str) -> str | None:
         return f"{endpoint!r} has an invalid port"
     if not (is_valid_endpoint_url(endpoint) or is_valid_ipv6_endpoint_url(endpoint)):
         return f"{endpoint!r} has an invalid host name {parts.hostname!r}"
+    if (allowed := allowed_endpoints()) and not endpoint_allowed(endpoint, allowed):
+        return (
+            f"{endpoint!r} is not an S3 endpoint this operator may use (its administrator allows: "
+            f"{', '.join(allowed)})"
+        )
     return None
+
+
+def selector_problems(match_labels: Mapping[str, str], expressions: Sequence[Mapping[str, Any]]) -> list[str]:
+    problems = [
+        f"matchLabels: {key!r}={value!r} is not a label key and value"
+        for key, value in match_labels.items()
+        if not (
+            LABEL_KEY.fullmatch(key) and len(key) <= 317 and LABEL_VALUE.fullmatch(value) and len(value) <= 63
+        )
+    ]
+    for index, expr in enumerate(expressions):
+        values = [str(v) for v in expr.get("values") or ()]
+        key = str(expr.get("key", ""))
+        bad = [v for v in values if not (LABEL_VALUE.fullmatch(v) and len(v) <= 63)]
+        if not LABEL_KEY.fullmatch(key) or len(key) > 317 or bad:
+            problems.append(f"matchExpressions[{index}]: {key!r} {values!r} are not a label key and values")
+    return problems
 
 
 def ldap_url_problems(ldap: LdapTarget) -> list[str]:
@@ -179,6 +234,11 @@ def spec_problems(spec: BackupSpec, at: str = "spec") -> list[str]:
     selector = spec.target.pod_selector
     if selector is not None and not selector.match_labels and not selector.match_expressions:
         problems.append(f"{at}.target.podSelector: an empty selector matches every pod in the namespace")
+    if selector is not None:
+        problems.extend(
+            f"{at}.target.podSelector.{problem}"
+            for problem in selector_problems(selector.match_labels, selector.match_expressions)
+        )
     if not spec.encryption.enabled and spec.encryption.recipients:
         problems.append(
             f"{at}.encryption.recipients: set, but encryption.mode is None (nothing is encrypted)"
@@ -192,6 +252,11 @@ def spec_problems(spec: BackupSpec, at: str = "spec") -> list[str]:
             problems.append(f"{at}.storage.s3.bucket: {problem}")
         if storage.endpoint is not None and (problem := endpoint_problem(storage.endpoint)):
             problems.append(f"{at}.storage.s3.endpoint: {problem}")
+        if not (REGION.fullmatch(storage.region) and len(storage.region) <= 63):
+            problems.append(
+                f"{at}.storage.s3.region: {storage.region!r} is not a region name "
+                "(letters, digits, '-', '_', '.')"
+            )
         if storage.kms_key_id and storage.server_side_encryption != "aws:kms":
             problems.append(f"{at}.storage.s3.kmsKeyID: only used with serverSideEncryption aws:kms")
     for field, value in paths:
