@@ -88,8 +88,9 @@ LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
 # Without an endpoint, botocore puts the region in AWS's host name.
 REGION = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
 # Which S3 endpoints specs may name (comma-separated host names or IPv4 addresses, with ":port" for a port
-# other than the scheme's own, "*.example.com" for a domain's hosts); unset, any. Every endpoint is a connection the operator makes from inside the cluster on a
-# tenant's behalf: an administrator can keep those to the storage the cluster really uses.
+# other than the scheme's own, "*.example.com" for a domain's hosts); unset, any. Every endpoint is a
+# connection the operator makes from inside the cluster on a tenant's behalf: an administrator can keep
+# those to the storage the cluster really uses.
 ENDPOINTS_ENV = "IDM_BACKUP_S3_ALLOWED_ENDPOINTS"
 
 
