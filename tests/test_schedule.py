@@ -22,6 +22,7 @@ from tests.helpers import (
     SCHEDULES,
     VERSION,
     backup_spec,
+    create_backup,
     create_schedule,
     events,
     get_backup,
@@ -385,3 +386,43 @@ def test_a_changed_schedule_takes_effect_at_once(
         return status.get("nextScheduleTime") == upcoming.isoformat().replace("+00:00", "Z")
 
     wait_for("nextScheduleTime to follow the new cron", rescheduled, timeout=10)
+
+
+def test_an_idmbackup_made_first_under_a_ticks_name_is_not_taken_for_the_ticks_own(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    freeipa: Callable[..., str],
+    operator: OperatorProcess,
+    secrets: None,
+) -> None:
+    """Someone who may create IdmBackups in the namespace creates one under the next tick's name: the
+    schedule must neither adopt it (its spec, target and storage are whoever made it's) nor believe its
+    tick ran. It says so, and records the tick as passed, so that the next one runs as usual."""
+    freeipa()
+    if now().second > 45:
+        sleep_until(minute(now()) + datetime.timedelta(minutes=1, seconds=1))
+    tick = minute(now()) + datetime.timedelta(minutes=1)
+    template = backup_spec(platform, s3_storage(platform, f"test/{namespace}"), type="Data", online=True)
+    squatter = child_name("every", tick)
+    create_backup(api, namespace, squatter, template)
+    create_schedule(api, namespace, "every", {"schedule": "* * * * *", "template": {"spec": template}})
+    message = wait_for(
+        "the schedule's report of the taken name",
+        lambda: event_messages(api, namespace, "every", "BackupNameTaken"),
+        timeout=90,
+    )[0]
+    assert message == (
+        f"the backup for {tick:%Y-%m-%d %H:%M} UTC: IdmBackup {namespace}/{squatter} exists and is not this "
+        "schedule's"
+    )
+    ready = ready_condition(api, namespace, "every")
+    assert ready is not None and (ready["status"], ready["reason"]) == ("False", "BackupNameTaken")
+    # Not adopted: no owner, no schedule label, and the schedule does not count it as its own.
+    taken = get_backup(api, namespace, squatter)["metadata"]
+    assert not taken.get("ownerReferences") and "idm-backup.io/schedule" not in (taken.get("labels") or {})
+    status = get_schedule(api, namespace, "every").get("status", {})
+    assert (
+        squatter not in status.get("active", [])
+        and status.get("lastScheduleTime") == f"{tick:%Y-%m-%dT%H:%M:%SZ}"
+    )

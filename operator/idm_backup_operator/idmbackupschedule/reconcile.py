@@ -31,7 +31,7 @@ from idm_backup_operator.archive import stored
 from idm_backup_operator.idmbackup import removal
 from idm_backup_operator.idmbackupschedule import clock, retention
 from idm_backup_operator.idmbackupschedule.spec import parse_schedule_spec, retention_policy
-from idm_backup_operator.kube.backups import IdmBackups, Refused
+from idm_backup_operator.kube.backups import IdmBackups, NameTaken, Refused
 from idm_backup_operator.kube.errors import ApiError
 from idm_backup_operator.kube.services import Reporter, Services
 
@@ -164,6 +164,8 @@ class Tick:
     children: list[Child] | None
     due_name: str | None
     created: bool
+    # Why the due backup could not be created, when its name was taken by another IdmBackup.
+    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -212,6 +214,10 @@ def take_tick(backups: IdmBackups, schedule: Mapping[str, Any], now: datetime.da
             # The API server's schema or the webhook refuses the template (e.g. a template stored before
             # a CRD upgrade that tightened a rule): retrying every few seconds would only repeat that.
             return Invalid("InvalidTemplate", f"the backup this schedule creates is refused: {err}")
+        except NameTaken as err:
+            return Tick(
+                decision, children, None, False, f"the backup for {decision.due:%Y-%m-%d %H:%M} UTC: {err}"
+            )
     return Tick(decision, children, due_name, created)
 
 
@@ -244,6 +250,8 @@ def record(
     if decision.due is not None and decision.skipped_for_concurrency:
         fields["lastSkipTime"] = format_time(decision.due)
         report.event("BackupSkipped", decision.reason)
+    if tick.problem is not None:
+        report.event("BackupNameTaken", tick.problem, warning=True)
     if tick.due_name is not None:
         if tick.created:
             report.event("BackupCreated", f"created IdmBackup {tick.due_name}: {decision.reason}")
@@ -264,7 +272,11 @@ def record(
             report.event(
                 "RetentionApplied", pruned["message"], warning=pruned["message"].startswith("could not")
             )
-        ready = (True, "Scheduled", next_backup)
+        ready = (
+            (False, "BackupNameTaken", f"{tick.problem}; {next_backup}")
+            if tick.problem is not None
+            else (True, "Scheduled", next_backup)
+        )
     report.update(**fields)
     report.condition("Ready", *ready)
     last_ok = fields.get("consecutiveFailures", 0) == 0

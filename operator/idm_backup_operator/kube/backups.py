@@ -15,9 +15,16 @@ from kubernetes import client
 from idm_backup_operator.api.identity import ResourceIdentity
 from idm_backup_operator.api.names import GROUP, IDMBACKUPS, SCHEDULE_LABEL, VERSION
 
+# One call's bound: a connection that hangs must not hold a schedule's pass for ever.
+CALL_TIMEOUT = 30
+
 
 class Refused(Exception):
     """The API server (its schema or the admission webhook) refused the object; the message says why."""
+
+
+class NameTaken(Exception):
+    """An IdmBackup of that name exists and is not the schedule's: someone else made it first."""
 
 
 def _api_message(err: client.ApiException) -> str:
@@ -34,7 +41,12 @@ class IdmBackups:
 
     def owned_by(self, schedule: ResourceIdentity) -> list[Mapping[str, Any]]:
         items = self._custom.list_namespaced_custom_object(
-            GROUP, VERSION, schedule.namespace, IDMBACKUPS, label_selector=f"{SCHEDULE_LABEL}={schedule.name}"
+            GROUP,
+            VERSION,
+            schedule.namespace,
+            IDMBACKUPS,
+            label_selector=f"{SCHEDULE_LABEL}={schedule.name}",
+            _request_timeout=CALL_TIMEOUT,
         )["items"]
         return [
             item
@@ -43,18 +55,32 @@ class IdmBackups:
         ]
 
     def create(self, body: Mapping[str, Any]) -> bool:
-        """False if it exists already (a retry after a crash): never a second one. Raises Refused."""
+        """False if the schedule made it already (a retry after a crash): never a second one. Raises
+        Refused, and NameTaken when the name is another's: a backup made by hand under a tick's name must
+        not pass for the tick's own, which would then never run."""
         try:
             self._custom.create_namespaced_custom_object(
-                GROUP, VERSION, body["metadata"]["namespace"], IDMBACKUPS, body
+                GROUP, VERSION, body["metadata"]["namespace"], IDMBACKUPS, body, _request_timeout=CALL_TIMEOUT
             )
         except client.ApiException as err:
             if err.status == 409:
-                return False
+                return self._ours_already(body)
             if err.status == 422:
                 raise Refused(_api_message(err)) from None
             raise
         return True
 
+    def _ours_already(self, body: Mapping[str, Any]) -> bool:
+        meta = body["metadata"]
+        owners = {ref["uid"] for ref in meta.get("ownerReferences") or []}
+        existing = self._custom.get_namespaced_custom_object(
+            GROUP, VERSION, meta["namespace"], IDMBACKUPS, meta["name"], _request_timeout=CALL_TIMEOUT
+        )
+        if owners & {ref.get("uid") for ref in existing["metadata"].get("ownerReferences") or []}:
+            return False
+        raise NameTaken(f"IdmBackup {meta['namespace']}/{meta['name']} exists and is not this schedule's")
+
     def delete(self, namespace: str, name: str) -> None:
-        self._custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, IDMBACKUPS, name)
+        self._custom.delete_namespaced_custom_object(
+            GROUP, VERSION, namespace, IDMBACKUPS, name, _request_timeout=CALL_TIMEOUT
+        )
