@@ -30,6 +30,8 @@ from idm_backup_operator.storage import PVCStore, S3Config, S3Store, StorageErro
 
 # freeipa-container takes the server's host name from this variable.
 HOSTNAME_ENV = "IPA_SERVER_HOSTNAME"
+# One call's bound: a connection that hangs must not hold a backup or an admission review for ever.
+CALL_TIMEOUT = 15
 
 
 class ResolveError(Exception):
@@ -49,7 +51,7 @@ def read_secret(core: client.CoreV1Api, namespace: str, name: str) -> Mapping[st
         # The client would GET .../secrets/, the list of them, and read it as a Secret without keys.
         raise ResolveError(f"the Secret name is empty: name a Secret in namespace {namespace}")
     try:
-        secret = core.read_namespaced_secret(name, namespace)
+        secret = core.read_namespaced_secret(name, namespace, _request_timeout=CALL_TIMEOUT)
     except client.ApiException as err:
         raise ResolveError(f"Secret {namespace}/{name} {_api_reason(err)}") from None
     return {key: base64.b64decode(value) for key, value in (secret.data or {}).items()}
@@ -102,12 +104,14 @@ def find_target_pod(core: client.CoreV1Api, namespace: str, target: Target) -> P
     """The one pod the target designates; it must exist, run and be ready."""
     if target.pod_name:
         try:
-            pods = [core.read_namespaced_pod(target.pod_name, namespace)]
+            pods = [core.read_namespaced_pod(target.pod_name, namespace, _request_timeout=CALL_TIMEOUT)]
         except client.ApiException as err:
             raise ResolveError(f"target pod {namespace}/{target.pod_name} {_api_reason(err)}") from None
     elif target.pod_selector is not None:
         selector = _selector_string(target.pod_selector)
-        pods = core.list_namespaced_pod(namespace, label_selector=selector).items
+        pods = core.list_namespaced_pod(
+            namespace, label_selector=selector, _request_timeout=CALL_TIMEOUT
+        ).items
         if len(pods) != 1:
             matched = ", ".join(p.metadata.name for p in pods) or "none"
             raise ResolveError(
@@ -115,7 +119,8 @@ def find_target_pod(core: client.CoreV1Api, namespace: str, target: Target) -> P
             )
     else:
         assert target.host is not None
-        pods = [p for p in core.list_namespaced_pod(namespace).items if _serves_host(p, target.host)]
+        listed = core.list_namespaced_pod(namespace, _request_timeout=CALL_TIMEOUT).items
+        pods = [p for p in listed if _serves_host(p, target.host)]
         if len(pods) != 1:
             matched = ", ".join(p.metadata.name for p in pods) or "none"
             raise ResolveError(
@@ -141,7 +146,7 @@ def find_target_pod(core: client.CoreV1Api, namespace: str, target: Target) -> P
 def pod_exists(core: client.CoreV1Api, pod: PodRef) -> bool:
     """Whether the pod can still be read; any API error counts as gone, as a recovery must not wait on it."""
     try:
-        core.read_namespaced_pod(pod.name, pod.namespace)
+        core.read_namespaced_pod(pod.name, pod.namespace, _request_timeout=CALL_TIMEOUT)
     except client.ApiException:
         return False
     return True
