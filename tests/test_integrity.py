@@ -19,6 +19,7 @@ them goes through the whole operator, for what its user sees (UploadFailed).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -707,3 +708,37 @@ def test_an_s3_endpoint_that_resets_every_part_upload_fails_upload_failed_throug
     )["status"]
     assert status["phase"] == "Succeeded", status
     assert len(s3_keys(s3, platform.s3_bucket, prefix)) == 3
+
+
+def test_a_secret_value_that_is_not_text_fails_without_quoting_any_of_it(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    freeipa: Callable[..., str],
+    run_backup: Backup,
+    s3: Any,
+    prefix: str,
+) -> None:
+    """Python's decoding error names the byte and its position: a piece of the password, in a status that
+    people who may not read the Secret can read."""
+    pod = freeipa()
+    password = b"dm-\xff\xfepassword"
+    apply(
+        api,
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "binary-password"},
+            "data": {"password": base64.b64encode(password).decode()},
+        },
+    )
+    spec = backup_spec(platform, s3_storage(platform, prefix), type="Data", online=True)
+    spec["target"]["ldap"]["passwordSecretRef"] = {"name": "binary-password"}
+    status = failed(run_backup("binary", spec), "TopologyUnavailable")
+    assert status["message"] == (
+        "cannot check the FreeIPA topology: "
+        f"Secret {namespace}/binary-password key 'password' is not UTF-8 text"
+    )
+    nothing_stored(s3, platform, prefix)
+    assert services_running(api, namespace, pod)

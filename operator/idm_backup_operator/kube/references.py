@@ -65,6 +65,15 @@ def read_secret_key(core: client.CoreV1Api, namespace: str, ref: SecretKeyRef) -
     return data[ref.key]
 
 
+def _text(value: bytes, namespace: str, secret: str, key: str) -> str:
+    """A Secret's value as text. Python's own error would quote the offending byte and its position: a
+    piece of the secret, in a status message that people who may not read the Secret can read."""
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        raise ResolveError(f"Secret {namespace}/{secret} key {key!r} is not UTF-8 text") from None
+
+
 def _selector_string(selector: LabelSelector) -> str:
     parts = [f"{k}={v}" for k, v in sorted(selector.match_labels.items())]
     for expr in selector.match_expressions:
@@ -197,7 +206,17 @@ def s3_credentials(
     if missing:
         raise ResolveError(f"Secret {namespace}/{storage.credentials_secret} has no key {', '.join(missing)}")
     logs.register_secret(creds[storage.secret_access_key_key])
-    return creds[storage.access_key_id_key].decode(), creds[storage.secret_access_key_key].decode()
+    return (
+        _text(
+            creds[storage.access_key_id_key], namespace, storage.credentials_secret, storage.access_key_id_key
+        ),
+        _text(
+            creds[storage.secret_access_key_key],
+            namespace,
+            storage.credentials_secret,
+            storage.secret_access_key_key,
+        ),
+    )
 
 
 def open_store(
@@ -253,8 +272,9 @@ def load_public_keys(core: client.CoreV1Api, namespace: str, encryption: Encrypt
 def ldap_settings(
     core: client.CoreV1Api, namespace: str, ldap: LdapTarget, scratch: Path
 ) -> LdapConnectionSettings:
-    password = read_secret_key(core, namespace, ldap.password).decode()
-    logs.register_secret(password)
+    raw = read_secret_key(core, namespace, ldap.password)
+    logs.register_secret(raw)
+    password = _text(raw, namespace, ldap.password.name, ldap.password.key)
     ca_file = None if ldap.ca is None else _write_ca(core, namespace, ldap.ca, scratch, "ldap-ca.pem")
     return LdapConnectionSettings(
         uri=ldap.url, bind_dn=ldap.bind_dn, password=password, ca_file=ca_file, starttls=ldap.start_tls
