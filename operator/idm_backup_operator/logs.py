@@ -33,15 +33,23 @@ _KEYWORDS = (
     r"password|passwd|passphrase|secret[_-]?access[_-]?key|secret[_-]?key|client[_-]?secret"
     r"|access[_-]?token|refresh[_-]?token|id[_-]?token|token|api[_-]?key|private[_-]?key|bindpw"
 )
+# How much of a field's name may stand around the keyword (`aws_secret_access_key`, `ldapPassword`). Bounded,
+# like the white space around the separator: unbounded, a long run of letters (a 200 KiB annotation in a
+# debug line) made every position try every split of the run, and redaction took minutes.
+_KEY_AROUND = 48
 # `name: value`, `name=value`, `"name": "value"`; the name may be longer (`aws_secret_access_key`,
 # `ldapPassword`). A value opening a structure (`passwordSecretRef: {name: ...}`) is a reference to
 # a Secret, not a secret, and is left alone.
 _FIELD = re.compile(
-    rf"(?i)(?P<key>[\w.-]*(?:{_KEYWORDS})[\w-]*)(?P<sep>[\"']?\s*[:=]\s*)"
+    rf"(?i)(?P<key>(?<![\w.-])[\w.-]{{0,{_KEY_AROUND}}}(?:{_KEYWORDS})[\w-]{{0,{_KEY_AROUND}}})(?P<sep>[\"']?\s{{0,8}}[:=]\s{{0,8}})"
     rf"(?P<quote>[\"']?)(?P<value>(?![{{\[(])[^\s\"',;&}}\]]+)"
 )
 _AUTHORIZATION = re.compile(r"(?i)\b(?P<scheme>bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<password>[^@/\s]+)@")
+# The scheme is bounded for the same reason as a field's name: unbounded, each position of a long word
+# scanned to its end for "://".
+_URL_PASSWORD = re.compile(
+    r"(?P<scheme>(?<![a-z0-9+.-])[a-z][a-z0-9+.-]{0,31}://)(?P<user>[^:/@\s]+):(?P<password>[^@/\s]+)@"
+)
 _PRIVATE_BLOCK = re.compile(
     r"-----BEGIN (?P<what>[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?)-----.*?(?:-----END [A-Z0-9 ]*-----|\Z)", re.DOTALL
 )
