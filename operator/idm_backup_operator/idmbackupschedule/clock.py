@@ -9,6 +9,14 @@ CloudNativePG's seconds-first format silently turned "daily" into "hourly" for m
 day-of-month and day-of-week are restricted (neither starts with `*`) a day matches if EITHER does, as in
 Vixie cron and crontab(5); otherwise both must match.
 
+cronsim parses the fields and enumerates the matching wall-clock times. This module adds the @-macros,
+refuses what cronsim would accept beyond that dialect (a seconds field, Quartz's L, W and #, `5/15`, a
+step larger than its field), gives each refusal a message that names the field and value, and maps
+wall-clock times to instants by the rules below. cronsim's own time zone handling is not used: it
+follows Debian cron, which picks the rule by whether the minute or hour field starts with `*` (so
+`*/15 2 * * *` would skip a spring-forward day and run the repeated hour twice) and can step over a
+tick when an offset changes by half an hour (Australia/Lord_Howe).
+
 Time zones and daylight saving time (the schedule's fields are wall-clock times in `timeZone`):
 - A schedule whose hour field covers all 24 hours (`30 * * * *`, `*/15 * * * *`) measures real time: it
   fires at every instant whose local time matches. In spring a skipped hour simply does not happen; in
@@ -38,12 +46,13 @@ The per-reconcile decision (`decide`):
 
 from __future__ import annotations
 
-import calendar
 from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import MAXYEAR, MINYEAR, UTC, date, datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
 from typing import Literal, NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from cronsim import CronSim, CronSimError
 
 from idm_backup_operator.api.names import bounded_name
 
@@ -79,7 +88,7 @@ _MONTH = _FieldSpec(
     1,
     " or a month name (jan-dec)",
 )
-# 7 is accepted as a second Sunday, as every cron does; it is folded into 0 after parsing.
+# 7 is accepted as a second Sunday, as every cron does.
 _DAY_OF_WEEK = _FieldSpec(
     "day-of-week", 0, 7, ("sun", "mon", "tue", "wed", "thu", "fri", "sat"), 0, " or a day name (sun-sat)"
 )
@@ -94,6 +103,9 @@ _MACROS = {
     "@yearly": "0 0 1 1 *",
     "@annually": "0 0 1 1 *",
 }
+
+# Any start will do for parsing: cronsim parses in its constructor.
+_PARSE_AT = datetime(2000, 1, 1)
 
 
 def _value(token: str, spec: _FieldSpec) -> int:
@@ -110,13 +122,16 @@ def _value(token: str, spec: _FieldSpec) -> int:
     raise InvalidSchedule(f"{spec.name} value {token!r} is not a number{spec.names_hint}")
 
 
-def _parse_field(text: str, spec: _FieldSpec) -> frozenset[int]:
-    values: set[int] = set()
+def _check_field(text: str, spec: _FieldSpec) -> str:
+    """Refuse, with a message for the user, what the dialect does not allow; return the text for cronsim.
+
+    cronsim would say only "Bad minute", and would accept L, W, #, `5/15` and oversized steps.
+    """
+    items = []
     for item in text.split(","):
         if not item:
             raise InvalidSchedule(f"{spec.name} field {text!r} has an empty list entry")
         base, slash, step_text = item.partition("/")
-        step = 1
         if slash:
             if not (step_text.isascii() and step_text.isdigit()):
                 raise InvalidSchedule(f"{spec.name} step {step_text!r} in {item!r} is not a number")
@@ -128,29 +143,22 @@ def _parse_field(text: str, spec: _FieldSpec) -> frozenset[int]:
                 raise InvalidSchedule(
                     f"{spec.name} step {step} in {item!r} is larger than the range {spec.low}-{spec.high}"
                 )
-        if base == "*":
-            # `*` in day-of-week means 0-6; 7 would only duplicate Sunday.
-            low, high = spec.low, min(spec.high, 6) if spec is _DAY_OF_WEEK else spec.high
-        elif "-" in base:
-            first, _, last = base.partition("-")
-            low, high = _value(first, spec), _value(last, spec)
-            if low > high:
-                raise InvalidSchedule(f"{spec.name} range {base!r} goes backwards ({low} > {high})")
-        else:
-            low = high = _value(base, spec)
-            if slash:
+        if base != "*":
+            first, dash, last = base.partition("-")
+            low = _value(first, spec)
+            if dash:
+                high = _value(last, spec)
+                if low > high:
+                    raise InvalidSchedule(f"{spec.name} range {base!r} goes backwards ({low} > {high})")
+                if low == high:
+                    item = first  # cronsim reads "5-5/2" as "5/2", i.e. 5-59/2
+            elif slash:
                 raise InvalidSchedule(
                     f"{spec.name} {item!r}: a step needs '*' or a range before the slash, "
                     f"e.g. '{base}-{spec.high}/{step}'"
                 )
-        values.update(range(low, high + 1, step))
-    if spec is _DAY_OF_WEEK and 7 in values:
-        values = (values - {7}) | {0}
-    return frozenset(values)
-
-
-def _month_days(year: int, month: int) -> int:
-    return calendar.monthrange(year, month)[1]
+        items.append(item)
+    return ",".join(items)
 
 
 @dataclass(frozen=True)
@@ -166,6 +174,8 @@ class CronSchedule:
     # Vixie cron's rule: a field is "restricted" unless its text starts with `*`.
     day_of_month_restricted: bool
     day_of_week_restricted: bool
+    cron: str  # the five fields as given to cronsim
+    _parsed: CronSim = field(compare=False, repr=False)
 
     @classmethod
     def parse(cls, expression: str) -> CronSchedule:
@@ -178,13 +188,7 @@ class CronSchedule:
                 f"time zone prefix {head!r} is not supported in the schedule: "
                 "set the timeZone field instead (e.g. timeZone: Europe/Berlin)"
             )
-        if text.startswith("@"):
-            return cls._parse_fields(expression, _expand_macro(text))
-        return cls._parse_fields(expression, text)
-
-    @classmethod
-    def _parse_fields(cls, expression: str, text: str) -> CronSchedule:
-        fields = text.split()
+        fields = (_expand_macro(text) if text.startswith("@") else text).split()
         if len(fields) == 6:
             raise InvalidSchedule(
                 "6 fields given: this looks like a cron expression with a seconds field (as in "
@@ -197,30 +201,28 @@ class CronSchedule:
             )
         if len(fields) != 5:
             raise InvalidSchedule(f"{len(fields)} fields given: use the standard 5 fields: {FIVE_FIELDS}")
-        minutes, hours, doms, months, dows = (
-            _parse_field(f, s) for f, s in zip(fields, _FIELDS, strict=True)
-        )
-        schedule = cls(
-            expression=expression,
-            minutes=tuple(sorted(minutes)),
-            hours=tuple(sorted(hours)),
-            days_of_month=doms,
-            months=tuple(sorted(months)),
-            days_of_week=dows,
-            day_of_month_restricted=not fields[2].startswith("*"),
-            day_of_week_restricted=not fields[4].startswith("*"),
-        )
-        # With day-of-month ANDed (not ORed) with day-of-week, only impossible dates can make a schedule
-        # silent forever: every existing month/day meets every weekday within the 400-year cycle, and an
-        # unrestricted day-of-month always contains the 1st.
-        and_rule = not (schedule.day_of_month_restricted and schedule.day_of_week_restricted)
-        leap_year = 2000
-        if and_rule and not any(d <= _month_days(leap_year, m) for m in months for d in doms):
+        cron = " ".join(_check_field(f, s) for f, s in zip(fields, _FIELDS, strict=True))
+        try:
+            parsed = CronSim(cron, _PARSE_AT)
+        except CronSimError:
+            # The fields passed the checks above: what is left is cronsim's check that, with day-of-month
+            # ANDed with day-of-week, some month has one of the days.
             raise InvalidSchedule(
                 f"schedule {expression!r} never fires: day-of-month {fields[2]!r} never occurs "
                 f"in month {fields[3]!r}"
-            )
-        return schedule
+            ) from None
+        return cls(
+            expression=expression,
+            minutes=tuple(sorted(parsed.minutes)),
+            hours=tuple(sorted(parsed.hours)),
+            days_of_month=frozenset(parsed.days),
+            months=tuple(sorted(parsed.months)),
+            days_of_week=frozenset(d % 7 for d in parsed.weekdays if isinstance(d, int)),
+            day_of_month_restricted=not fields[2].startswith("*"),
+            day_of_week_restricted=not fields[4].startswith("*"),
+            cron=cron,
+            _parsed=parsed,
+        )
 
     @property
     def every_hour(self) -> bool:
@@ -228,13 +230,7 @@ class CronSchedule:
         return len(self.hours) == 24
 
     def matches_day(self, day: date) -> bool:
-        if day.month not in self.months:
-            return False
-        dom = day.day in self.days_of_month
-        dow = (day.weekday() + 1) % 7 in self.days_of_week
-        if self.day_of_month_restricted and self.day_of_week_restricted:
-            return dom or dow
-        return dom and dow
+        return day.month in self.months and self._parsed.match_day(day)
 
 
 def _expand_macro(text: str) -> str:
@@ -298,43 +294,13 @@ def _offset_spread(tz: ZoneInfo, instant: datetime) -> timedelta:
 
 
 def _walls_from(schedule: CronSchedule, start: datetime) -> Iterator[datetime]:
-    """Matching naive wall-clock times >= `start`, ascending; skips whole months, days and hours."""
-    for year in range(start.year, MAXYEAR + 1):
-        for month in schedule.months:
-            if (year, month) < (start.year, start.month):
-                continue
-            in_start_month = (year, month) == (start.year, start.month)
-            for day in range(start.day if in_start_month else 1, _month_days(year, month) + 1):
-                if not schedule.matches_day(date(year, month, day)):
-                    continue
-                on_start_day = in_start_month and day == start.day
-                for hour in schedule.hours:
-                    if on_start_day and hour < start.hour:
-                        continue
-                    in_start_hour = on_start_day and hour == start.hour
-                    for minute in schedule.minutes:
-                        if not (in_start_hour and minute < start.minute):
-                            yield datetime(year, month, day, hour, minute)
+    """Matching naive wall-clock times >= `start`, ascending, for at most 50 years (cronsim's limit)."""
+    return CronSim(schedule.cron, start - _ONE_SECOND)
 
 
 def _walls_until(schedule: CronSchedule, end: datetime) -> Iterator[datetime]:
-    """Matching naive wall-clock times <= `end`, descending."""
-    for year in range(end.year, MINYEAR - 1, -1):
-        for month in reversed(schedule.months):
-            if (year, month) > (end.year, end.month):
-                continue
-            in_end_month = (year, month) == (end.year, end.month)
-            for day in range(end.day if in_end_month else _month_days(year, month), 0, -1):
-                if not schedule.matches_day(date(year, month, day)):
-                    continue
-                on_end_day = in_end_month and day == end.day
-                for hour in reversed(schedule.hours):
-                    if on_end_day and hour > end.hour:
-                        continue
-                    in_end_hour = on_end_day and hour == end.hour
-                    for minute in reversed(schedule.minutes):
-                        if not (in_end_hour and minute > end.minute):
-                            yield datetime(year, month, day, hour, minute)
+    """Matching naive wall-clock times <= `end`, descending, for at most 50 years."""
+    return CronSim(schedule.cron, _floor_minute(end) + _ONE_SECOND, reverse=True)
 
 
 def _transition_between(tz: ZoneInfo, low: datetime, high: datetime) -> datetime:
@@ -382,7 +348,7 @@ def next_tick(schedule: CronSchedule, after: datetime, tz: ZoneInfo) -> datetime
 
 
 def previous_tick(schedule: CronSchedule, at_or_before: datetime, tz: ZoneInfo) -> datetime | None:
-    """The latest tick at or before `at_or_before`, in UTC (None only at the start of the calendar)."""
+    """The latest tick at or before `at_or_before`, in UTC (None if there is none in 50 years)."""
     at = _utc(at_or_before, "at_or_before")
     end = _wall(at, tz) + _offset_spread(tz, at)
     best: datetime | None = None
