@@ -1953,7 +1953,10 @@ def test_kubectl_get_shows_why_a_backup_failed_and_whether_a_schedule_fails(
         "good": {
             "phase": "Succeeded", "step": "done", "reason": "BackupSucceeded", "message": f"stored {uri}",
             "target": {"pod": "ipa-hidden", "host": "ipa.example.test"},
-            "archive": {"uri": uri, "size": "12.0 MiB", "sizeBytes": 12582912},
+            "archive": {
+                "name": "ipa.example.test/ipa-data-2026-11-26-02-00-03", "uri": uri, "size": "12.0 MiB",
+                "sizeBytes": 12582912,
+            },
         },
         "bad": {
             "phase": "Failed", "step": "uploading 12.0 MiB to s3://idm-backups/cols",
@@ -1968,15 +1971,26 @@ def test_kubectl_get_shows_why_a_backup_failed_and_whether_a_schedule_fails(
             GROUP, VERSION, namespace, PLURAL, name, {"status": status}
         )
     rows = {r["NAME"]: r for r in kubectl_table(kubectl, platform, namespace, "idmbackups")}
-    assert list(rows["good"]) == ["NAME", "PHASE", "TYPE", "TARGET", "REASON", "STEP", "SIZE", "AGE"]
-    assert {k: rows["good"][k] for k in ("PHASE", "REASON", "STEP", "SIZE")} == {
+    assert list(rows["good"]) == [
+        "NAME",
+        "PHASE",
+        "TYPE",
+        "TARGET",
+        "REASON",
+        "STEP",
+        "SIZE",
+        "ARCHIVE",
+        "AGE",
+    ]
+    assert {k: rows["good"][k] for k in ("PHASE", "REASON", "STEP", "SIZE", "ARCHIVE")} == {
         "PHASE": "Succeeded", "REASON": "BackupSucceeded", "STEP": "done", "SIZE": "12.0 MiB",
+        "ARCHIVE": "ipa.example.test/ipa-data-2026-11-26-02-00-03",
     }  # fmt: skip
     assert (rows["bad"]["REASON"], rows["bad"]["STEP"]) == ("UploadFailed", statuses["bad"]["step"])
     assert (rows["busy"]["PHASE"], rows["busy"]["STEP"]) == ("Running", statuses["busy"]["step"])
     wide = {r["NAME"]: r for r in kubectl_table(kubectl, platform, namespace, "idmbackups", "-o", "wide")}
-    assert list(wide["good"])[-3:] == ["AGE", "ARCHIVE", "MESSAGE"]
-    assert wide["good"]["ARCHIVE"] == uri and wide["bad"]["MESSAGE"] == statuses["bad"]["message"]
+    assert list(wide["good"])[-3:] == ["AGE", "URI", "MESSAGE"]
+    assert wide["good"]["URI"] == uri and wide["bad"]["MESSAGE"] == statuses["bad"]["message"]
 
     template = {"spec": backup_spec(platform, s3_storage(platform, "cols"), type="Data")}
     now = "2026-11-26T02:10:00Z"

@@ -507,6 +507,7 @@ class _Backup:
             raise
         self.report.update(
             archive={
+                "name": f"{server.host}/{directory.path.name}",
                 "uri": store.uri(keys.archive),
                 "headerURI": store.uri(keys.header),
                 "manifestURI": store.uri(keys.manifest),
