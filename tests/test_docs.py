@@ -213,9 +213,8 @@ def test_the_architecture_layers_are_the_import_contracts_layers() -> None:
     expected = []
     for layer in layers:
         names = [n.strip().removeprefix("idm_backup_operator.") for n in layer.split("|")]
-        expected.append(
-            "utilities" if len(names) > 1 else names[0] + (".py" if names[0] in ("cli", "metrics") else "/")
-        )
+        package = REPO / "operator" / "idm_backup_operator" / names[0]
+        expected.append("utilities" if len(names) > 1 else names[0] + ("/" if package.is_dir() else ".py"))
     documented = [layer for layer, _ in _architecture_rows()]
     assert documented == expected
     # The utilities row holds exactly the modules of the contract's bottom layer.

@@ -3,10 +3,16 @@
 * ``run``: the operator itself (in a pod, or locally with a kubeconfig);
 * ``backup-now SCHEDULE``: a backup from a schedule's template, now, owned by the schedule;
 * ``list``: the IdmBackups of a namespace, or (``--storage``) the backups stored in a bucket or directory;
-* ``verify``: whether a stored backup can be restored, checked end to end with the private key.
+* ``describe backup|schedule NAME``: status, conditions, recent Events and, for a backup, its stored files;
+* ``verify``: whether a stored backup can be restored, checked end to end with the private key;
+* ``completion bash|zsh``: a shell completion script, generated from this parser.
 
-Everything but ``run`` works from a laptop: Kubernetes through the kubeconfig, S3 through the
-IdmBackup's own credentials Secret or, for a URI, the usual ``AWS_*`` environment variables.
+Everything but ``run`` works from a laptop: Kubernetes through the kubeconfig (``--kubeconfig``,
+``--context``, ``-n`` as kubectl spells them), S3 through the IdmBackup's own credentials Secret or, for a
+URI, the usual ``AWS_*`` environment variables. For scripts: ``-o json|yaml`` prints one document on stdout
+and nothing else, sizes in bytes; errors are one line on stderr, and the exit status says what happened
+(`EXIT_STATUS`). For people: tables, sizes in human units, and progress, live on a terminal (rich) and
+plain lines otherwise. What is printed, and how, is cli_output.py's; this module does the work.
 """
 
 from __future__ import annotations
@@ -14,15 +20,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import io
+import json
+import logging
 import os
+import re
 import sys
 import tempfile
+import textwrap
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import kopf
+import urllib3
+import yaml
 from kubernetes import client, config
 
 from idm_backup_operator import __version__, logs, metrics
@@ -39,7 +52,27 @@ from idm_backup_operator.api.names import (
 )
 from idm_backup_operator.api.phase import Phase, is_finished
 from idm_backup_operator.api.spec import BackupSpec, parse_backup_spec
-from idm_backup_operator.archive import stored, verify
+from idm_backup_operator.archive import layout, stored, verify
+from idm_backup_operator.cli_output import (
+    Progress,
+    backup_summary,
+    backup_text,
+    backups_table,
+    bash_completion,
+    clean,
+    describe_backup,
+    describe_schedule,
+    emit_document,
+    human_or_blank,
+    one_line,
+    progress_stream,
+    schedule_text,
+    stored_summary,
+    stored_table,
+    verdict_document,
+    with_human_sizes,
+    zsh_completion,
+)
 from idm_backup_operator.handlers.startup import (
     DEFAULT_PVC_ROOT,
     DEFAULT_WEBHOOK_CERT_DIR,
@@ -60,15 +93,41 @@ from idm_backup_operator.slots import (
     SLOTS_ENV,
     BackupSlots,
 )
-from idm_backup_operator.storage import S3Store, StorageError, Store
-from idm_backup_operator.streams import human_size
+from idm_backup_operator.storage import ObjectNotFound, S3Store, StorageError, Store, StoredObject, Upload
+from idm_backup_operator.streams import CHUNK_SIZE
 
 AMBIENT_ENV = "IDM_BACKUP_S3_AMBIENT_CREDENTIALS"
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
+# Exit status of every command but `run`. 1 is only ever "the backup is broken"; a script that alerts on
+# it alerts on backups, and retries or pages someone else on 3.
+EXIT_OK = 0
+EXIT_BROKEN = 1  # verify: it cannot be restored; backup-now --wait: the backup failed
+EXIT_USAGE = 2  # the command line is wrong (argparse's own status for usage errors)
+EXIT_ERROR = 3  # could not do it, or could not check: API server, storage, a file, a missing resource
+EXIT_INTERRUPTED = 130
+EXIT_STATUS = f"""\
+exit status:
+  {EXIT_OK}    done; verify: the backup can be restored; backup-now --wait: the backup succeeded
+  {EXIT_BROKEN}    the backup is broken: verify: it cannot be restored; backup-now --wait: it failed
+  {EXIT_USAGE}    usage: the command line is wrong
+  {EXIT_ERROR}    could not do it or could not check: the API server or the storage is unreachable or
+       refuses, a resource or file is missing or unreadable, backup-now --wait timed out
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
+Errors are one line on stderr, starting with "error: "."""
+
+OUTPUT_FORMATS = ("table", "wide", "json", "yaml")
+RECENT_EVENTS = 20
+POLL_INTERVAL = 2.0  # seconds between two reads of a backup that backup-now --wait follows
+API_TIMEOUT = (10, 60)  # (connect, read) seconds of each API call made here
+
 
 class CommandError(Exception):
-    """A failure to report in one line, without a traceback; exits with status 1."""
+    """A failure to report in one line, without a traceback, and the exit status it ends with."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 # -- run ------------------------------------------------------------------------------------------------
@@ -119,17 +178,28 @@ def _run(args: argparse.Namespace) -> int:
 
 # -- shared: Kubernetes from the kubeconfig -------------------------------------------------------------
 
+_seen_api_host = ""  # for the message when the API server cannot be reached
 
-def _api() -> client.ApiClient:
-    try:
-        config.load_incluster_config()
-        return client.ApiClient()
-    except config.ConfigException:
+
+def _api(args: argparse.Namespace) -> client.ApiClient:
+    """In a pod its service account, unless --kubeconfig or --context say otherwise; else the kubeconfig:
+    --kubeconfig, else $KUBECONFIG (read now, as kubectl does), else ~/.kube/config."""
+    global _seen_api_host
+    if not (args.kubeconfig or args.context):
         try:
-            # The client library reads $KUBECONFIG once, at import; read it now, as kubectl does.
-            return config.new_client_from_config(config_file=os.environ.get("KUBECONFIG"))
-        except config.ConfigException as err:
-            raise CommandError(f"no Kubernetes configuration: {err}") from None
+            config.load_incluster_config()
+            _seen_api_host = client.Configuration.get_default_copy().host
+            return client.ApiClient()
+        except config.ConfigException:
+            pass
+    path = args.kubeconfig or os.environ.get("KUBECONFIG")
+    try:
+        api = config.new_client_from_config(config_file=path, context=args.context)
+    except (config.ConfigException, OSError, ValueError, yaml.YAMLError) as err:
+        where = f" in {path}" if path else ""
+        raise CommandError(f"no usable Kubernetes configuration{where}: {one_line(err)}") from None
+    _seen_api_host = api.configuration.host
+    return api
 
 
 def _namespace(args: argparse.Namespace) -> str:
@@ -137,7 +207,11 @@ def _namespace(args: argparse.Namespace) -> str:
     if args.namespace:
         return str(args.namespace)
     try:
-        _, active = config.list_kube_config_contexts(config_file=os.environ.get("KUBECONFIG"))
+        contexts, active = config.list_kube_config_contexts(
+            config_file=args.kubeconfig or os.environ.get("KUBECONFIG")
+        )
+        if args.context:
+            active = next((c for c in contexts if c.get("name") == args.context), None)
         namespace = (active or {}).get("context", {}).get("namespace")
         if namespace:
             return str(namespace)
@@ -147,14 +221,78 @@ def _namespace(args: argparse.Namespace) -> str:
     return "default"
 
 
+def _api_refusal(err: client.ApiException) -> str:
+    """The API server's own message (a Status object's), not the whole response."""
+    try:
+        message = json.loads(err.body or "").get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return f"{err.status} {err.reason}" + (f": {message}" if message else "")
+
+
+def _unreachable(err: urllib3.exceptions.HTTPError) -> str:
+    cause = one_line(getattr(err, "reason", None) or err)
+    found = re.search(r"\[(?:Errno -?\d+|SSL[^\]]*)\] ([^'\"()]+)", cause)
+    return (
+        f"cannot reach the Kubernetes API server {_seen_api_host}: {(found[1] if found else cause).strip()}"
+    )
+
+
 def _get(custom: Any, namespace: str, plural: str, name: str, kind: str) -> dict[str, Any]:
     try:
-        obj: dict[str, Any] = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+        obj: dict[str, Any] = custom.get_namespaced_custom_object(
+            GROUP, VERSION, namespace, plural, name, _request_timeout=API_TIMEOUT
+        )
     except client.ApiException as err:
         if err.status == 404:
             raise CommandError(f"{kind} {namespace}/{name} not found") from None
-        raise CommandError(f"cannot read {kind} {namespace}/{name}: {err.status} {err.reason}") from None
+        raise CommandError(f"cannot read {kind} {namespace}/{name}: {_api_refusal(err)}") from None
     return obj
+
+
+def _events(api: client.ApiClient, obj: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The object's recent core/v1 Events, oldest first: those the operator posts, and kopf's."""
+    meta = obj["metadata"]
+    try:
+        found = client.CoreV1Api(api).list_namespaced_event(
+            meta["namespace"],
+            field_selector=f"involvedObject.uid={meta['uid']}",
+            _request_timeout=API_TIMEOUT,
+        )
+    except client.ApiException as err:
+        raise CommandError(
+            f"cannot list the Events of {meta['namespace']}/{meta['name']}: {_api_refusal(err)}"
+        ) from None
+    events = []
+    for event in found.items:
+        last = event.last_timestamp or event.event_time or event.metadata.creation_timestamp
+        first = event.first_timestamp or last
+        source = event.reporting_component or (event.source.component if event.source else None)
+        events.append(
+            {
+                "type": event.type,
+                "reason": event.reason,
+                "message": event.message,
+                "count": event.count or 1,
+                "firstTimestamp": first.isoformat() if first else None,
+                "lastTimestamp": last.isoformat() if last else None,
+                "source": source,
+            }
+        )
+    events.sort(key=lambda e: e["lastTimestamp"] or "")
+    return events[-RECENT_EVENTS:]
+
+
+def _locate(obj: Mapping[str, Any]) -> stored.Located | None:
+    """Where the IdmBackup stored its backup, by its spec and status; a status no operator could have
+    written (a directory outside ipa-backup's) is an error to report, not a traceback."""
+    try:
+        return stored.locate(obj)
+    except (ValueError, KeyError, TypeError) as err:
+        meta = obj["metadata"]
+        raise CommandError(
+            f"cannot tell where IdmBackup {meta['namespace']}/{meta['name']} stored: {err}"
+        ) from None
 
 
 # -- backup-now -----------------------------------------------------------------------------------------
@@ -165,8 +303,20 @@ def manual_backup_name(schedule: str, now: datetime.datetime) -> str:
     return bounded_name(schedule, f"-manual-{now.astimezone(datetime.UTC):%Y%m%d%H%M%S}")
 
 
+def _backup_step(status: Mapping[str, Any]) -> str:
+    """`Running: ipa-backup: Backing up ...`; while Pending, why it waits."""
+    phase = status.get("phase") or Phase.PENDING.value
+    text = f"{phase}: {status.get('step') or 'waiting for the operator'}"
+    waiting = [
+        c for c in status.get("conditions") or [] if c.get("type") == "Waiting" and c.get("status") == "True"
+    ]
+    if waiting and waiting[0].get("message"):
+        text += f" ({waiting[0]['message']})"
+    return text
+
+
 def _backup_now(args: argparse.Namespace) -> int:
-    api = _api()
+    api = _api(args)
     custom = client.CustomObjectsApi(api)
     namespace = _namespace(args)
     schedule = _get(custom, namespace, IDMBACKUPSCHEDULES, args.schedule, IDMBACKUPSCHEDULE)
@@ -182,113 +332,99 @@ def _backup_now(args: argparse.Namespace) -> int:
         raise CommandError(f"IdmBackup {namespace}/{name} refused: {err}") from None
     if not created:
         raise CommandError(f"IdmBackup {namespace}/{name} exists already: try again in a second")
-    print(f"idmbackup {namespace}/{name} created from schedule {args.schedule}")
+    print(f"idmbackup {namespace}/{name} created from schedule {clean(args.schedule)}", flush=True)
     if not args.wait:
-        return 0
+        return EXIT_OK
+    # The status has the step, not a byte count: progress is step by step, with the time it has taken.
     deadline = time.monotonic() + args.timeout
-    while time.monotonic() < deadline:
-        status = _get(custom, namespace, IDMBACKUPS, name, IDMBACKUP).get("status") or {}
-        if is_finished(status.get("phase")):
-            print(f"{status['phase']}: {status.get('message', '')}")
-            return 0 if status["phase"] == Phase.SUCCEEDED else 1
-        time.sleep(2)
-    raise CommandError(f"IdmBackup {namespace}/{name} did not finish within {args.timeout}s")
+    with Progress(sys.stdout) as progress:
+        while True:
+            status = _get(custom, namespace, IDMBACKUPS, name, IDMBACKUP).get("status") or {}
+            if is_finished(status.get("phase")):
+                break
+            progress.step(_backup_step(status))
+            if time.monotonic() >= deadline:
+                raise CommandError(
+                    f"IdmBackup {namespace}/{name} did not finish within {args.timeout:g}s; it goes on: "
+                    f"idm-backup-operator describe backup {name} -n {namespace}"
+                )
+            progress.tick()
+            time.sleep(POLL_INTERVAL)
+    archive, message = status.get("archive") or {}, status.get("message") or ""
+    if archive.get("uri"):
+        where = "" if archive["uri"] in message else f" at {archive['uri']}"
+        message += f" ({human_or_blank(archive.get('sizeBytes'))}{where})"
+    reason = f"{status['reason']}: " if status.get("reason") and status["phase"] != Phase.SUCCEEDED else ""
+    print(clean(f"{status['phase']}: {reason}{message}"), flush=True)
+    return EXIT_OK if status["phase"] == Phase.SUCCEEDED else EXIT_BROKEN
 
 
 # -- list -----------------------------------------------------------------------------------------------
 
 
-def _table(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "   ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows
+def _list_backups(custom: Any, namespace: str | None, selector: str | None) -> list[dict[str, Any]]:
+    try:
+        if namespace is None:
+            found = custom.list_cluster_custom_object(
+                GROUP, VERSION, IDMBACKUPS, label_selector=selector, _request_timeout=API_TIMEOUT
+            )
+        else:
+            found = custom.list_namespaced_custom_object(
+                GROUP, VERSION, namespace, IDMBACKUPS, label_selector=selector, _request_timeout=API_TIMEOUT
+            )
+    except client.ApiException as err:
+        raise CommandError(f"cannot list IdmBackups: {_api_refusal(err)}") from None
+    items: list[dict[str, Any]] = found["items"]
+    items.sort(
+        key=lambda b: (b["metadata"]["namespace"], b["metadata"]["creationTimestamp"], b["metadata"]["name"])
     )
-
-
-def _human(size: Any) -> str:
-    return human_size(size) if isinstance(size, int) else ""
+    return [backup_summary(item) for item in items]
 
 
 def _list(args: argparse.Namespace) -> int:
     if args.storage is not None:
         return _list_storage(args)
-    custom = client.CustomObjectsApi(_api())
+    custom = client.CustomObjectsApi(_api(args))
     selector = f"{SCHEDULE_LABEL}={args.schedule}" if args.schedule else None
-    try:
-        if args.all_namespaces:
-            items = custom.list_cluster_custom_object(GROUP, VERSION, IDMBACKUPS, label_selector=selector)[
-                "items"
-            ]
-        else:
-            items = custom.list_namespaced_custom_object(
-                GROUP, VERSION, _namespace(args), IDMBACKUPS, label_selector=selector
-            )["items"]
-    except client.ApiException as err:
-        raise CommandError(f"cannot list IdmBackups: {err.status} {err.reason}") from None
-    items.sort(
-        key=lambda b: (b["metadata"]["namespace"], b["metadata"]["creationTimestamp"], b["metadata"]["name"])
-    )
-    header = ["NAME", "PHASE", "TYPE", "SIZE", "COMPLETED", "ARCHIVE"]
-    rows = [["NAMESPACE", *header] if args.all_namespaces else header]
-    for item in items:
-        status = item.get("status") or {}
-        archive = status.get("archive") or {}
-        row = [
-            item["metadata"]["name"],
-            status.get("phase") or Phase.PENDING.value,
-            (item.get("spec") or {}).get("type") or "Full",
-            _human(archive.get("sizeBytes")),
-            status.get("completionTime") or "",
-            archive.get("uri") or (status.get("reason") or ""),
-        ]
-        rows.append([item["metadata"]["namespace"], *row] if args.all_namespaces else row)
-    if len(rows) == 1:
+    backups = _list_backups(custom, None if args.all_namespaces else _namespace(args), selector)
+    if args.output in ("json", "yaml"):
+        emit_document({"items": backups}, args.output)
+    elif not backups:
         print("no IdmBackups found")
-        return 0
-    print(_table(rows))
-    return 0
+    else:
+        print(backups_table(backups, wide=args.output == "wide", namespaces=args.all_namespaces))
+    return EXIT_OK
 
 
 def _list_storage(args: argparse.Namespace) -> int:
     if not args.storage and not args.schedule:
-        raise CommandError("--storage needs a location (s3://bucket/prefix or a directory) or --schedule")
+        raise CommandError(
+            "--storage needs a location (s3://bucket/prefix or a directory) or --schedule", EXIT_USAGE
+        )
     # The scratch directory holds a CA file the store may read on each connection, and goes after.
     with tempfile.TemporaryDirectory(prefix="idm-backup-cli-") as scratch:
         if args.storage:
-            store = verify.open_location(args.storage, _s3_options(args))
+            try:
+                store = verify.open_location(args.storage, _s3_options(args))
+            except verify.LocationError as err:
+                raise CommandError(str(err), EXIT_USAGE) from None
         else:
             store = _schedule_store(args, Path(scratch))
-        try:
-            found = verify.list_stored(store)
-        except StorageError as err:
-            raise CommandError(str(err)) from None
+        found = [stored_summary(backup) for backup in verify.list_stored(store)]
+    location = args.storage or store.uri("")
+    if args.output in ("json", "yaml"):
+        emit_document({"location": location, "items": found}, args.output)
+        return EXIT_OK
     if not found:
-        print(f"no backups stored under {args.storage or store.uri('')}")
-        return 0
-    rows = [["DIRECTORY", "TYPE", "HOST", "CREATED", "SIZE", "IDMBACKUP"]]
-    for backup in found:
-        manifest = backup.manifest
-        if manifest is None:
-            rows.append([backup.directory, "", "", "", "", backup.problem or ""])
-            continue
-        resource = manifest.get("resource") or {}
-        rows.append(
-            [
-                backup.directory,
-                (manifest.get("header") or {}).get("type", ""),
-                (manifest.get("server") or {}).get("host", ""),
-                manifest.get("createdAt", ""),
-                _human(manifest["files"]["archive"].get("size")),
-                f"{resource.get('namespace')}/{resource.get('name')}",
-            ]
-        )
-    print(_table(rows))
-    return 0
+        print(f"no backups stored under {clean(location)}")
+        return EXIT_OK
+    print(stored_table(found, wide=args.output == "wide"))
+    return EXIT_OK
 
 
 def _schedule_store(args: argparse.Namespace, scratch: Path) -> Store:
     """The store a schedule's template writes to, opened with the template's own credentials."""
-    api = _api()
+    api = _api(args)
     namespace = _namespace(args)
     schedule = _get(
         client.CustomObjectsApi(api), namespace, IDMBACKUPSCHEDULES, args.schedule, IDMBACKUPSCHEDULE
@@ -318,6 +454,92 @@ def _open_spec_store(
     return store
 
 
+# -- describe -------------------------------------------------------------------------------------------
+
+# kubectl's spellings too: describe idmbackup NAME, describe idmbackupschedules NAME.
+_KINDS = {
+    **dict.fromkeys(("backup", "backups", "idmbackup", "idmbackups"), "backup"),
+    **dict.fromkeys(("schedule", "schedules", "idmbackupschedule", "idmbackupschedules"), "schedule"),
+}
+
+
+def _describe(args: argparse.Namespace) -> int:
+    api = _api(args)
+    custom = client.CustomObjectsApi(api)
+    namespace = _namespace(args)
+    if args.kind == "backup":
+        obj = _get(custom, namespace, IDMBACKUPS, args.name, IDMBACKUP)
+        with tempfile.TemporaryDirectory(prefix="idm-backup-cli-") as scratch:
+            files = _stored_files(api, obj, args, Path(scratch))
+        document = describe_backup(obj, _events(api, obj), files)
+        text = backup_text
+    else:
+        obj = _get(custom, namespace, IDMBACKUPSCHEDULES, args.name, IDMBACKUPSCHEDULE)
+        backups = _list_backups(custom, namespace, f"{SCHEDULE_LABEL}={args.name}")
+        document = describe_schedule(obj, _events(api, obj), backups)
+        text = schedule_text
+    if args.output in ("json", "yaml"):
+        emit_document(document, args.output)
+    else:
+        print("\n".join(text(document)))
+    return EXIT_OK
+
+
+def _stored_files(
+    api: client.ApiClient, obj: Mapping[str, Any], args: argparse.Namespace, scratch: Path
+) -> dict[str, Any]:
+    """The backup's files in its store, read-only: whether each is there, its size, and the manifest's
+    record of it. What cannot be read is named in "problem"; describe goes on without it."""
+    result: dict[str, Any] = {"location": None, "files": [], "manifest": None, "problem": None}
+    try:
+        found = _locate(obj)
+    except CommandError as err:
+        result["problem"] = str(err)
+        return result
+    if found is None:
+        result["problem"] = "nothing stored: ipa-backup reported no backup directory"
+        return result
+    if args.skip_storage:
+        uri = ((obj.get("status") or {}).get("archive") or {}).get("uri")
+        result["location"] = uri.rsplit("/", 1)[0] + "/" if uri else None
+        result["problem"] = "not read (--skip-storage)"
+        return result
+    keys = found.keys
+    try:
+        store = _open_spec_store(api, found.resource.namespace, found.spec, args, scratch)
+        result["location"] = store.uri(keys.directory)
+        manifest = stored.read_manifest(store, keys) or {}
+        files = manifest.get("files") or {}
+        records = {(files.get(k) or {}).get("name"): files.get(k) or {} for k in ("header", "archive")}
+        for key in (keys.header, keys.archive, keys.manifest):
+            name = key.rsplit("/", 1)[1]
+            there = store.stat(key)
+            record = records.get(name) or {}
+            result["files"].append(
+                {
+                    "name": name,
+                    "uri": store.uri(key),
+                    "stored": there is not None,
+                    "sizeBytes": there.size if there else None,
+                    "manifestSizeBytes": record.get("size"),
+                    "manifestSHA256": record.get("sha256"),
+                }
+            )
+        if manifest:
+            owner = (manifest.get("resource") or {}).get("uid")
+            result["manifest"] = {
+                "createdAt": manifest.get("createdAt"),
+                "operatorVersion": manifest.get("operatorVersion"),
+                "resourceUID": owner,
+                "ownedByThisBackup": stored.owns(manifest, found.resource),
+            }
+        else:
+            result["problem"] = "no manifest.json: the backup is incomplete (the manifest is written last)"
+    except (CommandError, StorageError, stored.StoredBackupError) as err:
+        result["problem"] = str(err)
+    return result
+
+
 # -- verify ---------------------------------------------------------------------------------------------
 
 
@@ -329,44 +551,174 @@ def _is_location(target: str) -> bool:
     return "://" in target or "/" in target or Path(target).is_dir()
 
 
+class _Counted(io.RawIOBase):
+    """A stored file read through `WatchedStore`: counts what passes, and keeps what failed."""
+
+    def __init__(self, store: WatchedStore, name: str, source: BinaryIO) -> None:
+        self._store, self._name, self._source = store, name, source
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        try:
+            data = self._source.read(len(view))
+        except StorageError as err:
+            self._store.failed(err)
+            raise
+        view[: len(data)] = data
+        self._store.read(self._name, data)
+        return len(data)
+
+    def close(self) -> None:
+        self._source.close()
+        super().close()
+
+
+class WatchedStore(Store):
+    """The store `verify` reads through: it shows which file is read and how far (the archive against the
+    manifest's size), remembers the storage failures (could not check, rather than broken), and writes,
+    deletes and lists nothing. verify.py has no progress hook; its reads are what it does."""
+
+    def __init__(self, inner: Store, progress: Progress) -> None:
+        self.inner, self.progress = inner, progress
+        self.failures: list[StorageError] = []
+        self._manifest = bytearray()
+        self._archive_size: int | None = None
+        self._done = 0
+
+    def failed(self, err: StorageError) -> None:
+        if not isinstance(err, ObjectNotFound):  # a missing file is the backup's fault, not the store's
+            self.failures.append(err)
+
+    def read(self, name: str, data: bytes) -> None:
+        if name == layout.MANIFEST_FILE:
+            if len(self._manifest) < 16 * 1024 * 1024:
+                self._manifest += data
+        elif name != "header":
+            self._done += len(data)
+            self.progress.transferred(self._done, self._archive_size)
+
+    def uri(self, key: str) -> str:
+        return self.inner.uri(key)
+
+    def open_read(self, key: str) -> BinaryIO:
+        name = key.rsplit("/", 1)[-1]
+        if name == layout.MANIFEST_FILE:
+            self.progress.step("reading the manifest")
+        elif name == "header":
+            self.progress.step("checking the header")
+        else:
+            try:
+                self._archive_size = layout.parse_manifest(bytes(self._manifest))["files"]["archive"]["size"]
+            except (ValueError, KeyError, TypeError):
+                self._archive_size = None
+            self._done = 0
+            self.progress.step(f"reading {name}")
+        try:
+            source = self.inner.open_read(key)
+        except StorageError as err:
+            self.failed(err)
+            raise
+        return io.BufferedReader(_Counted(self, name, source), CHUNK_SIZE)
+
+    def stat(self, key: str) -> StoredObject | None:
+        return self.inner.stat(key)
+
+    def list_objects(self, prefix: str = "") -> Iterator[StoredObject]:
+        raise StorageError("verify lists nothing")
+
+    def open_upload(self, key: str) -> Upload:
+        raise StorageError("verify writes nothing")
+
+    def delete(self, key: str) -> None:
+        raise StorageError("verify deletes nothing")
+
+    def check_writable(self) -> None:
+        raise StorageError("verify writes nothing")
+
+    def clean_incomplete(self, prefix: str = "", *, started_before: datetime.datetime) -> list[str]:
+        raise StorageError("verify deletes nothing")
+
+
+def _read_file(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise CommandError(f"cannot read {what} {path}: {err.strerror or err}") from None
+
+
+# verify's reasons that are about the key given, not the backup.
+_KEY_PROBLEMS = (
+    "the archive is encrypted (to ",
+    "the key file holds no OpenPGP private key",
+    "the key (",
+    "the private key cannot be used",
+)
+
+
 def _verify(args: argparse.Namespace) -> int:
-    secret_key = Path(args.key).read_bytes() if args.key else None
-    passphrase = Path(args.passphrase_file).read_text().rstrip("\r\n") if args.passphrase_file else None
+    secret_key = _read_file(args.key, "the key file") if args.key else None
+    passphrase = None
+    if args.passphrase_file:
+        passphrase = _read_file(args.passphrase_file, "the passphrase file").decode().rstrip("\r\n")
     with tempfile.TemporaryDirectory(prefix="idm-backup-cli-") as scratch:
         expected_uid = server_id = None
         if _is_location(args.target):
             try:
                 store, directory = verify.backup_directory_location(args.target, _s3_options(args))
             except verify.LocationError as err:
-                raise CommandError(str(err)) from None
+                raise CommandError(str(err), EXIT_USAGE) from None
         else:
             store, directory, expected_uid, server_id = _resource_location(args, Path(scratch))
-        verdict = verify.verify_backup(
-            store,
-            directory,
-            secret_key=secret_key,
-            passphrase=passphrase,
-            expected_uid=expected_uid,
-            server_id=server_id,
-        )
-    print(verdict.render())
-    return 0 if verdict.restorable else 1
+        with Progress(progress_stream(args.output)) as progress:
+            watched = WatchedStore(store, progress)
+            verdict = verify.verify_backup(
+                watched,
+                directory,
+                secret_key=secret_key,
+                passphrase=passphrase,
+                expected_uid=expected_uid,
+                server_id=server_id,
+            )
+    # Nothing says the backup is broken, only that it could not be checked: every reason is a storage
+    # failure (could not read it), or the key given (no key, not a recipient's, unusable).
+    failures = [one_line(err) for err in watched.failures]
+    if verdict.reasons and all(any(f in one_line(r) for f in failures) for r in verdict.reasons):
+        raise CommandError(f"could not check {verdict.location}: {verdict.reasons[0]}")
+    if verdict.reasons and all(r.startswith(_KEY_PROBLEMS) for r in verdict.reasons):
+        raise CommandError(f"cannot check {verdict.location}: {verdict.reasons[0]}", EXIT_USAGE)
+    if args.output in ("json", "yaml"):
+        emit_document(verdict_document(verdict), args.output)
+    else:
+        shown = dataclasses.replace(verdict, facts=[with_human_sizes(fact) for fact in verdict.facts])
+        print(clean(shown.render(), newlines=True))
+    return EXIT_OK if verdict.restorable else EXIT_BROKEN
 
 
 def _resource_location(args: argparse.Namespace, scratch: Path) -> tuple[Store, str, str, str | None]:
     """Where an IdmBackup stored its backup, from its status, and the store opened with its Secret."""
-    api = _api()
+    api = _api(args)
     namespace = _namespace(args)
     obj = _get(client.CustomObjectsApi(api), namespace, IDMBACKUPS, args.target, IDMBACKUP)
-    found = stored.locate(obj)
+    found = _locate(obj)
     if found is None:
         status = obj.get("status") or {}
-        raise CommandError(
-            f"IdmBackup {namespace}/{args.target} stored nothing (phase {status.get('phase') or 'Pending'}"
-            f"{': ' + status['message'] if status.get('message') else ''})"
+        phase = status.get("phase") or Phase.PENDING.value
+        message = f"IdmBackup {namespace}/{args.target} stored nothing (phase {phase}" + (
+            f": {status['message']})" if status.get("message") else ")"
         )
+        # A failed backup that stored nothing cannot be restored; one still going cannot be checked yet.
+        raise CommandError(message, EXIT_BROKEN if phase == Phase.FAILED else EXIT_ERROR)
     store = _open_spec_store(api, namespace, found.spec, args, scratch)
     return store, found.keys.directory, found.resource.uid, verify.server_id(found.realm)
+
+
+def _completion(args: argparse.Namespace) -> int:
+    parser = build_parser()
+    sys.stdout.write(bash_completion(parser) if args.shell == "bash" else zsh_completion(parser))
+    return EXIT_OK
 
 
 # -- the parser -----------------------------------------------------------------------------------------
@@ -410,14 +762,84 @@ def _add_storage_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Descriptions, examples and exit codes are laid out by hand (`_command`); options wrap as usual."""
+
+
+def _command(
+    sub: Any,
+    name: str,
+    summary: str,
+    examples: str,
+    *,
+    description: str | None = None,
+    exit_status: bool = True,
+) -> argparse.ArgumentParser:
+    epilog = f"examples:\n{examples}" + (f"\n\n{EXIT_STATUS}" if exit_status else "")
+    text = description or summary[0].upper() + summary[1:] + "."
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=summary,
+        description=text if "\n" in text else textwrap.fill(text, 100),
+        epilog=epilog,
+        formatter_class=_Help,
+    )
+    return parser
+
+
+def _add_kube_options(
+    parser: argparse.ArgumentParser, namespace_help: str, *, all_namespaces: bool = False
+) -> None:
+    group = parser.add_argument_group("Kubernetes (as kubectl spells them)")
+    group.add_argument(
+        "--kubeconfig",
+        metavar="FILE",
+        help="the kubeconfig file (default: $KUBECONFIG, else ~/.kube/config; in a pod, its service account)",
+    )
+    group.add_argument("--context", help="the kubeconfig context to use (default: its current-context)")
+    scope = group.add_mutually_exclusive_group() if all_namespaces else group
+    scope.add_argument("-n", "--namespace", help=f"{namespace_help} (default: the kubeconfig context's)")
+    if all_namespaces:
+        scope.add_argument(
+            "-A", "--all-namespaces", action="store_true", help="IdmBackups of every namespace"
+        )
+    parser.add_argument("--verbose", action="store_true", help="log what is done (debug) on stderr")
+
+
+def _add_output(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "-o",
+        "--output",
+        choices=OUTPUT_FORMATS,
+        default="table",
+        help=f"{what}: a table (wide: more columns) with sizes in human units, or one JSON or YAML "
+        "document on stdout with sizes in bytes (default: %(default)s)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="idm-backup-operator", description="Backups of FreeIPA on Kubernetes"
+        prog="idm-backup-operator",
+        description="Backups of FreeIPA on Kubernetes",
+        epilog=EXIT_STATUS.replace("exit status:", "exit status of every command but run:", 1),
+        formatter_class=_Help,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run the operator")
+    run = _command(
+        sub,
+        "run",
+        "run the operator",
+        """\
+  # in a pod, as the chart runs it: every namespace, JSON logs, the webhook
+  idm-backup-operator run --log-format json --webhook-port 9443
+  # from a laptop, with the kubeconfig: one namespace, its locks there too
+  idm-backup-operator run --namespace identity --lock-namespace identity
+  # one of several replicas: one is active, the next takes over
+  idm-backup-operator run --peering idm-backup-operator""",
+        exit_status=False,
+    )
     run.add_argument(
         "--namespace", action="append", help="watch only this namespace (repeatable); default: all namespaces"
     )
@@ -510,21 +932,43 @@ def build_parser() -> argparse.ArgumentParser:
     ha.add_argument("--standalone", action="store_true", help="a single replica, no peering (the default)")
     run.set_defaults(func=_run)
 
-    now = sub.add_parser("backup-now", help="create a backup from a schedule's template, now")
+    now = _command(
+        sub,
+        "backup-now",
+        "create a backup from a schedule's template, now",
+        """\
+  idm-backup-operator backup-now nightly -n identity
+  # follow it (step by step, live on a terminal), exit 1 if it fails
+  idm-backup-operator backup-now nightly -n identity --wait --timeout 3600
+  idm-backup-operator backup-now nightly --context prod --namespace identity --wait""",
+    )
     now.add_argument("schedule", help="the IdmBackupSchedule's name")
-    now.add_argument("-n", "--namespace", help="its namespace (default: the kubeconfig context's)")
+    _add_kube_options(now, "its namespace")
     now.add_argument(
-        "--wait", action="store_true", help="wait until the backup finished; exit 1 if it failed"
+        "--wait",
+        action="store_true",
+        help="follow the backup until it finished, with its progress; exit 1 if it failed",
     )
     now.add_argument(
-        "--timeout", type=float, default=7200, help="with --wait: give up after this many seconds"
+        "--timeout", type=float, default=7200, help="with --wait: give up after this many seconds (exit 3)"
     )
     now.set_defaults(func=_backup_now)
 
-    listing = sub.add_parser("list", help="list backups: the IdmBackups, or what is stored (--storage)")
-    scope = listing.add_mutually_exclusive_group()
-    scope.add_argument("-n", "--namespace", help="namespace (default: the kubeconfig context's)")
-    scope.add_argument("-A", "--all-namespaces", action="store_true", help="IdmBackups of every namespace")
+    listing = _command(
+        sub,
+        "list",
+        "list backups: the IdmBackups, or what is stored (--storage)",
+        """\
+  idm-backup-operator list -n identity
+  idm-backup-operator list -A -o wide
+  idm-backup-operator list -n identity -o json | jq -r '.items[] | select(.phase == "Failed") | .name'
+  # what is stored: from the manifests, with the AWS_* environment for credentials
+  idm-backup-operator list --storage s3://idm-backups/prod --s3-endpoint https://s3.example.com
+  # where a schedule's template stores, with the template's own credentials Secret
+  idm-backup-operator list -n identity --schedule nightly --storage -o yaml""",
+    )
+    _add_kube_options(listing, "namespace", all_namespaces=True)
+    _add_output(listing, "how to print them")
     listing.add_argument("--schedule", help="only this schedule's backups; with --storage alone, its storage")
     listing.add_argument(
         "--storage",
@@ -537,37 +981,114 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage_options(listing)
     listing.set_defaults(func=_list)
 
-    check = sub.add_parser(
+    describe = _command(
+        sub,
+        "describe",
+        "show a backup or a schedule: status, conditions, Events, stored files",
+        """\
+  idm-backup-operator describe backup nightly-202611260200 -n identity
+  idm-backup-operator describe schedule nightly -n identity -o yaml
+  idm-backup-operator describe backup nightly-202611260200 -n identity -o json | jq .storedFiles
+  # without reading the storage (no S3 credentials needed)
+  idm-backup-operator describe backup nightly-202611260200 -n identity --skip-storage""",
+        description="Show an IdmBackup (status, conditions, recent Events, and its files as stored: present, "
+        "sizes, the manifest's checksums) or an IdmBackupSchedule (status, conditions, its backups, recent "
+        "Events). Nothing is changed, in the cluster or in the storage.",
+    )
+    describe.add_argument(
+        "kind",
+        type=lambda text: _KINDS.get(text.lower(), text),
+        choices=("backup", "schedule"),
+        help="what to describe (idmbackup and idmbackupschedule work too)",
+    )
+    describe.add_argument("name", help="its name")
+    _add_kube_options(describe, "its namespace")
+    _add_output(describe, "how to print it")
+    describe.add_argument(
+        "--skip-storage", action="store_true", help="do not read the stored files (no storage access)"
+    )
+    _add_storage_options(describe)
+    describe.set_defaults(func=_describe)
+
+    check = _command(
+        sub,
         "verify",
-        help="check that a stored backup can be restored",
-        description="Download the manifest, check the header's and archive's sizes and sha256, decrypt the "
-        "archive with the private key, check the plaintext against the manifest and list the tar: "
-        "exit status 0 when the backup can be restored, 1 when it cannot, 2 for usage errors.",
+        "check that a stored backup can be restored",
+        """\
+  idm-backup-operator verify nightly-202611260200 -n identity --key restore.asc
+  AWS_PROFILE=backups idm-backup-operator verify \\
+      s3://idm-backups/prod/identity/ipa.example.test/ipa-full-2026-11-26-02-00-03/ --key restore.asc
+  idm-backup-operator verify ./ipa-full-2026-11-26-02-00-03 --key restore.asc -o json | jq .restorable""",
+        description="Download the manifest, check the header's and archive's sizes and sha256, decrypt the\n"
+        "archive with the private key, check the plaintext against the manifest and list the tar.\n"
+        "Progress (step, bytes, rate, time left) is live on a terminal, plain lines otherwise.",
     )
     check.add_argument(
         "target",
         help="an IdmBackup's name, or a backup directory: s3://bucket/.../ipa-full-.../ or a local path",
     )
-    check.add_argument(
-        "-n", "--namespace", help="the IdmBackup's namespace (default: the kubeconfig context's)"
-    )
+    _add_kube_options(check, "the IdmBackup's namespace")
+    _add_output(check, "how to print the verdict")
     check.add_argument("--key", help="the private key file (ASCII-armored or binary), for encrypted archives")
     check.add_argument("--passphrase-file", help="a file holding the private key's passphrase")
     _add_storage_options(check)
     check.set_defaults(func=_verify)
+
+    completion = _command(
+        sub,
+        "completion",
+        "print a shell completion script",
+        """\
+  source <(idm-backup-operator completion bash)     # bash, in this shell
+  idm-backup-operator completion bash > /etc/bash_completion.d/idm-backup-operator
+  idm-backup-operator completion zsh > "${fpath[1]}/_idm-backup-operator"   # zsh, with compinit""",
+        exit_status=False,
+    )
+    completion.add_argument("shell", choices=("bash", "zsh"), help="the shell")
+    completion.set_defaults(func=_completion)
     return parser
+
+
+def _error(message: str) -> None:
+    print(f"error: {clean(one_line(message))}", file=sys.stderr, flush=True)
+
+
+def _quiet_logging(verbose: bool) -> None:
+    """Library warnings (urllib3's retries, botocore's) are not the command's output: shown with --verbose."""
+    root = logging.getLogger()
+    if verbose:
+        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
+    elif not root.handlers:
+        root.addHandler(logging.NullHandler())
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.func is not _run and args.func is not _completion:
+        _quiet_logging(args.verbose)
     try:
         result: int = args.func(args)
     except CommandError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except OSError as err:  # e.g. an unreadable key file
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        _error(str(err))
+        return err.code
+    except client.ApiException as err:
+        _error(f"the Kubernetes API server refused: {_api_refusal(err)}")
+        return EXIT_ERROR
+    except urllib3.exceptions.HTTPError as err:
+        _error(_unreachable(err))
+        return EXIT_ERROR
+    except (StorageError, references.ResolveError, stored.StoredBackupError) as err:
+        _error(str(err))
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `| head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
+    except OSError as err:
+        _error(f"{err.filename + ': ' if err.filename else ''}{err.strerror or err}")
+        return EXIT_ERROR
     return result
 
 
