@@ -37,6 +37,7 @@ ALERTS = {
     "IdmBackupTooOld": "critical",
     "IdmBackupNeverSucceeded": "critical",
     "IdmBackupRepeatedFailures": "warning",
+    "IdmBackupStorageUnavailable": "warning",
     "IdmBackupQueued": "info",
     "IdmBackupOperatorDown": "critical",
 }
@@ -100,6 +101,7 @@ def exported_metric_names() -> set[str]:
     finished = {"phase": "Succeeded", "completionTime": "2026-11-26T02:10:00Z", "durationSeconds": 600}
     state.observe_backup({**backup, "status": {**finished, "archive": {"sizeBytes": 1024}}})
     state.observe_backup({**failed, "status": {"phase": "Failed", "completionTime": "2026-11-26T03:00:00Z"}})
+    state.observe_storage("s1", ("nightly", "identity"), "s3://idm-backups/prod", available=True, checked=1e9)
     names = set()
     for line in state.exposition().decode().splitlines():
         if line and not line.startswith("#"):
@@ -168,6 +170,7 @@ def test_the_rules_follow_the_values(helm: Callable[..., str], promtool: Path, t
         "--set", "metrics.prometheusRule.failureThreshold=5",
         "--set", "metrics.prometheusRule.failureWindow=7d",
         "--set", "metrics.prometheusRule.queuedFor=2h",
+        "--set", "metrics.prometheusRule.storageUnavailableFor=30m",
         "--set", "metrics.prometheusRule.operatorDownFor=5m",
         "--set", "metrics.prometheusRule.additionalLabels.team=identity",
         "--set", "metrics.prometheusRule.runbookBaseURL=https://wiki.example.com/idm/",
@@ -180,6 +183,8 @@ def test_the_rules_follow_the_values(helm: Callable[..., str], promtool: Path, t
     assert "[7d]" in alerts["IdmBackupRepeatedFailures"]["expr"]
     assert alerts["IdmBackupRepeatedFailures"]["expr"].endswith(">= 5")
     assert alerts["IdmBackupOperatorDown"]["for"] == "5m"
+    assert alerts["IdmBackupStorageUnavailable"]["for"] == "30m"
+    assert "failed for 30m" in alerts["IdmBackupStorageUnavailable"]["annotations"]["description"]
     assert (
         alerts["IdmBackupOperatorDown"]["expr"] == 'absent(idm_backup_slots{namespace="idm-backup-system"})'
     )
@@ -194,9 +199,11 @@ def test_the_rules_follow_the_values(helm: Callable[..., str], promtool: Path, t
 def test_alerts_and_dashboard_use_only_series_the_operator_exports(helm: Callable[..., str]) -> None:
     exported = exported_metric_names()
     assert {
-        "idm_backup_last_successful_timestamp", "idm_backup_last_failure_timestamp", "idm_backup_last_status",
-        "idm_backup_attempt_total", "idm_backup_failure_total", "idm_backup_duration_seconds_bucket",
-        "idm_backup_schedule_next_run_timestamp", "idm_backup_slots", "idm_backup_queued",
+        "idm_backup_last_successful_timestamp_seconds", "idm_backup_last_failure_timestamp_seconds",
+        "idm_backup_last_status", "idm_backup_attempt_total", "idm_backup_failure_total",
+        "idm_backup_duration_seconds_bucket", "idm_backup_schedule_next_run_timestamp_seconds",
+        "idm_backup_storage_available", "idm_backup_storage_last_check_timestamp_seconds",
+        "idm_backup_slots", "idm_backup_queued",
     } <= exported  # fmt: skip
     used_by_alerts = {m for a in alerts_of(rule_groups(helm)).values() for m in METRIC.findall(a["expr"])}
     assert used_by_alerts and used_by_alerts <= exported, used_by_alerts - exported

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
+import platform as python_platform
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 from kubernetes import client
 from prometheus_client.parser import text_string_to_metric_families
 
+from idm_backup_operator import __version__
 from idm_backup_operator.metrics import DURATION_BUCKETS, BackupMetrics, MetricsConfig, MetricsServer
 from testbed import processes, stack
 from testbed.deploy import OperatorProcess
@@ -104,12 +107,12 @@ def test_gauges_are_rebuilt_from_the_resources_and_nothing_old_is_counted() -> N
         [schedule()],
     )
     found = samples(metrics)
-    assert value(found, "idm_backup_last_successful_timestamp") == ts(T1)
-    assert value(found, "idm_backup_last_failure_timestamp") == ts(T2)
+    assert value(found, "idm_backup_last_successful_timestamp_seconds") == ts(T1)
+    assert value(found, "idm_backup_last_failure_timestamp_seconds") == ts(T2)
     assert value(found, "idm_backup_last_status") == 0  # the failure is the latest
     assert value(found, "idm_backup_archive_size_bytes") == 1000
     assert value(found, "idm_backup_in_progress") == 1
-    assert value(found, "idm_backup_schedule_next_run_timestamp") == ts(T2)
+    assert value(found, "idm_backup_schedule_next_run_timestamp_seconds") == ts(T2)
     assert value(found, "idm_backup_schedules", schedule=None) == 1
     # A backup made by hand has the schedule label "".
     assert value(found, "idm_backup_last_status", schedule="") == 1
@@ -158,9 +161,9 @@ def test_deleting_a_backup_or_a_schedule_removes_what_depended_on_it() -> None:
     metrics.seed([backup("a", "Succeeded", completed=T1, size=1)], [schedule(), schedule("other", "s-2")])
     metrics.observe_backup(backup("b", "Running"))
     metrics.observe_backup(backup("b", "Succeeded", completed=T2, size=2))
-    assert value(samples(metrics), "idm_backup_last_successful_timestamp") == ts(T2)
+    assert value(samples(metrics), "idm_backup_last_successful_timestamp_seconds") == ts(T2)
     metrics.forget_backup(backup("b", "Succeeded"))
-    assert value(samples(metrics), "idm_backup_last_successful_timestamp") == ts(T1)
+    assert value(samples(metrics), "idm_backup_last_successful_timestamp_seconds") == ts(T1)
     assert value(samples(metrics), "idm_backup_success_total") == 1  # a counter does not go down
 
     metrics.forget_schedule(schedule())
@@ -170,11 +173,123 @@ def test_deleting_a_backup_or_a_schedule_removes_what_depended_on_it() -> None:
     found = samples(metrics)
     assert not [key for key in found if ("schedule", "nightly") in key[1]]
     assert value(found, "idm_backup_schedules", schedule=None) == 1
-    assert value(found, "idm_backup_schedule_next_run_timestamp", schedule="other") == ts(T2)
+    assert value(found, "idm_backup_schedule_next_run_timestamp_seconds", schedule="other") == ts(T2)
     metrics.forget_schedule(schedule("other", "s-2"))
     found = samples(metrics)
     assert "idm_backup_schedules" not in names(found)
-    assert "idm_backup_schedule_next_run_timestamp" not in names(found)
+    assert "idm_backup_schedule_next_run_timestamp_seconds" not in names(found)
+
+
+def test_a_backup_by_hand_keeps_its_counters_only_once_it_counted_something() -> None:
+    """The counters are prometheus-client's own, with a child per key; which keys have children is
+    what it was with the hand-written counters: schedules, backups known now, and keys that counted."""
+    metrics = BackupMetrics()
+    metrics.seed([backup("old", "Succeeded", schedule=None, owner=None, completed=T1)], [])
+    assert value(samples(metrics), "idm_backup_attempt_total", schedule="") == 0
+    metrics.forget_backup(backup("old", None, schedule=None, owner=None))
+    assert not [key for key in samples(metrics) if ("schedule", "") in key[1]]  # never counted: gone
+    metrics.observe_backup(backup("new", "Running", schedule=None, owner=None))
+    metrics.forget_backup(backup("new", None, schedule=None, owner=None))
+    found = samples(metrics)
+    assert value(found, "idm_backup_attempt_total", schedule="") == 1  # counted: a counter stays
+    assert value(found, "idm_backup_in_progress", schedule="") == 0
+    assert value(found, "idm_backup_duration_seconds_count", schedule="") == 0
+
+
+def full_state() -> BackupMetrics:
+    """Every kind of series the operator exports, each at least once."""
+    metrics = BackupMetrics()
+    metrics.seed([], [schedule()])
+    metrics.observe_backup(backup("a", "Running"))
+    metrics.observe_backup(backup("a", "Succeeded", completed=T1, size=10, duration=60))
+    metrics.observe_backup(backup("b", "Running"))
+    metrics.observe_backup(backup("b", "Failed", completed=T2, duration=5))
+    metrics.observe_storage("s-1", ("nightly", NS), "s3://idm-backups/prod", available=True, checked=ts(T2))
+    return metrics
+
+
+def test_process_gc_platform_and_build_info_series_are_exported() -> None:
+    found = samples(full_state())
+    exported = names(found)
+    # prometheus-client's process, platform and garbage-collector collectors, as the default registry has.
+    assert {
+        "process_cpu_seconds_total", "process_resident_memory_bytes", "process_start_time_seconds",
+        "process_open_fds", "python_info", "python_gc_collections_total", "python_gc_objects_collected_total",
+    } <= exported  # fmt: skip
+    assert [(labels, v) for (name, labels), v in found.items() if name == "idm_backup_build_info"] == [
+        (
+            tuple(
+                sorted(
+                    {
+                        "version": __version__,
+                        "python": python_platform.python_version(),
+                        "kopf": importlib.metadata.version("kopf"),
+                    }.items()
+                )
+            ),
+            1.0,
+        )
+    ]
+    assert found[("process_start_time_seconds", ())] > ts(T1)
+
+
+def test_unix_timestamps_end_in_timestamp_seconds_and_the_old_names_are_gone() -> None:
+    families = list(text_string_to_metric_families(full_state().exposition().decode()))
+    ours = {f.name: f for f in families if f.name.startswith("idm_backup_")}
+    timestamps = {name for name, family in ours.items() if "Unix seconds" in family.documentation}
+    assert timestamps == {
+        "idm_backup_last_successful_timestamp_seconds",
+        "idm_backup_last_failure_timestamp_seconds",
+        "idm_backup_schedule_next_run_timestamp_seconds",
+        "idm_backup_storage_last_check_timestamp_seconds",
+    }
+    assert {name for name in ours if "timestamp" in name} == timestamps
+    exported = names(samples(full_state()))
+    for old in (
+        "idm_backup_last_successful_timestamp",
+        "idm_backup_last_failure_timestamp",
+        "idm_backup_schedule_next_run_timestamp",
+    ):
+        assert old not in exported
+
+
+def test_counters_and_histogram_keep_their_exposition_without_created_samples() -> None:
+    text = full_state().exposition().decode()
+    for counter in ("idm_backup_attempt_total", "idm_backup_success_total", "idm_backup_failure_total"):
+        assert f"# TYPE {counter} counter" in text
+    assert "# TYPE idm_backup_duration_seconds histogram" in text
+    assert "_created" not in "".join(line for line in text.splitlines() if line.startswith("idm_backup_"))
+    found = parse(text)
+    assert value(found, "idm_backup_attempt_total") == 2
+    assert value(found, "idm_backup_failure_total") == 1
+    assert value(found, "idm_backup_duration_seconds_bucket", le="10.0") == 1
+    assert value(found, "idm_backup_duration_seconds_bucket", le="+Inf") == 2
+    assert value(found, "idm_backup_duration_seconds_sum") == 65
+
+
+def test_storage_check_series_follow_the_last_check_and_go_with_the_schedule() -> None:
+    metrics = BackupMetrics()
+    metrics.seed([], [schedule(), schedule("other", "s-2")])
+    metrics.observe_storage("s-1", ("nightly", NS), "s3://idm-backups/prod", available=True, checked=100.0)
+    found = samples(metrics)
+    where = {"location": "s3://idm-backups/prod"}
+    assert value(found, "idm_backup_storage_available", **where) == 1
+    assert value(found, "idm_backup_storage_last_check_timestamp_seconds", **where) == 100.0
+    metrics.observe_storage("s-1", ("nightly", NS), "s3://idm-backups/prod", available=False, checked=400.0)
+    assert value(samples(metrics), "idm_backup_storage_available", **where) == 0
+    # The template now names another bucket: one series per schedule, the old location's goes.
+    metrics.observe_storage("s-1", ("nightly", NS), "s3://elsewhere", available=True, checked=700.0)
+    metrics.observe_storage("s-2", ("other", NS), "pvc://backups/idm", available=True, checked=700.0)
+    found = samples(metrics)
+    storage = {dict(labels)["location"]: v for (n, labels), v in found.items() if n.endswith("_available")}
+    assert storage == {"s3://elsewhere": 1, "pvc://backups/idm": 1}
+    assert value(found, "idm_backup_storage_available", "other", location="pvc://backups/idm") == 1
+    metrics.forget_storage("s-2")  # suspended: not checked, no series
+    metrics.forget_schedule(schedule())
+    # A check that ends after its schedule was deleted brings nothing back.
+    metrics.observe_storage("s-1", ("nightly", NS), "s3://elsewhere", available=False, checked=900.0)
+    found = samples(metrics)
+    assert not {name for name, _ in found if name.startswith("idm_backup_storage_")}
 
 
 def test_the_endpoint_serves_the_exposition_on_loopback() -> None:
@@ -251,7 +366,7 @@ def test_operator_metrics_survive_a_restart_and_follow_schedules(
         if found is None:
             return None
         next_run_key = (
-            "idm_backup_schedule_next_run_timestamp",
+            "idm_backup_schedule_next_run_timestamp_seconds",
             (("namespace", namespace), ("schedule", "nightly")),
         )
         failures_key = ("idm_backup_failure_total", (("namespace", namespace), ("schedule", "")))
@@ -261,8 +376,8 @@ def test_operator_metrics_survive_a_restart_and_follow_schedules(
     completed = {name: ts(obj["status"]["completionTime"]) for name, obj in (("good", good), ("bad", bad))}
     assert value(found, "idm_backup_attempt_total", "", namespace) == 2
     assert value(found, "idm_backup_success_total", "", namespace) == 1
-    assert value(found, "idm_backup_last_successful_timestamp", "", namespace) == completed["good"]
-    assert value(found, "idm_backup_last_failure_timestamp", "", namespace) == completed["bad"]
+    assert value(found, "idm_backup_last_successful_timestamp_seconds", "", namespace) == completed["good"]
+    assert value(found, "idm_backup_last_failure_timestamp_seconds", "", namespace) == completed["bad"]
     # Timestamps have 1 s resolution: ties are broken by creation time, then name, the same way after a
     # restart as before it.
     order = {
@@ -279,11 +394,23 @@ def test_operator_metrics_survive_a_restart_and_follow_schedules(
     next_run = custom.get_namespaced_custom_object(
         GROUP, VERSION, namespace, "idmbackupschedules", "nightly"
     )["status"]["nextScheduleTime"]
-    assert value(found, "idm_backup_schedule_next_run_timestamp", "nightly", namespace) == ts(next_run)
+    assert value(found, "idm_backup_schedule_next_run_timestamp_seconds", "nightly", namespace) == ts(
+        next_run
+    )
+
+    # The real process serves the standard series and its build, besides the backups'.
+    assert {"process_start_time_seconds", "process_cpu_seconds_total", "python_info"} <= names(found)
+    assert [v for (name, _), v in found.items() if name == "idm_backup_build_info"] == [1.0]
 
     def gauges(samples: Samples) -> Samples:
+        # The gauges computed from the resources; not the process's own series, nor the storage check's
+        # (a check's time, which a restart repeats: tests/test_storagecheck.py).
         return {
-            k: v for k, v in samples.items() if not k[0].endswith(("_total", "_count", "_sum", "_bucket"))
+            k: v
+            for k, v in samples.items()
+            if k[0].startswith("idm_backup_")
+            and not k[0].startswith("idm_backup_storage_")
+            and not k[0].endswith(("_total", "_count", "_sum", "_bucket"))
         }
 
     operator.stop()

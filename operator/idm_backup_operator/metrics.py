@@ -1,10 +1,10 @@
 """Prometheus metrics, derived from the IdmBackup and IdmBackupSchedule resources themselves.
 
 Names follow Velero's ``velero_backup_*`` so that existing dashboards and alerts translate directly.
-Every series has the labels ``schedule`` (the ``idm-backup.io/schedule`` label of a backup, "" for a
-backup created by hand) and ``namespace``.
+Every series about backups has the labels ``schedule`` (the ``idm-backup.io/schedule`` label of a
+backup, "" for a backup created by hand) and ``namespace``.
 
-Two kinds of numbers, with two different sources of truth:
+Three kinds of numbers, with three different sources of truth:
 
 * **Gauges** (last success, last failure, last status, archive size, in progress, schedules, next run)
   are computed at scrape time from the resources as they are now. Nothing is remembered across
@@ -14,6 +14,18 @@ Two kinds of numbers, with two different sources of truth:
   a backup that was already finished when the process started is not counted again (that would
   count the same backup once per restart, and ``increase()`` would see a burst after each restart).
   A restart is a counter reset, which Prometheus' ``rate()`` and ``increase()`` handle.
+* **Storage checks** (``idm_backup_storage_available``, ``idm_backup_storage_last_check_timestamp_seconds``,
+  with a third label ``location``) are the result of this process's last periodic check of each
+  schedule's storage (idmbackupschedule/storagecheck.py, handlers/storagecheck.py). They are absent
+  until the schedule's first check, within a minute of the process seeing it.
+
+Counters and the histogram are prometheus-client's own ``Counter`` and ``Histogram``, one child per
+(schedule, namespace); a deleted schedule's children are removed with ``.remove()``. Their
+``_created`` samples are left out, so the exposition has exactly the series listed in
+docs/monitoring.md. Timestamps are Unix seconds and their names end in ``_timestamp_seconds``.
+
+The registry also carries prometheus-client's process, platform and garbage-collector collectors
+(``process_*``, ``python_info``, ``python_gc_*``) and ``idm_backup_build_info``.
 
 The state is fed by kopf event handlers (handlers/observe.py) and read by the HTTP server's thread,
 hence the lock.
@@ -21,22 +33,24 @@ hence the lock.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib.metadata
 import logging
 import os
+import platform
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from idm_backup_operator import __version__
 from idm_backup_operator.api.names import IDMBACKUPSCHEDULE, SCHEDULE_LABEL
 from idm_backup_operator.api.phase import Phase, is_finished
 from idm_backup_operator.api.times import parse_time
@@ -51,6 +65,8 @@ DEFAULT_PORT = 9090
 # A backup takes minutes (Data, online) to hours (Full of a large directory): the buckets span 10 s to 8 h.
 DURATION_BUCKETS: tuple[float, ...] = (10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800)
 
+LABELS = ("schedule", "namespace")
+STORAGE_LABELS = ("schedule", "namespace", "location")
 
 Key = tuple[str, str]  # (schedule, namespace): the labels of every per-backup series
 
@@ -71,6 +87,15 @@ class MetricsConfig:
             port=int(os.environ.get(PORT_ENV, DEFAULT_PORT)),
             address=os.environ.get(ADDRESS_ENV) or default_address(),
         )
+
+
+def build_info() -> dict[str, str]:
+    """The labels of idm_backup_build_info: this operator's version, Python's and kopf's."""
+    try:
+        kopf_version = importlib.metadata.version("kopf")
+    except importlib.metadata.PackageNotFoundError:
+        kopf_version = "unknown"
+    return {"version": __version__, "python": platform.python_version(), "kopf": kopf_version}
 
 
 def _timestamp(value: str | None) -> float | None:
@@ -98,19 +123,12 @@ class _Schedule:
     next_run: float | None
 
 
-@dataclasses.dataclass
-class _Histogram:
-    buckets: list[int]  # cumulative counts are computed at collection; these are per-bucket counts
-    total: float = 0.0
-    count: int = 0
-
-    def observe(self, value: float) -> None:
-        for index, bound in enumerate(DURATION_BUCKETS):
-            if value <= bound:
-                self.buckets[index] += 1
-                break
-        self.total += value
-        self.count += 1
+@dataclasses.dataclass(frozen=True)
+class _Storage:
+    key: Key
+    location: str
+    available: bool
+    checked: float
 
 
 def _meta(body: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -138,15 +156,36 @@ class BackupMetrics(Collector):
         self._lock = threading.Lock()
         self._backups: dict[str, _Backup] = {}
         self._schedules: dict[str, _Schedule] = {}
+        self._storage: dict[str, _Storage] = {}  # schedule uid -> its storage's last check
         # Schedules deleted while this process ran: their backups are being garbage-collected, and a
         # late event of one of them must not bring the schedule's series back.
         self._deleted_schedules: set[str] = set()
-        self._attempts: dict[Key, int] = {}
-        self._successes: dict[Key, int] = {}
-        self._failures: dict[Key, int] = {}
-        self._durations: dict[Key, _Histogram] = {}
+        # The counters and the histogram: prometheus-client's own, not registered by themselves but
+        # collected by this collector, under its lock, so that a scrape sees them and the gauges at
+        # one moment. A child per key, created with zeros as soon as the key is known.
+        self._attempts = Counter("idm_backup_attempt", "Backups started", LABELS, registry=None)
+        self._successes = Counter("idm_backup_success", "Backups that succeeded", LABELS, registry=None)
+        self._failures = Counter("idm_backup_failure", "Backups that failed", LABELS, registry=None)
+        self._durations = Histogram(
+            "idm_backup_duration_seconds",
+            "Duration of finished backups",
+            LABELS,
+            buckets=DURATION_BUCKETS,
+            registry=None,
+        )
+        # The keys that have children: those of the schedules and backups known now, and those that
+        # counted something (a counter never goes down, so it stays until its schedule is deleted).
+        self._series: set[Key] = set()
+        self._counted: set[Key] = set()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
+        # What the default registry has and a custom one does not: process, platform and GC.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        Info(
+            "idm_backup_build", "The operator's version, and Python's and kopf's", registry=self.registry
+        ).info(build_info())
 
     # -- feeding ------------------------------------------------------------------------------------
 
@@ -189,28 +228,30 @@ class BackupMetrics(Collector):
                     record.attempt_counted = started
                     record.result_counted = is_finished(phase)
                 self._backups[uid] = record
+                self._add_series(record.key)
             record.phase = phase
             record.completed = _timestamp(status.get("completionTime"))
             size = (status.get("archive") or {}).get("sizeBytes")
             record.size = int(size) if size is not None else None
             if started and not record.attempt_counted:
                 record.attempt_counted = True
-                self._attempts[record.key] = self._attempts.get(record.key, 0) + 1
+                self._attempts.labels(*record.key).inc()
+                self._counted.add(record.key)
             if is_finished(phase) and not record.result_counted:
                 record.result_counted = True
                 counter = self._successes if phase == Phase.SUCCEEDED else self._failures
-                counter[record.key] = counter.get(record.key, 0) + 1
+                counter.labels(*record.key).inc()
+                self._counted.add(record.key)
                 duration = status.get("durationSeconds")
                 if duration is not None:
-                    histogram = self._durations.setdefault(
-                        record.key, _Histogram([0] * len(DURATION_BUCKETS))
-                    )
-                    histogram.observe(float(duration))
+                    self._durations.labels(*record.key).observe(float(duration))
 
     def forget_backup(self, body: Mapping[str, Any]) -> None:
         """A deleted backup: it no longer counts in the gauges (its counts stay in the counters)."""
         with self._lock:
-            self._backups.pop(_meta(body).get("uid") or "", None)
+            record = self._backups.pop(_meta(body).get("uid") or "", None)
+            if record is not None and not self._still_known(record.key):
+                self._remove_series(record.key)
 
     def observe_schedule(self, body: Mapping[str, Any]) -> None:
         meta = _meta(body)
@@ -221,13 +262,18 @@ class BackupMetrics(Collector):
         with self._lock:
             if uid in self._deleted_schedules:
                 return
-            self._schedules[uid] = _Schedule((meta.get("name") or "", meta.get("namespace") or ""), next_run)
+            key = (meta.get("name") or "", meta.get("namespace") or "")
+            self._schedules[uid] = _Schedule(key, next_run)
+            # Every schedule has its counters from its creation on, with zeros, so that alerts such as
+            # `increase(idm_backup_failure_total[1d]) > 0` work before a schedule's first failure.
+            self._add_series(key)
 
     def forget_schedule(self, body: Mapping[str, Any]) -> None:
         """A deleted schedule: every series labelled with it goes, counters included."""
         uid = _meta(body).get("uid") or ""
         with self._lock:
             schedule = self._schedules.pop(uid, None)
+            self._storage.pop(uid, None)
             self._deleted_schedules.add(uid)
             key = (
                 schedule.key
@@ -237,9 +283,44 @@ class BackupMetrics(Collector):
             # Its backups are garbage-collected by Kubernetes; they stop counting now, not one by one.
             for backup_uid in [u for u, b in self._backups.items() if b.owner_uid == uid or b.key == key]:
                 del self._backups[backup_uid]
-            for counter in (self._attempts, self._successes, self._failures):
-                counter.pop(key, None)
-            self._durations.pop(key, None)
+            self._remove_series(key)
+
+    def observe_storage(
+        self, schedule_uid: str, key: Key, location: str, *, available: bool, checked: float
+    ) -> None:
+        """The result of a check of a schedule's storage: `key` is its (schedule, namespace), `checked`
+        when the storage answered or failed to (Unix seconds). A later check replaces it, also one of
+        another location when the schedule's template changed."""
+        with self._lock:
+            if schedule_uid in self._deleted_schedules:
+                return
+            self._storage[schedule_uid] = _Storage(key, location, available, checked)
+
+    def forget_storage(self, schedule_uid: str) -> None:
+        """A schedule whose storage is not checked (suspended, or an invalid template): no series."""
+        with self._lock:
+            self._storage.pop(schedule_uid, None)
+
+    def _add_series(self, key: Key) -> None:
+        if key not in self._series:
+            self._series.add(key)
+            for metric in (self._attempts, self._successes, self._failures, self._durations):
+                metric.labels(*key)
+
+    def _still_known(self, key: Key) -> bool:
+        return (
+            key in self._counted
+            or any(s.key == key for s in self._schedules.values())
+            or any(b.key == key for b in self._backups.values())
+        )
+
+    def _remove_series(self, key: Key) -> None:
+        self._series.discard(key)
+        self._counted.discard(key)
+        for metric in (self._attempts, self._successes, self._failures, self._durations):
+            # prometheus-client before 0.21 raises KeyError for a child that does not exist.
+            with contextlib.suppress(KeyError):
+                metric.remove(*key)
 
     # -- collecting -----------------------------------------------------------------------------------
 
@@ -251,26 +332,22 @@ class BackupMetrics(Collector):
         with self._lock:
             backups = [dataclasses.replace(b) for b in self._backups.values()]
             schedules = list(self._schedules.values())
-            attempts, successes, failures = dict(self._attempts), dict(self._successes), dict(self._failures)
-            durations = {
-                k: dataclasses.replace(h, buckets=list(h.buckets)) for k, h in self._durations.items()
-            }
-        labels = ["schedule", "namespace"]
-        # Every schedule has series from its creation on, with zeros, so that alerts such as
-        # `increase(idm_backup_failure_total[1d]) > 0` work before a schedule's first failure.
-        keys = sorted(
-            {s.key for s in schedules}
-            | {b.key for b in backups}
-            | {*attempts, *successes, *failures, *durations}
-        )
+            storage = sorted(self._storage.values(), key=lambda s: (s.key, s.location))
+            keys = sorted({s.key for s in schedules} | {b.key for b in backups} | self._series)
+            counted = [
+                _without_created(family)
+                for metric in (self._attempts, self._successes, self._failures, self._durations)
+                for family in metric.collect()
+            ]
+        labels = list(LABELS)
 
         last_success = GaugeMetricFamily(
-            "idm_backup_last_successful_timestamp",
+            "idm_backup_last_successful_timestamp_seconds",
             "Completion time of the last successful backup (Unix seconds)",
             labels=labels,
         )
         last_failure = GaugeMetricFamily(
-            "idm_backup_last_failure_timestamp",
+            "idm_backup_last_failure_timestamp_seconds",
             "Completion time of the last failed backup (Unix seconds)",
             labels=labels,
         )
@@ -303,22 +380,8 @@ class BackupMetrics(Collector):
             in_progress.add_metric(list(key), sum(1 for b in mine if b.phase == Phase.RUNNING))
         yield from (last_success, last_failure, last_status, size, in_progress)
 
-        yield _counter("idm_backup_attempt", "Backups started", keys, attempts)
-        yield _counter("idm_backup_success", "Backups that succeeded", keys, successes)
-        yield _counter("idm_backup_failure", "Backups that failed", keys, failures)
-
-        histogram = HistogramMetricFamily(
-            "idm_backup_duration_seconds", "Duration of finished backups", labels=labels
-        )
-        for key in keys:
-            observed = durations.get(key) or _Histogram([0] * len(DURATION_BUCKETS))
-            cumulative, buckets = 0, []
-            for bound, count in zip(DURATION_BUCKETS, observed.buckets, strict=True):
-                cumulative += count
-                buckets.append((_bound(bound), cumulative))
-            buckets.append(("+Inf", observed.count))
-            histogram.add_metric(list(key), buckets, observed.total)
-        yield histogram
+        # idm_backup_attempt_total, _success_total, _failure_total, then idm_backup_duration_seconds.
+        yield from counted
 
         per_namespace: dict[str, int] = {}
         for schedule in schedules:
@@ -328,7 +391,7 @@ class BackupMetrics(Collector):
             schedule_count.add_metric([namespace], number)
         yield schedule_count
         next_run = GaugeMetricFamily(
-            "idm_backup_schedule_next_run_timestamp",
+            "idm_backup_schedule_next_run_timestamp_seconds",
             "When the schedule runs next (Unix seconds)",
             labels=labels,
         )
@@ -336,6 +399,22 @@ class BackupMetrics(Collector):
             if schedule.next_run is not None:
                 next_run.add_metric(list(schedule.key), schedule.next_run)
         yield next_run
+
+        available = GaugeMetricFamily(
+            "idm_backup_storage_available",
+            "Whether the last check reached the schedule's storage: 1 available, 0 not",
+            labels=list(STORAGE_LABELS),
+        )
+        checked = GaugeMetricFamily(
+            "idm_backup_storage_last_check_timestamp_seconds",
+            "When the schedule's storage was last checked (Unix seconds)",
+            labels=list(STORAGE_LABELS),
+        )
+        for result in storage:
+            values = [*result.key, result.location]
+            available.add_metric(values, 1 if result.available else 0)
+            checked.add_metric(values, result.checked)
+        yield from (available, checked)
 
 
 class SlotMetrics(Collector):
@@ -359,23 +438,19 @@ class SlotMetrics(Collector):
         )
 
 
+def _without_created(family: Metric) -> Metric:
+    """A counter's or histogram's family without its `_created` samples (the time its child was made):
+    they would add a series per child that nothing here reads."""
+    family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+    return family
+
+
 def _completed(backup: _Backup) -> float:
     return backup.completed or 0.0
 
 
 def _finish_order(backup: _Backup) -> tuple[float, tuple[str, str]]:
     return (_completed(backup), backup.order)
-
-
-def _bound(value: float) -> str:
-    return f"{value:.1f}"
-
-
-def _counter(name: str, documentation: str, keys: Sequence[Key], values: Mapping[Key, int]) -> Metric:
-    family = CounterMetricFamily(name, documentation, labels=["schedule", "namespace"])
-    for key in keys:
-        family.add_metric(list(key), values.get(key, 0))
-    return family
 
 
 # -- start-up: the initial listing and the HTTP endpoint ---------------------------------------------------

@@ -1,5 +1,5 @@
 """kopf handlers, one module per resource kind; importing this package registers them all."""
 
-from idm_backup_operator.handlers import idmbackup, idmbackupschedule, observe, startup
+from idm_backup_operator.handlers import idmbackup, idmbackupschedule, observe, startup, storagecheck
 
-__all__ = ["idmbackup", "idmbackupschedule", "observe", "startup"]
+__all__ = ["idmbackup", "idmbackupschedule", "observe", "startup", "storagecheck"]

@@ -12,6 +12,7 @@ from typing import Any
 import kopf
 
 from idm_backup_operator.api.names import GROUP, IDMBACKUPS, IDMBACKUPSCHEDULES, VERSION
+from idm_backup_operator.idmbackupschedule.storagecheck import StorageChecks
 from idm_backup_operator.metrics import BackupMetrics
 
 
@@ -19,6 +20,11 @@ def _metrics(memo: kopf.Memo) -> BackupMetrics | None:
     # None when start-up did not create them (e.g. the handlers loaded by another entry point).
     metrics: BackupMetrics | None = memo.get("metrics")
     return metrics
+
+
+def _storage_checks(memo: kopf.Memo) -> StorageChecks | None:
+    checks: StorageChecks | None = memo.get("storage_checks")
+    return checks
 
 
 @kopf.on.event(GROUP, VERSION, IDMBACKUPS)
@@ -35,6 +41,10 @@ async def backup_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: 
 
 @kopf.on.event(GROUP, VERSION, IDMBACKUPSCHEDULES)
 async def schedule_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    if type == "DELETED" and (checks := _storage_checks(memo)) is not None:
+        # Its storage check's last result (handlers/storagecheck.py): a new schedule of the same name
+        # starts afresh.
+        checks.forget(body.metadata.uid or "")
     if (metrics := _metrics(memo)) is None:
         return
     if type == "DELETED":
