@@ -3,7 +3,8 @@
 The operator runs as a local process with --webhook-port and a serving certificate for 127.0.0.1 from the
 platform's CA. The Helm chart's ValidatingWebhookConfiguration, rendered for the test's namespace and
 that URL, points the API server at it. Objects are created as users create them, with the API client and
-with kubectl, whose output is what a person sees.
+with kubectl, whose output is what a person sees. The chart's default certificate mode, where the operator
+makes its own certificate and fills in the configuration's caBundle, has tests of its own at the end.
 
 The operator uses the platform's admin kubeconfig, as do the API client and kubectl: the admin is the
 operator's own identity here. Other people are the admin impersonating them (`kubectl --as`), so that the
@@ -13,9 +14,14 @@ API server authenticates them as it would a real user and puts them in the Admis
 from __future__ import annotations
 
 import base64
+import concurrent.futures
+import contextlib
 import copy
+import dataclasses
+import datetime
 import http.client
 import json
+import socket
 import ssl
 import subprocess
 import uuid
@@ -24,9 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 from kubernetes import client
 
 from idm_backup_operator.api.names import SCHEDULE_LABEL
+from idm_backup_operator.kube import webhookcert
 from testbed import freeipa_pod, pki, processes, stack
 from testbed.deploy import OperatorProcess
 from tests.helpers import (
@@ -713,7 +724,7 @@ def test_with_the_charts_client_ca_the_webhook_answers_only_callers_holding_a_ce
     docs = render(
         helm,
         "--set", "rbac.scope=namespace", "--set", f"watchNamespaces={{{namespace}}}",
-        "--set", f"webhook.url=https://127.0.0.1:{port}",
+        "--set", f"webhook.url=https://127.0.0.1:{port}", "--set", "webhook.certificate.mode=helm",
         "--set-file", f"webhook.clientAuth.caBundle={pki_dir / 'client-ca.crt'}",
         namespace=namespace,
     )  # fmt: skip
@@ -794,3 +805,417 @@ def _an_api_server_without_the_certificate_is_refused_too(
         assert 'failed calling webhook \\"validate.idmbackups.idm-backup.io\\"' in body, body
     finally:
         admission.delete_validating_webhook_configuration(configuration["metadata"]["name"])
+
+
+# -- the chart's default: the operator makes, keeps and publishes its own certificate ---------------------
+
+CERT_CHECK_ENV = "IDM_BACKUP_WEBHOOK_CERT_CHECK_SECONDS"  # handlers/startup.py; every minute by default
+
+
+@dataclasses.dataclass
+class OwnCertificate:
+    """The chart's webhook objects in operator mode, applied as a GitOps tool applies them, and the
+    operators serving them. The certificate directory holds the Secret's keys, as the pod mounts it."""
+
+    namespace: str
+    port: int
+    manifest: Path
+    secret: str
+    configuration: str
+    start: Callable[..., OperatorProcess]
+    operators: list[OperatorProcess]
+
+    def stored(self, api: client.ApiClient) -> dict[str, str]:
+        data: dict[str, str] = client.CoreV1Api(api).read_namespaced_secret(self.secret, self.namespace).data
+        return data
+
+    def ca_bundles(self, api: client.ApiClient) -> list[str | None]:
+        configuration = client.AdmissionregistrationV1Api(api).read_validating_webhook_configuration(
+            self.configuration
+        )
+        return [w.client_config.ca_bundle for w in configuration.webhooks]
+
+
+def _kubectl_run(platform: stack.Platform, namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = [str(stack.binaries()["kubectl"]), f"--kubeconfig={platform.kubeconfig}", "-n", namespace, *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+
+def _through_the_api_server(api: client.ApiClient, namespace: str, platform: stack.Platform) -> str:
+    """What the API server answers to a dry run of an IdmBackup that only the webhook refuses (its pod does
+    not exist): the refusal when the webhook answered, or the error it met calling the webhook."""
+    try:
+        _dry_run_backup(api, namespace, "probe", _spec(platform, "probe", target={"podName": "nowhere"}))
+    except client.ApiException as err:
+        return err.body or f"{err.status} {err.reason}"
+    return "admitted"
+
+
+def _served_certificate(port: int, ca_bundle: bytes, tmp_path: Path) -> tuple[bytes, dict[str, Any]]:
+    """The certificate the operator on `port` serves, verified against `ca_bundle` for 127.0.0.1, the
+    name the API server dials here."""
+    cafile = tmp_path / f"ca-{uuid.uuid4().hex[:6]}.crt"
+    cafile.write_bytes(ca_bundle)
+    context = ssl.create_default_context(cafile=str(cafile))
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as sock,
+        context.wrap_socket(sock, server_hostname="127.0.0.1") as tls,
+    ):
+        der, peer = tls.getpeercert(binary_form=True), tls.getpeercert()
+    assert der is not None and peer is not None
+    return der, peer
+
+
+def _json_messages(operator: OperatorProcess) -> list[str]:
+    """Every line of the operator's log is a JSON object (--log-format json); their messages."""
+    return [json.loads(line)["message"] for line in operator.output().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def own_certificate(
+    api: client.ApiClient,
+    platform: stack.Platform,
+    crds: None,
+    namespace: str,
+    tmp_path: Path,
+    helm: Callable[..., str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[OwnCertificate]:
+    """The chart with its defaults (certificate mode operator), for this namespace and a local operator."""
+    port = processes.free_port()
+    docs = render(
+        helm,
+        "--set", "rbac.scope=namespace", "--set", f"watchNamespaces={{{namespace}}}",
+        "--set", f"webhook.url=https://127.0.0.1:{port}",
+        namespace=namespace,
+    )  # fmt: skip
+    (secret,) = of_kind(docs, "Secret")
+    (configuration,) = of_kind(docs, "ValidatingWebhookConfiguration")
+    manifest = tmp_path / "webhook.yaml"
+    manifest.write_text(yaml.safe_dump_all([secret, configuration]))
+    # kubectl apply, as Helm and Argo CD apply by default: three-way, with the last applied state.
+    applied = _kubectl_run(platform, namespace, "apply", "-f", str(manifest))
+    assert applied.returncode == 0, applied.stderr
+    cert_dir = tmp_path / "webhook-tls"
+    cert_dir.mkdir()
+    for key, value in secret["data"].items():
+        (cert_dir / key).write_bytes(base64.b64decode(value))
+    (tmp_path / "pvc").mkdir()
+    monkeypatch.setenv("IDM_BACKUP_LOG_FORMAT", "json")
+    monkeypatch.setenv(CERT_CHECK_ENV, "1")
+    operators: list[OperatorProcess] = []
+
+    def start(name: str = "operator", listen: int = port) -> OperatorProcess:
+        args = [
+            "--webhook-port",
+            str(listen),
+            "--webhook-address",
+            "127.0.0.1",
+            "--webhook-cert-dir",
+            str(cert_dir),
+        ]
+        operator = OperatorProcess(
+            namespace, platform.kubeconfig, tmp_path / "pvc", tmp_path / f"{name}.log", args=args
+        )
+        operator.start()
+        operators.append(operator)
+        return operator
+
+    own = OwnCertificate(
+        namespace,
+        port,
+        manifest,
+        secret["metadata"]["name"],
+        configuration["metadata"]["name"],
+        start,
+        operators,
+    )
+    try:
+        start()
+        wait_for(
+            "the webhook to answer through the API server",
+            lambda: "denied the request" in _through_the_api_server(api, namespace, platform),
+            timeout=60,
+            interval=0.5,
+        )
+        yield own
+    finally:
+        client.AdmissionregistrationV1Api(api).delete_validating_webhook_configuration(own.configuration)
+        for operator in operators:
+            operator.stop()
+
+
+def test_the_operator_makes_its_certificate_and_the_api_server_trusts_it_with_no_drift_left(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    own_certificate: OwnCertificate,
+    secrets: None,
+    freeipa: Any,
+    tmp_path: Path,
+) -> None:
+    own = own_certificate
+    rendered = yaml.safe_load_all(own.manifest.read_text())
+    chart_data = next(d for d in rendered if d["kind"] == "Secret")["data"]
+    stored = own.stored(api)
+    # The chart's keys as rendered; the operator's next to them.
+    assert {k: stored[k] for k in chart_data} == chart_data
+    assert set(stored) - set(chart_data) == {"ca.crt", "ca.key", "serving.crt", "serving.key"}
+    assert own.ca_bundles(api) == [stored["ca.crt"]] * 2
+    # What it serves: a certificate of that CA, for the name the API server dials, and the chart's names.
+    ca = base64.b64decode(stored["ca.crt"])
+    der, peer = _served_certificate(own.port, ca, tmp_path)
+    assert der == ssl.PEM_cert_to_DER_cert(base64.b64decode(stored["serving.crt"]).decode())
+    assert ("IP Address", "127.0.0.1") in peer["subjectAltName"]
+    assert ("DNS", f"rel-idm-backup-operator-webhook.{namespace}.svc") in peer["subjectAltName"]
+
+    # The API server: a bad spec refused by the webhook, a good one admitted.
+    body = _through_the_api_server(api, namespace, platform)
+    assert f"spec.target: target pod {namespace}/nowhere not found" in body, body
+    freeipa()
+    admitted = _dry_run_backup(api, namespace, "good", _spec(platform, "good"))
+    assert admitted["spec"]["target"]["podName"] == "ipa-hidden"
+
+    # No drift: what the operator wrote is not in the chart's manifests, so neither a three-way diff (Helm,
+    # Argo CD's default) nor a server-side one (Flux, Argo CD's server-side diff) sees a difference.
+    for diff in (["diff"], ["diff", "--server-side", "--field-manager=gitops"]):
+        compared = _kubectl_run(platform, namespace, *diff, "-f", str(own.manifest))
+        assert (compared.returncode, compared.stdout) == (0, ""), (diff, compared.stdout, compared.stderr)
+
+    # The log is JSON, says what happened, and holds no key, in any form.
+    (operator,) = own.operators
+    messages = _json_messages(operator)
+    assert any("made a new CA and serving certificate" in m for m in messages), messages
+    assert any(f"caBundle of ValidatingWebhookConfiguration {own.configuration}" in m for m in messages)
+    log = operator.output()
+    for key in ("ca.key", "serving.key"):
+        pem = base64.b64decode(stored[key]).decode()
+        body_lines = [line for line in pem.splitlines() if line and not line.startswith("-----")]
+        assert stored[key] not in log and all(line not in log for line in body_lines), key
+
+
+def test_a_restart_keeps_the_ca_so_the_api_server_never_meets_an_unknown_one(
+    api: client.ApiClient, namespace: str, platform: stack.Platform, own_certificate: OwnCertificate
+) -> None:
+    own = own_certificate
+    before, bundles = own.stored(api), own.ca_bundles(api)
+    own.operators[0].stop()
+    restarted = own.start("restarted")
+    answers: list[str] = []
+
+    def answered() -> bool:
+        answers.append(_through_the_api_server(api, namespace, platform))
+        return "denied the request" in answers[-1]
+
+    wait_for("the restarted operator to answer", answered, timeout=60, interval=0.2)
+    # While it started: refused connections, never a certificate the API server does not trust.
+    for answer in answers[:-1]:
+        assert "connection refused" in answer and "x509" not in answer, answer
+    assert (own.stored(api), own.ca_bundles(api)) == (before, bundles)  # nothing new, nothing rewritten
+    assert any("using the CA and certificate in Secret" in m for m in _json_messages(restarted))
+    assert not any("made a new" in m for m in _json_messages(restarted))
+
+
+def test_replicas_starting_together_agree_on_one_ca_and_what_a_sync_replaces_comes_back(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    own_certificate: OwnCertificate,
+    tmp_path: Path,
+) -> None:
+    own = own_certificate
+    own.operators[0].stop()
+    # As a fresh install: the chart's Secret and configuration as rendered, nothing of the operator's.
+    replaced = _kubectl_run(platform, namespace, "replace", "-f", str(own.manifest))
+    assert replaced.returncode == 0, replaced.stderr
+    assert "ca.crt" not in own.stored(api) and own.ca_bundles(api) == [None, None]
+    second_port = processes.free_port()
+    replicas = [own.start("replica-a"), own.start("replica-b", listen=second_port)]
+
+    def both_serving() -> list[bytes] | None:
+        stored = own.stored(api)
+        if "ca.crt" not in stored:
+            return None
+        try:
+            ca = base64.b64decode(stored["ca.crt"])
+            return [_served_certificate(port, ca, tmp_path)[0] for port in (own.port, second_port)]
+        except OSError:  # not listening yet, or still serving a certificate of its own
+            return None
+
+    served = wait_for("both replicas to serve the Secret's certificate", both_serving, timeout=60)
+    assert served[0] == served[1]
+    made = [r for r in replicas if any("made a new CA" in m for m in _json_messages(r))]
+    assert len(made) == 1, [r.output()[-2000:] for r in replicas]
+    stored = own.stored(api)
+    wait_for("the caBundle", lambda: own.ca_bundles(api) == [stored["ca.crt"]] * 2, timeout=30)
+    wait_for("the webhook", lambda: "denied the request" in _through_the_api_server(api, namespace, platform))
+
+    # A sync that replaces both objects (Argo CD's Replace=true, kubectl replace): the operators put back the
+    # same CA, from memory, rather than a new one the other replica does not serve.
+    replaced = _kubectl_run(platform, namespace, "replace", "-f", str(own.manifest))
+    assert replaced.returncode == 0, replaced.stderr
+    wait_for("the Secret to be filled in again", lambda: own.stored(api) == stored, timeout=30)
+    wait_for("the caBundle to be back", lambda: own.ca_bundles(api) == [stored["ca.crt"]] * 2, timeout=30)
+    assert any("wrote the certificate it serves back" in m for r in replicas for m in _json_messages(r))
+    wait_for("the webhook", lambda: "denied the request" in _through_the_api_server(api, namespace, platform))
+
+
+# -- the certificates themselves (kube/webhookcert.py), at any time ---------------------------------------
+
+
+def _plan(
+    *dns_names: str, ip_addresses: tuple[str, ...] = ("127.0.0.1",), days: int = 3650
+) -> webhookcert.Plan:
+    given = {"namespace": "ops", "secret": "rel-webhook-tls", "configuration": "rel-ops"}
+    given |= {"dnsNames": list(dns_names), "ipAddresses": list(ip_addresses), "validityDays": days}
+    return webhookcert.Plan.parse(json.dumps(given))
+
+
+def _trusted(material: webhookcert.Material, ca_bundle: bytes, tmp_path: Path) -> bool:
+    """Whether a client trusting `ca_bundle` accepts `material`'s serving certificate for 127.0.0.1, as the
+    API server would: a TLS handshake."""
+    served = tmp_path / f"served-{uuid.uuid4().hex[:6]}.pem"
+    served.write_bytes(material.key + material.cert)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(served, served)
+    cafile = tmp_path / f"bundle-{uuid.uuid4().hex[:6]}.pem"
+    cafile.write_bytes(ca_bundle)
+    context = ssl.create_default_context(cafile=str(cafile))
+    ours, theirs = socket.socketpair()
+    with ours, theirs, concurrent.futures.ThreadPoolExecutor(1) as pool:
+
+        def serve() -> None:
+            with contextlib.suppress(ssl.SSLError, OSError):
+                server.wrap_socket(ours, server_side=True).close()
+
+        handshake = pool.submit(serve)
+        try:
+            with context.wrap_socket(theirs, server_hostname="127.0.0.1"):
+                return True
+        except ssl.SSLCertVerificationError:
+            return False
+        finally:
+            theirs.close()
+            handshake.result(timeout=10)
+
+
+def _issued_by(material: webhookcert.Material, ca_pem: bytes) -> bool:
+    try:
+        x509.load_pem_x509_certificate(material.cert).verify_directly_issued_by(
+            x509.load_pem_x509_certificate(ca_pem)
+        )
+    except (ValueError, InvalidSignature):
+        return False
+    return True
+
+
+def _cas(material: webhookcert.Material) -> list[bytes]:
+    return [
+        c.public_bytes(serialization.Encoding.PEM)
+        for c in x509.load_pem_x509_certificates(material.ca_bundle)
+    ]
+
+
+def test_a_certificate_is_kept_renewed_from_the_same_ca_and_a_renewed_ca_keeps_the_old_one_trusted(
+    tmp_path: Path,
+) -> None:
+    plan, day = _plan("rel-webhook.ops.svc"), datetime.timedelta(days=1)
+    now = datetime.datetime.now(datetime.UTC)
+    first, done = webhookcert.provide(None, plan, now)
+    assert done == "ca" and len(_cas(first)) == 1 and _trusted(first, first.ca_bundle, tmp_path)
+    # Kept as it is while it is good: what restarts and replicas rely on.
+    assert webhookcert.provide(first, plan, now + 200 * day) == (first, "nothing")
+    # Other names (an upgrade with another url): a new serving certificate from the same CA, so that the
+    # caBundle stays as it is.
+    renamed, done = webhookcert.provide(first, _plan("rel-webhook.ops.svc", ip_addresses=()), now)
+    assert (done, renamed.ca_bundle, renamed.ca_key) == ("serving", first.ca_bundle, first.ca_key)
+    assert _issued_by(renamed, first.ca_bundle) and not _trusted(renamed, first.ca_bundle, tmp_path)
+    # A serving certificate lives a year at most, renewed from the same CA with a third of it left.
+    renewed, done = webhookcert.provide(first, plan, now + 250 * day)
+    assert (done, renewed.ca_bundle) == ("serving", first.ca_bundle) and renewed.cert != first.cert
+    assert _issued_by(renewed, first.ca_bundle)
+
+    # The CA's turn, with a third of its ten years left: a new one, first in the bundle, the old one after
+    # it, so a replica still serving a certificate of the old CA stays trusted until it takes the new one.
+    old = webhookcert.provide(None, plan, now - 2440 * day)[0]
+    rolled, done = webhookcert.provide(old, plan, now)
+    assert done == "ca" and _cas(rolled) == [*_cas(rolled)[:1], *_cas(old)]
+    assert _trusted(rolled, rolled.ca_bundle, tmp_path) and not _trusted(rolled, old.ca_bundle, tmp_path)
+    assert _issued_by(old, _cas(rolled)[1])
+    # Once expired, the old CA leaves the bundle (with the next serving certificate).
+    later, done = webhookcert.provide(rolled, plan, now + 1300 * day)
+    assert done == "serving" and _cas(later) == _cas(rolled)[:1]
+    # Material that is not ours (the CA's key is another CA's) is replaced, and none of it trusted on.
+    foreign = dataclasses.replace(first, ca_key=rolled.ca_key)
+    fresh, done = webhookcert.provide(foreign, plan, now)
+    assert done == "ca" and len(_cas(fresh)) == 1 and not set(_cas(fresh)) & set(_cas(first))
+    with pytest.raises(ValueError, match="not a webhook certificate plan"):
+        webhookcert.Plan.parse(b'{"namespace": "ops"}')
+
+
+class _Secrets:
+    """The API's Secret, where another replica's write lands just before this one's first."""
+
+    def __init__(self, data: dict[str, str], rival: dict[str, str]) -> None:
+        meta = client.V1ObjectMeta(name="rel-webhook-tls", namespace="ops", resource_version="1")
+        self.secret = client.V1Secret(metadata=meta, data=dict(data))
+        self.rival: dict[str, str] | None = rival
+        self.writes = 0
+
+    def read_namespaced_secret(self, name: str, namespace: str) -> client.V1Secret:
+        assert (name, namespace) == ("rel-webhook-tls", "ops")
+        return copy.deepcopy(self.secret)
+
+    def replace_namespaced_secret(self, name: str, namespace: str, body: client.V1Secret) -> None:
+        self.writes += 1
+        if self.rival is not None:
+            self.secret.data = {**self.secret.data, **self.rival}
+            self.secret.metadata.resource_version, self.rival = "2", None
+            raise client.ApiException(status=409, reason="Conflict")
+        assert body.metadata.resource_version == self.secret.metadata.resource_version
+        self.secret = body
+
+
+class _Configurations:
+    def __init__(self) -> None:
+        webhook = client.V1ValidatingWebhook(
+            name="validate.idmbackups.idm-backup.io",
+            client_config=client.AdmissionregistrationV1WebhookClientConfig(url="https://127.0.0.1:9443"),
+            admission_review_versions=["v1"],
+            side_effects="None",
+        )
+        meta = client.V1ObjectMeta(name="rel-ops", resource_version="7")
+        self.configuration = client.V1ValidatingWebhookConfiguration(metadata=meta, webhooks=[webhook])
+        self.patches: list[list[dict[str, Any]]] = []
+
+    def read_validating_webhook_configuration(self, name: str) -> client.V1ValidatingWebhookConfiguration:
+        assert name == "rel-ops"
+        return self.configuration
+
+    def patch_validating_webhook_configuration(self, name: str, body: list[dict[str, Any]]) -> None:
+        self.patches.append(body)
+
+
+def test_a_replica_that_loses_the_race_to_write_the_certificate_takes_the_one_that_won(
+    tmp_path: Path,
+) -> None:
+    plan, now = _plan("rel-webhook.ops.svc"), datetime.datetime.now(datetime.UTC)
+    winner = webhookcert.provide(None, plan, now)[0]
+    chart_data = {"tls.crt": "", "tls.key": "", "certificate.json": base64.b64encode(b"{}").decode()}
+    secrets, configurations = _Secrets(chart_data, rival=winner.secret_data()), _Configurations()
+    (tmp_path / "served").mkdir(mode=0o700)
+    keeper = webhookcert.CertificateKeeper(secrets, configurations, plan, tmp_path / "served")
+    keeper.reconcile(now)
+    # Its own write refused (409), it reads again and serves what the other replica wrote, as it is.
+    assert secrets.writes == 1 and keeper.material == winner
+    assert keeper.served.read_bytes() == winner.key + winner.cert
+    assert keeper.served.stat().st_mode & 0o077 == 0
+    # An unreadable certificate.json in the Secret does not lose the names asked for before.
+    assert keeper.plan == plan
+    # The caBundle: every webhook, and only in the configuration as it was read.
+    assert configurations.patches == [
+        [
+            {"op": "test", "path": "/metadata/resourceVersion", "value": "7"},
+            {"op": "add", "path": "/webhooks/0/clientConfig/caBundle", "value": winner.ca_bundle_b64()},
+        ]
+    ]

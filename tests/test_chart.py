@@ -180,6 +180,15 @@ WEBHOOK_RULES = {
     ("authorization.k8s.io", "subjectaccessreviews"): {"create"},
     ("authentication.k8s.io", "selfsubjectreviews"): {"create"},
 }
+# In operator certificate mode (the default) the operator also fills in the caBundle of its own
+# configuration, and keeps its certificate in its own Secret: each by name.
+OWN_CONFIGURATION_RULES = {
+    ("admissionregistration.k8s.io", "validatingwebhookconfigurations[rel-idm-backup-operator-ops]"): {
+        "get",
+        "patch",
+    },
+}
+OWN_SECRET_RULES = {("", "secrets[rel-idm-backup-operator-webhook-tls]"): {"get", "update"}}
 
 
 def operators(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -219,9 +228,19 @@ def lock_role_name(release: str = "rel") -> str:
     return f"{release}-idm-backup-operator-locks"
 
 
+def webhook_role_name(release: str = "rel") -> str:
+    """The Role (and RoleBinding) of the webhook's certificate Secret, in operator certificate mode."""
+    return f"{release}-idm-backup-operator-webhook"
+
+
 def served_roles(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The Roles of the namespaces the operator serves (namespace mode): all but the locks' Role."""
-    return [r for r in of_kind(docs, "Role") if r["metadata"]["name"] != lock_role_name()]
+    """The Roles of the namespaces the operator serves (namespace mode): all but the locks' Role and the
+    webhook certificate's."""
+    return [
+        r
+        for r in of_kind(docs, "Role")
+        if r["metadata"]["name"] not in (lock_role_name(), webhook_role_name())
+    ]
 
 
 def assert_lock_role_in_release_namespace_only(docs: list[dict[str, Any]], namespace: str = "ops") -> None:
@@ -349,7 +368,30 @@ def test_the_webhook_may_ask_who_may_read_a_secret_and_nothing_more(
 ) -> None:
     docs = render(helm, "--set", f"rbac.scope={scope}")
     (role,) = [r for r in of_kind(docs, "ClusterRole") if r["metadata"]["name"].endswith("-webhook")]
-    assert rules_of(role) == WEBHOOK_RULES
+    assert rules_of(role) == {**WEBHOOK_RULES, **OWN_CONFIGURATION_RULES}
+    # The certificate's Secret: a Role in the release namespace, whatever the scope.
+    (own,) = [r for r in of_kind(docs, "Role") if r["metadata"]["name"] == webhook_role_name()]
+    assert own["metadata"]["namespace"] == "ops" and rules_of(own) == OWN_SECRET_RULES
+    (own_binding,) = [b for b in of_kind(docs, "RoleBinding") if b["metadata"]["name"] == webhook_role_name()]
+    assert own_binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": webhook_role_name(),
+    }
+    assert own_binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "rel-idm-backup-operator", "namespace": "ops"}
+    ]
+    # The other certificate modes need neither.
+    for mode in (
+        ["helm"],
+        ["certManager"],
+        ["secret", "webhook.certificate.secretName=tls", "webhook.certificate.caBundle=Q0E="],
+    ):
+        given = [a for value in [f"webhook.certificate.mode={mode[0]}", *mode[1:]] for a in ("--set", value)]
+        other = render(helm, "--set", f"rbac.scope={scope}", *given)
+        (role,) = [r for r in of_kind(other, "ClusterRole") if r["metadata"]["name"].endswith("-webhook")]
+        assert rules_of(role) == WEBHOOK_RULES
+        assert not [r for r in of_kind(other, "Role") if r["metadata"]["name"] == webhook_role_name()]
     (binding,) = [
         b for b in of_kind(docs, "ClusterRoleBinding") if b["metadata"]["name"].endswith("-webhook")
     ]
@@ -402,7 +444,11 @@ def test_namespace_mode_renders_a_role_per_watched_namespace_and_only_read_only_
         assert rules_of(role) == NAMESPACED_RULES
     # The locks stay in the release namespace, which is not one of those served here.
     assert_lock_role_in_release_namespace_only(docs)
-    bindings = [b for b in of_kind(docs, "RoleBinding") if b["metadata"]["name"] != lock_role_name()]
+    bindings = [
+        b
+        for b in of_kind(docs, "RoleBinding")
+        if b["metadata"]["name"] not in (lock_role_name(), webhook_role_name())
+    ]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["identity", "identity-staging"]
     for binding in bindings:
         assert binding["roleRef"]["kind"] == "Role"
@@ -701,7 +747,7 @@ def expected_webhooks(client_config: Callable[[str], dict[str, Any]], **extra: A
 def test_webhook_helm_certificate_is_served_through_the_service_and_verified_by_the_ca_bundle(
     helm: Callable[..., str], tmp_path: Path
 ) -> None:
-    docs = render(helm, "--set", "webhook.enabled=true")
+    docs = render(helm, "--set", "webhook.enabled=true", "--set", "webhook.certificate.mode=helm")
     config, pod, container = webhook_parts(docs)
     (secret,) = of_kind(docs, "Secret")
     assert secret["metadata"]["name"] == "rel-idm-backup-operator-webhook-tls"
@@ -747,6 +793,7 @@ def test_webhook_helm_certificate_is_served_through_the_service_and_verified_by_
     assert container["readinessProbe"]["tcpSocket"] == {"port": "webhook"}
     (role,) = operators(docs, "ClusterRole")
     assert rules_of(role) == {**NAMESPACED_RULES, **CRD_DISCOVERY}
+    assert not [r for r in of_kind(docs, "Role") if r["metadata"]["name"] == webhook_role_name()]
     # What the API server does: dial <service>.<namespace>.svc and verify against the caBundle. The key
     # is the certificate's, too (the handshake needs both).
     cert, key, ca = (base64.b64decode(secret["data"][k]) for k in ("tls.crt", "tls.key", "ca.crt"))
@@ -757,7 +804,7 @@ def test_webhook_helm_certificate_is_served_through_the_service_and_verified_by_
         tls_handshake(tmp_path, cert, key, ca, "rel-idm-backup-operator-webhook.elsewhere.svc")
     # helm template cannot look the Secret up: each render is a new CA (install and upgrade reuse it,
     # see test_webhook_certificate_survives_an_upgrade).
-    (again,) = of_kind(render(helm, "--set", "webhook.enabled=true"), "Secret")
+    (again,) = of_kind(render(helm, "--set", "webhook.certificate.mode=helm"), "Secret")
     assert again["data"]["ca.crt"] != secret["data"]["ca.crt"]
 
 
@@ -790,7 +837,8 @@ def test_webhook_in_namespace_mode_reviews_only_the_watched_namespaces(helm: Cal
 def test_webhook_url_calls_the_operator_there_with_a_certificate_for_its_host(
     helm: Callable[..., str], tmp_path: Path
 ) -> None:
-    docs = render(helm, "--set", "webhook.enabled=true", "--set", "webhook.url=https://127.0.0.1:9443/")
+    helm_mode = ["--set", "webhook.certificate.mode=helm"]
+    docs = render(helm, *helm_mode, "--set", "webhook.url=https://127.0.0.1:9443/")
     config, _, _ = webhook_parts(docs)
     (secret,) = of_kind(docs, "Secret")
     ca_bundle = secret["data"]["ca.crt"]
@@ -805,7 +853,7 @@ def test_webhook_url_calls_the_operator_there_with_a_certificate_for_its_host(
     peer = tls_handshake(tmp_path, cert, key, ca, "127.0.0.1")
     assert ("IP Address", "127.0.0.1") in peer["subjectAltName"]
     # A host name goes into the DNS names.
-    docs = render(helm, "--set", "webhook.enabled=true", "--set", "webhook.url=https://dev.example.test:8443")
+    docs = render(helm, *helm_mode, "--set", "webhook.url=https://dev.example.test:8443")
     (secret,) = of_kind(docs, "Secret")
     cert, key, ca = (base64.b64decode(secret["data"][k]) for k in ("tls.crt", "tls.key", "ca.crt"))
     assert ("DNS", "dev.example.test") in tls_handshake(tmp_path, cert, key, ca, "dev.example.test")[
@@ -886,6 +934,76 @@ def test_webhook_secret_mode_uses_the_given_secret_and_ca_bundle(helm: Callable[
             "--set", "webhook.certificate.mode=secret", *missing, check=False,
         )  # fmt: skip
         assert not out.startswith("rc=0") and message in out, out
+
+
+def test_webhook_operator_mode_renders_what_to_make_and_no_key_material_or_ca_bundle(
+    helm: Callable[..., str],
+) -> None:
+    """The default: the operator makes the certificate (kube/webhookcert.py). The chart's Secret says what
+    to make and where the operator keeps it; the configuration has no caBundle until the operator fills it
+    in."""
+    docs = render(helm)
+    config, pod, container = webhook_parts(docs)
+    (secret,) = of_kind(docs, "Secret")
+    assert secret["metadata"]["name"] == "rel-idm-backup-operator-webhook-tls"
+    assert secret["metadata"]["namespace"] == "ops"
+    # The type of helm mode's Secret (a Secret's type cannot change), with the two keys it requires empty.
+    assert secret["type"] == "kubernetes.io/tls"
+    assert set(secret["data"]) == {"tls.crt", "tls.key", "certificate.json"}
+    assert secret["data"]["tls.crt"] == secret["data"]["tls.key"] == ""
+    plan = json.loads(base64.b64decode(secret["data"]["certificate.json"]))
+    assert plan == {
+        "namespace": "ops",
+        "secret": "rel-idm-backup-operator-webhook-tls",
+        "configuration": config["metadata"]["name"],
+        "dnsNames": [
+            "rel-idm-backup-operator-webhook",
+            "rel-idm-backup-operator-webhook.ops",
+            "rel-idm-backup-operator-webhook.ops.svc",
+        ],
+        "ipAddresses": [],
+        "validityDays": 3650,
+    }
+    assert config["metadata"]["name"] == "rel-idm-backup-operator-ops"
+    assert "annotations" not in config["metadata"]
+
+    def service(path: str) -> dict[str, Any]:  # no caBundle: the operator fills it in
+        return {
+            "service": {
+                "name": "rel-idm-backup-operator-webhook",
+                "namespace": "ops",
+                "path": path,
+                "port": 443,
+            }
+        }
+
+    assert config["webhooks"] == expected_webhooks(service)
+    # Mounted where --webhook-cert-dir points, as in the other modes: certificate.json is how the operator
+    # knows the mode.
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "webhook-tls"]
+    assert volume == {"name": "webhook-tls", "secret": {"secretName": secret["metadata"]["name"]}}
+    assert container["args"][-6:] == WEBHOOK_ARGS
+    # No key, no certificate, no CA anywhere in the chart's output.
+    rendered = json.dumps(docs)
+    assert "BEGIN" not in rendered and "caBundle" not in rendered
+    # A url's host is a name of the certificate too; the client CA goes into the Secret, as in helm mode.
+    client_ca = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----"
+    docs = render(
+        helm,
+        "--set",
+        "webhook.url=https://127.0.0.1:9443",
+        "--set",
+        f"webhook.clientAuth.caBundle={client_ca}",
+    )
+    (secret,) = of_kind(docs, "Secret")
+    assert json.loads(base64.b64decode(secret["data"]["certificate.json"]))["ipAddresses"] == ["127.0.0.1"]
+    assert base64.b64decode(secret["data"]["client-ca.crt"]).decode() == f"{client_ca}\n"
+    out = helm(
+        "template", "rel", str(CHART), "--kube-version", KUBE_VERSION,
+        "--set", "webhook.certificate.mode=certManager", "--set", "webhook.clientAuth.caBundle=Q0E=",
+        check=False,
+    )  # fmt: skip
+    assert not out.startswith("rc=0") and "with webhook.certificate.mode=operator or helm only" in out, out
 
 
 def test_webhook_disabled_renders_nothing_of_it(helm: Callable[..., str]) -> None:
@@ -1126,11 +1244,31 @@ def differing_paths(a: Any, b: Any, path: tuple[str, ...] = ()) -> set[tuple[str
     return set() if a == b else {path}
 
 
-def test_two_renders_with_defaults_differ_only_in_the_webhook_certificate(helm: Callable[..., str]) -> None:
-    """Not yet deterministic (issue 11): helm mode generates a CA and a serving certificate per render.
-    Everything else is identical; with everything optional on, too."""
+def test_two_renders_with_defaults_are_identical(helm: Callable[..., str]) -> None:
+    """Issue 11: no permanent drift in Argo CD or Flux. With the default (operator) certificate mode, two
+    `helm template` runs print the same bytes; with everything optional on, with namespace mode and a url,
+    and with the given certificate of secret mode, too."""
+    base = ["template", "rel", str(CHART), "-n", "ops", "--kube-version", KUBE_VERSION]
+    for args in (
+        [],
+        EVERYTHING_ON,
+        ["--set", "rbac.scope=namespace", "--set", "watchNamespaces={identity,staging}"],
+        ["--set", "webhook.url=https://127.0.0.1:9443", "--set", "webhook.clientAuth.caBundle=Q0E="],
+        ["--set", "webhook.certificate.mode=secret", "--set", "webhook.certificate.secretName=tls",
+         "--set", "webhook.certificate.caBundle=Q0E="],
+    ):  # fmt: skip
+        first, second = helm(*base, *args), helm(*base, *args)
+        assert "kind: ValidatingWebhookConfiguration" in first
+        assert first == second, args
+
+
+def test_helm_certificate_mode_still_differs_only_in_the_webhook_certificate(
+    helm: Callable[..., str],
+) -> None:
+    """helm mode generates a CA and a serving certificate per render (install and upgrade reuse the one in
+    the cluster; `helm template` cannot look it up): the 10 lines that differ, and nothing else."""
     for args in ([], EVERYTHING_ON):
-        first, second = render(helm, *args), render(helm, *args)
+        first, second = (render(helm, "--set", "webhook.certificate.mode=helm", *args) for _ in range(2))
         assert [(d["kind"], d["metadata"]["name"]) for d in first] == [
             (d["kind"], d["metadata"]["name"]) for d in second
         ]
@@ -1139,11 +1277,8 @@ def test_two_renders_with_defaults_differ_only_in_the_webhook_certificate(helm: 
             for d, e in zip(first, second, strict=True)
             for p in differing_paths(d, e)
         }
-        assert differing == webhook_certificate_paths(first)  # today: they all differ, nothing else
-        # With a given certificate (secret mode) the render is stable.
-        given = ["--set", "webhook.certificate.mode=secret", "--set", "webhook.certificate.secretName=tls"]
-        given += ["--set", "webhook.certificate.caBundle=Q0E="]
-        assert render(helm, *args, *given) == render(helm, *args, *given)
+        assert differing == webhook_certificate_paths(first)
+        assert len(differing) == 5  # tls.crt, tls.key, ca.crt and two caBundles: 10 lines of a diff
 
 
 # --- on the platform: install, RBAC as the API server sees it, and a real backup --------------------
@@ -1471,7 +1606,7 @@ def test_webhook_certificate_survives_an_upgrade_and_is_renewed_for_new_names(
     # through while no operator answers (replicaCount 0): other tests on the platform never meet it.
     release.install(
         "--skip-crds", "--set", "rbac.scope=namespace", "--set", "webhook.enabled=true",
-        "--set", "webhook.failurePolicy=Ignore",
+        "--set", "webhook.failurePolicy=Ignore", "--set", "webhook.certificate.mode=helm",
     )  # fmt: skip
     core, admission = client.CoreV1Api(api), client.AdmissionregistrationV1Api(api)
     fullname = f"{release.name}-idm-backup-operator"
@@ -1513,6 +1648,114 @@ def test_webhook_certificate_survives_an_upgrade_and_is_renewed_for_new_names(
     ]
     release.upgrade()
     assert installed()[0] == renewed
+
+
+def test_webhook_operator_mode_runs_with_only_the_charts_rbac_and_keeps_its_certificate_through_upgrades(
+    release: Release,
+    kubectl: Path,
+    platform: stack.Platform,
+    namespace: str,
+    api: client.ApiClient,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """From helm certificate mode (the default before) to operator mode is an ordinary upgrade: the Secret
+    keeps its type. The operator, as the chart's ServiceAccount with the Secret as its certificate
+    directory (as the pod mounts it), makes its certificate and the API server calls it; later upgrades
+    leave what it wrote alone."""
+    port = processes.free_port()
+    release.install(
+        "--skip-crds", "--set", "rbac.scope=namespace", "--set", "webhook.enabled=true",
+        "--set", "webhook.certificate.mode=helm", "--set", f"webhook.url=https://127.0.0.1:{port}",
+    )  # fmt: skip
+    core, admission = client.CoreV1Api(api), client.AdmissionregistrationV1Api(api)
+    fullname = f"{release.name}-idm-backup-operator"
+    secret_name, configuration = f"{fullname}-webhook-tls", f"{fullname}-{namespace}"
+
+    def ca_bundles() -> list[str | None]:
+        webhooks = admission.read_validating_webhook_configuration(configuration).webhooks
+        return [w.client_config.ca_bundle for w in webhooks]
+
+    release.upgrade("--set", "webhook.certificate.mode=operator")
+    secret = core.read_namespaced_secret(secret_name, namespace)
+    assert secret.type == "kubernetes.io/tls"
+    assert set(secret.data) == {"tls.crt", "tls.key", "certificate.json"}  # helm mode's keys are gone
+    assert ca_bundles() == [None, None]
+    cert_dir = tmp_path / "webhook-tls"
+    cert_dir.mkdir()
+    for key, value in secret.data.items():
+        (cert_dir / key).write_bytes(base64.b64decode(value))
+    kubeconfig = service_account_kubeconfig(api, platform, release, tmp_path / "operator.kubeconfig")
+    monkeypatch.setenv("POD_NAMESPACE", namespace)
+    (tmp_path / "pvc").mkdir()
+    webhook_args = ["--webhook-port", str(port), "--webhook-address", "127.0.0.1", "--webhook-cert-dir"]
+    operator = OperatorProcess(
+        namespace,
+        str(kubeconfig),
+        tmp_path / "pvc",
+        tmp_path / "operator.log",
+        args=[*webhook_args, str(cert_dir)],
+    )
+    operator.start()
+
+    def refused_by_the_webhook() -> bool:
+        spec = backup_spec(
+            platform, s3_storage(platform, "chart/own"), type="Data", target={"podName": "nowhere"}
+        )
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "IdmBackup",
+            "metadata": {"name": "probe"},
+            "spec": spec,
+        }
+        try:
+            client.CustomObjectsApi(api).create_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, body, dry_run="All"
+            )
+        except client.ApiException as err:
+            return "denied the request" in (err.body or "")
+        return False
+
+    try:
+        wait_for(
+            "the webhook to answer through the API server", refused_by_the_webhook, timeout=60, interval=0.5
+        )
+        stored = core.read_namespaced_secret(secret_name, namespace).data
+        assert set(stored) == {
+            "tls.crt",
+            "tls.key",
+            "certificate.json",
+            "ca.crt",
+            "ca.key",
+            "serving.crt",
+            "serving.key",
+        }
+        assert ca_bundles() == [stored["ca.crt"]] * 2
+        log = operator.output()
+        for sign in ("Forbidden", "forbidden", "Not enough permissions", "(403)"):
+            assert sign not in log, next(line for line in log.splitlines() if sign in line)
+        # What that took, by name, and nothing around it.
+        assert can_i(kubectl, platform, release, "update", "secrets", namespace, name=secret_name)
+        for verb, ns, name in (
+            ("update", namespace, "another"), ("delete", namespace, secret_name), ("create", namespace, None),
+            ("get", "default", secret_name), ("update", "default", secret_name),
+        ):  # fmt: skip
+            assert not can_i(kubectl, platform, release, verb, "secrets", ns, name=name), (verb, ns, name)
+        webhooks = "validatingwebhookconfigurations.admissionregistration.k8s.io"
+        for verb in ("get", "patch"):
+            assert can_i(kubectl, platform, release, verb, webhooks, None, name=configuration)
+        for verb, name in (
+            ("patch", "another"), ("get", "another"), ("update", configuration), ("delete", configuration),
+            ("create", None), ("list", None),
+        ):  # fmt: skip
+            assert not can_i(kubectl, platform, release, verb, webhooks, None, name=name), (verb, name)
+        # helm's three-way merge: what the chart never rendered stays as the operator wrote it.
+        release.upgrade()
+        assert core.read_namespaced_secret(secret_name, namespace).data == stored
+        assert ca_bundles() == [stored["ca.crt"]] * 2
+        assert refused_by_the_webhook()
+    finally:
+        operator.stop()
 
 
 def kopf_paused(operator: OperatorProcess) -> bool:
@@ -1655,6 +1898,10 @@ VALUE_SETS: dict[str, list[str]] = {
         "--set", "watchNamespaces={identity,staging}",
     ],
     "webhook-cert-manager": ["--set", "webhook.certificate.mode=certManager"],
+    "webhook-helm": ["--set", "webhook.certificate.mode=helm"],
+    "webhook-operator-url-client-ca": [
+        "--set", "webhook.url=https://192.0.2.10:9443", "--set", "webhook.clientAuth.caBundle=Q0E=",
+    ],
     "webhook-secret": [
         "--set", "webhook.certificate.mode=secret", "--set", "webhook.certificate.secretName=webhook-tls",
         "--set", "webhook.certificate.caBundle=Q0E=",

@@ -36,6 +36,7 @@ from idm_backup_operator.api.names import (
     SCHEDULE_LABEL,
     VERSION,
 )
+from idm_backup_operator.handlers.startup import WebhookConfig
 from idm_backup_operator.idmbackup import validation
 from idm_backup_operator.idmbackupschedule import validation as schedule_validation
 from idm_backup_operator.kube.services import Services
@@ -48,12 +49,18 @@ log = logging.getLogger(__name__)
 
 
 @kopf.on.startup()
-def require_client_certificates(settings: kopf.OperatorSettings, **_: Any) -> None:
-    """Without a client CA, anything that reaches the port may ask about any namespace, as anyone."""
+def require_client_certificates(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """Without a client CA, anything that reaches the port may ask about any namespace, as anyone.
+
+    The CA is in the certificate directory (--webhook-cert-dir), in every certificate mode: in the
+    chart's operator mode too, where the served certificate itself is in a directory of the operator's.
+    """
     server = settings.admission.server
     if not isinstance(server, kopf.WebhookServer) or server.certfile is None:
         return
-    client_ca = Path(server.certfile).parent / CLIENT_CA_FILE
+    webhook: WebhookConfig | None = memo.get("webhook_config")
+    cert_dir = webhook.cert_dir if webhook is not None else Path(server.certfile).parent
+    client_ca = cert_dir / CLIENT_CA_FILE
     if not client_ca.is_file():
         log.warning(
             "the admission webhook answers any caller that reaches its port: add %s, the CA of the API "

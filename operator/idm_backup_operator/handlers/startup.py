@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from idm_backup_operator.api.names import (
     KOPF_ANNOTATION_PREFIX,
     VERSION,
 )
-from idm_backup_operator.kube import locking
+from idm_backup_operator.kube import locking, webhookcert
 from idm_backup_operator.kube.podexec import PodExec
 from idm_backup_operator.kube.services import Services
 from idm_backup_operator.slots import BackupSlots
@@ -34,6 +36,10 @@ DEFAULT_PVC_ROOT = "/var/lib/idm-backup-operator/pvc"
 WEBHOOK_PORT_ENV = "IDM_BACKUP_WEBHOOK_PORT"
 WEBHOOK_CERT_DIR_ENV = "IDM_BACKUP_WEBHOOK_CERT_DIR"
 DEFAULT_WEBHOOK_CERT_DIR = "/etc/idm-backup-operator/webhook-tls"
+# The chart's operator certificate mode: how often the operator checks its certificate, the Secret that
+# keeps it and the configuration's caBundle (kube/webhookcert.py).
+WEBHOOK_CERT_CHECK_ENV = "IDM_BACKUP_WEBHOOK_CERT_CHECK_SECONDS"
+DEFAULT_WEBHOOK_CERT_CHECK_SECONDS = 60.0
 # How long a shutdown waits for running backups to wind down: stopping ipa-backup takes seconds,
 # `ipactl start` of a real server up to a minute or two. The chart's grace period leaves room for it.
 WIND_DOWN_SECONDS = 150
@@ -41,20 +47,22 @@ WIND_DOWN_SECONDS = 150
 
 @dataclasses.dataclass(frozen=True)
 class WebhookConfig:
-    """Where the validating admission webhook listens, and its certificate (tls.crt, tls.key)."""
+    """Where the validating admission webhook listens, and its certificate directory: tls.crt and tls.key,
+    or (the chart's operator mode) the certificate.json that says what certificate to make."""
 
     port: int
     address: str
     cert_dir: Path
 
-    def server(self) -> kopf.WebhookServer:
+    def server(self, certfile: Path | None = None, pkeyfile: Path | None = None) -> kopf.WebhookServer:
         # The API server verifies us with the caBundle of the ValidatingWebhookConfiguration (the Helm
-        # chart's, or cert-manager's); kopf only serves, and reloads the files when they are renewed.
+        # chart's, cert-manager's, or the one the operator puts there); kopf only serves, and reloads the
+        # files when they change.
         return kopf.WebhookServer(
             addr=self.address,
             port=self.port,
-            certfile=self.cert_dir / "tls.crt",
-            pkeyfile=self.cert_dir / "tls.key",
+            certfile=certfile or self.cert_dir / "tls.crt",
+            pkeyfile=pkeyfile or self.cert_dir / "tls.key",
         )
 
 
@@ -72,6 +80,10 @@ def configure_logging(log_format: str = "text", *, verbose: bool = False) -> Non
         raise ValueError(f"unknown log format {log_format!r}: use one of {', '.join(logs.FORMATS)}")
     # kopf installs its own handler on the root logger (a second one would print every line twice);
     # with log_prefix, text lines say which object they are about, as "[namespace/name]".
+    # JSON lines come from logs.JsonFormatter on that handler, not from kopf's own JSON format
+    # (kopf.LogFormat.JSON, python-json-logger): that one formats a record's exception again from the
+    # exception itself, so the traceback the filter redacted (exc_text) would be printed unredacted, and it
+    # names the fields differently (timestamp, severity, the object nested under "object").
     kopf.configure(verbose=verbose, log_prefix=log_format == "text")
     redacting = logs.RedactingFilter()
     for handler in logging.getLogger().handlers:
@@ -98,9 +110,6 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     )
     # Our handlers post their own, meaningful Events; kopf's per-handler ones would only add noise.
     settings.posting.level = logging.WARNING
-    webhook: WebhookConfig | None = memo.get("webhook_config")
-    if webhook is not None:
-        settings.admission.server = webhook.server()
     # The namespace of every server's lock, before anything starts: without one, the operator stops here.
     try:
         locking.configure(memo.get("lock_namespace"), memo.get("namespaces") or ())
@@ -158,6 +167,60 @@ def start_metrics(memo: kopf.Memo, api: client.ApiClient) -> None:
         log.error("metrics are not served: cannot listen on %s:%s: %s", endpoint.address, endpoint.port, err)
         return
     log.info("serving metrics on http://%s:%s/metrics", endpoint.address, memo.metrics_server.port)
+
+
+@kopf.on.startup()
+async def serve_webhook(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """The webhook's server (after `configure`, whose API client it uses): with the certificate files of
+    its directory, or, when the chart's operator mode put a certificate.json there, with a certificate the
+    operator makes or takes from its Secret, and keeps (kube/webhookcert.py)."""
+    webhook: WebhookConfig | None = memo.get("webhook_config")
+    if webhook is None:
+        return
+    try:
+        plan = webhookcert.Plan.load(webhook.cert_dir)
+    except ValueError as err:
+        raise kopf.PermanentError(f"{webhook.cert_dir}: {err}") from None
+    if plan is None:
+        settings.admission.server = webhook.server()
+        return
+    keeper: webhookcert.CertificateKeeper | None = memo.get("webhook_certificate")
+    if keeper is None:
+        keeper = webhookcert.CertificateKeeper(
+            client.CoreV1Api(memo.api), client.AdmissionregistrationV1Api(memo.api), plan
+        )
+        memo.webhook_certificate = keeper
+    try:
+        await asyncio.to_thread(keeper.reconcile)
+    except webhookcert.CertificateUnavailable as err:
+        # Nothing to serve yet (the Secret not synced yet, or RBAC): kopf tries again.
+        raise kopf.TemporaryError(str(err), delay=10) from None
+    settings.admission.server = webhook.server(keeper.served, keeper.served)
+    interval = float(os.environ.get(WEBHOOK_CERT_CHECK_ENV) or DEFAULT_WEBHOOK_CERT_CHECK_SECONDS)
+    memo.webhook_certificate_upkeep = asyncio.create_task(_keep_webhook_certificate(keeper, interval))
+
+
+async def _keep_webhook_certificate(keeper: webhookcert.CertificateKeeper, interval: float) -> None:
+    """Renewals, another replica's certificate, a caBundle or a Secret that a sync replaced: checked every
+    `interval` seconds. kopf notices a changed file within a minute and serves it."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await asyncio.to_thread(keeper.reconcile)
+        except Exception as err:  # the webhook keeps serving what it has; the next round tries again
+            log.warning("webhook certificate: %s; tried again in %g s", err, interval)
+
+
+@kopf.on.cleanup()
+async def stop_webhook_certificate(memo: kopf.Memo, **_: Any) -> None:
+    upkeep: asyncio.Task[None] | None = memo.get("webhook_certificate_upkeep")
+    if upkeep is not None:
+        upkeep.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await upkeep
+    keeper: webhookcert.CertificateKeeper | None = memo.get("webhook_certificate")
+    if keeper is not None:
+        shutil.rmtree(keeper.directory, ignore_errors=True)
 
 
 @kopf.on.cleanup()
