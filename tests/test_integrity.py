@@ -618,6 +618,11 @@ def test_a_full_backup_with_logs_decrypts_with_the_gpg_cli_to_ipa_backups_tar(
     archive = status["archive"]
     key = stored_key(platform, archive["uri"])
     assert key.endswith("/ipa-full.tar.gpg")
+    # The transfer's progress ends at the whole tar, as read from the pod.
+    assert status["progress"] == {
+        "bytesRead": archive["plaintextSizeBytes"],
+        "totalBytes": archive["plaintextSizeBytes"],
+    }
     # The short name kubectl get shows: the server and ipa-backup's own directory name.
     directory = status["ipaBackup"]["directory"].rsplit("/", 1)[1]
     assert archive["name"] == f"{HOST}/{directory}" and key.endswith(f"/{HOST}/{directory}/ipa-full.tar.gpg")

@@ -335,7 +335,7 @@ def _backup_now(args: argparse.Namespace) -> int:
     print(f"idmbackup {namespace}/{name} created from schedule {clean(args.schedule)}", flush=True)
     if not args.wait:
         return EXIT_OK
-    # The status has the step, not a byte count: progress is step by step, with the time it has taken.
+    # Step by step, with the time each has taken; while the archive streams, bytes from status.progress.
     deadline = time.monotonic() + args.timeout
     with Progress(sys.stdout) as progress:
         while True:
@@ -343,6 +343,9 @@ def _backup_now(args: argparse.Namespace) -> int:
             if is_finished(status.get("phase")):
                 break
             progress.step(_backup_step(status))
+            transfer = status.get("progress") or {}
+            if str(status.get("step") or "").startswith("uploading") and "bytesRead" in transfer:
+                progress.transferred(int(transfer["bytesRead"]), transfer.get("totalBytes"))
             if time.monotonic() >= deadline:
                 raise CommandError(
                     f"IdmBackup {namespace}/{name} did not finish within {args.timeout:g}s; it goes on: "

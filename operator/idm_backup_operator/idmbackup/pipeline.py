@@ -17,6 +17,7 @@ import contextlib
 import datetime
 import logging
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
@@ -57,6 +58,8 @@ ORPHAN_WAIT_SECONDS = 120
 # How long the commands that put a server back (stop ipa-backup, ipactl start, ipactl status) keep
 # trying through a lost exec connection: an API server restart takes seconds, a node's a few minutes.
 OUTAGE_PATIENCE_SECONDS = 300
+# How often status.progress is written while the archive streams: one status patch per backup per interval.
+PROGRESS_SECONDS = 10.0
 
 
 CANCELLED = "Cancelled"
@@ -480,9 +483,10 @@ class _Backup:
             header_obj = _put(store, keys.header, header_bytes)
             written.append(keys.header)
             plain = Tally()
-            stored = self.upload_archive(
-                store, keys.archive, self.archive_chunks(directory, plain), recipients
-            )
+            with reporting_progress(self.report, plain, in_pod.size):
+                stored = self.upload_archive(
+                    store, keys.archive, self.archive_chunks(directory, plain), recipients
+                )
             written.append(keys.archive)
             self.verify(store, keys, in_pod, plain, stored)
             manifest = layout.build_manifest(
@@ -583,6 +587,32 @@ class _Backup:
         if self.spec.keep_in_pod:
             return f"; kept {directory.path} in the pod"
         return remove_from_pod(self.services.execs, self.pod, directory.path, self.report)
+
+
+@contextlib.contextmanager
+def reporting_progress(
+    report: Reporter, tally: Tally, total: int, interval: float = PROGRESS_SECONDS
+) -> Iterator[None]:
+    """status.progress while the archive streams: how much of it was read from the pod, every `interval`
+    seconds. Written from a thread of its own, so that a slow status write never holds the stream."""
+    done = threading.Event()
+
+    def write() -> None:
+        report.update(progress={"bytesRead": tally.size, "totalBytes": total})
+
+    def loop() -> None:
+        while not done.wait(interval):
+            write()
+
+    write()
+    writer = threading.Thread(target=loop, name="backup-progress", daemon=True)
+    writer.start()
+    try:
+        yield
+    finally:
+        done.set()
+        writer.join()
+        write()
 
 
 def _put(store: Store, key: str, data: bytes) -> StoredObject:
