@@ -147,3 +147,20 @@ def test_a_failed_exec_handshake_is_told_apart_from_no_connection() -> None:
     for reason in ("[Errno 111] Connection refused", "Handshake status 503 Service Unavailable"):
         lost = podexec._open_failure(pod, _as_the_client_raises_it(reason))
         assert isinstance(lost, podexec.ExecLost) and "cannot reach the API server" in str(lost), reason
+
+
+def test_a_gone_pod_is_named_as_such_and_no_response_headers_are_quoted() -> None:
+    """The handshake's reason goes on with the response's headers (audit ids, cache headers); a 404 is a
+    pod that was deleted, not missing RBAC."""
+    pod = PodRef("ns", "pod", "c")
+    headers = "Handshake status 404 Not Found\n-+-+- {'audit-id': '0c9b', 'cache-control': 'no-cache'} -+-+-"
+    gone = podexec._open_failure(pod, _as_the_client_raises_it(headers))
+    assert type(gone) is podexec.ExecError
+    assert str(gone) == "pod ns/pod (container c) was not found (it was deleted, or its container is gone)"
+    other = podexec._open_failure(
+        pod, _as_the_client_raises_it(headers.replace("404 Not Found", "400 Bad Request"))
+    )
+    assert (
+        str(other)
+        == "the API server refused exec into pod ns/pod (container c): Handshake status 400 Bad Request"
+    )

@@ -485,10 +485,10 @@ class _Backup:
             plain = Tally()
             with reporting_progress(self.report, plain, in_pod.size):
                 stored = self.upload_archive(
-                    store, keys.archive, self.archive_chunks(directory, plain), recipients
+                    store, keys.archive, self.archive_chunks(directory, plain), recipients, plain, in_pod
                 )
             written.append(keys.archive)
-            self.verify(store, keys, in_pod, plain, stored)
+            self.verify(store, keys, stored)
             manifest = layout.build_manifest(
                 resource=self.resource,
                 host=server.host,
@@ -527,7 +527,13 @@ class _Backup:
         return store.uri(keys.archive)
 
     def upload_archive(
-        self, store: Store, key: str, chunks: Iterator[bytes], recipients: encryption.Recipients | None
+        self,
+        store: Store,
+        key: str,
+        chunks: Iterator[bytes],
+        recipients: encryption.Recipients | None,
+        plain: Tally,
+        in_pod: layout.FileRecord,
     ) -> StoredObject:
         try:
             with store.open_upload(key) as upload:
@@ -538,6 +544,10 @@ class _Backup:
                     with encryption.encrypt(chunks, recipients) as ciphertext:
                         for chunk in ciphertext:
                             upload.write(chunk)
+                # Before the commit: a stream cut short can still end with a success status (the API
+                # server reports the killed `cat` of a deleted pod as Success), and what is committed
+                # has its final name.
+                _check_plaintext(plain, in_pod)
                 return upload.commit()
         except ExecCancelled:
             raise self.stop_reason() or BackupFailed(CANCELLED, CANCELLED_MESSAGE) from None
@@ -552,22 +562,10 @@ class _Backup:
         except StorageError as err:
             raise BackupFailed("UploadFailed", f"upload failed: {err}") from None
 
-    def verify(
-        self,
-        store: Store,
-        keys: layout.BackupKeys,
-        in_pod: layout.FileRecord,
-        plain: Tally,
-        stored: StoredObject,
-    ) -> None:
-        """Succeeded is only ever reported for an archive whose bytes were checked on both ends."""
+    def verify(self, store: Store, keys: layout.BackupKeys, stored: StoredObject) -> None:
+        """Succeeded is only ever reported for an archive whose bytes were checked on both ends: the
+        plaintext before the upload was committed (_check_plaintext), the stored size here."""
         self.report.update(step="verifying the stored archive")
-        if (plain.size, plain.sha256) != (in_pod.size, in_pod.sha256):
-            raise BackupFailed(
-                "ChecksumMismatch",
-                f"the archive read from the pod ({plain.size} bytes, sha256 {plain.sha256}) differs from "
-                f"the file in the pod ({in_pod.size} bytes, sha256 {in_pod.sha256})",
-            )
         try:
             found = store.stat(keys.archive)
         except DeadlineExceeded as err:
@@ -587,6 +585,15 @@ class _Backup:
         if self.spec.keep_in_pod:
             return f"; kept {directory.path} in the pod"
         return remove_from_pod(self.services.execs, self.pod, directory.path, self.report)
+
+
+def _check_plaintext(plain: Tally, in_pod: layout.FileRecord) -> None:
+    if (plain.size, plain.sha256) != (in_pod.size, in_pod.sha256):
+        raise BackupFailed(
+            "ChecksumMismatch",
+            f"the archive read from the pod ({plain.size} bytes, sha256 {plain.sha256}) differs from "
+            f"the file in the pod ({in_pod.size} bytes, sha256 {in_pod.sha256})",
+        )
 
 
 @contextlib.contextmanager
@@ -765,9 +772,8 @@ def _settle(
             notes.append("IPA services are running" if running else "IPA services did NOT come back")
     outcome = _settle_storage(resource, spec, status, services)
     cleanup_note = ""
-    if outcome is not None and pod is not None and not spec.keep_in_pod:
-        directory = (status.get("ipaBackup") or {})["directory"]  # known: the archive was stored
-        cleanup_note = remove_from_pod(services.execs, pod, PurePosixPath(directory), report)
+    if pod is not None and not spec.keep_in_pod:
+        cleanup_note = _remove_reported_directory(services, pod, spec, status, report, notes)
     if outcome is not None:
         idmbackup_status.set_succeeded(
             report,
@@ -783,6 +789,38 @@ def _settle(
         f"the operator stopped while this backup was running (step: {step}) and an exec session cannot be "
         f"resumed, so the backup was abandoned: {'; '.join(notes)}. Create a new IdmBackup to retry.",
     )
+
+
+def _remove_reported_directory(
+    services: Services,
+    pod: PodRef,
+    spec: BackupSpec,
+    status: dict[str, Any],
+    report: Reporter,
+    notes: list[str],
+) -> str:
+    """Remove the plaintext copy ipa-backup reported, as after any other end of a backup; notes what could
+    not be. A directory ipa-backup wrote only after the operator stopped was never reported: its name is
+    unknown, and a guess could delete someone else's backup."""
+    reported = (status.get("ipaBackup") or {}).get("directory")
+    if "ipaBackup" in status and not reported:
+        notes.append(
+            "ipa-backup ended after the operator stopped, so its directory in /var/lib/ipa/backup is unknown "
+            "and was left there"
+        )
+        return ""
+    if not reported:
+        return ""
+    try:
+        # The operator's own record, checked again as when ipa-backup reported it.
+        path = freeipa.backup_directory(reported, spec.options.type).path
+    except freeipa.UnsafeBackupPath as err:
+        notes.append(f"the recorded directory was not removed: {err}")
+        return ""
+    note = remove_from_pod(services.execs, pod, path, report)
+    if not note:
+        notes.append(f"{path} was removed from the pod")
+    return note
 
 
 def _settle_storage(

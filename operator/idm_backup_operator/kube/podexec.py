@@ -113,15 +113,17 @@ class Session:
         timeout = _POLL_SECONDS
         if self._deadline is not None:
             timeout = max(0.0, min(timeout, self._deadline - time.monotonic()))
+        # read_channel reads the socket again (the client's peek_channel calls update): a connection that
+        # breaks there is as lost as one that breaks in update.
         try:
             self._ws.update(timeout=timeout)
+            out = self._ws.read_channel(STDOUT_CHANNEL)
+            err = self._ws.read_channel(STDERR_CHANNEL)
+            status = self._ws.read_channel(ERROR_CHANNEL)
         except (WebSocketException, OSError) as broken:
             raise ExecLost(f"the exec connection was lost: {type(broken).__name__}: {broken}") from None
-        out = self._ws.read_channel(STDOUT_CHANNEL)
-        err = self._ws.read_channel(STDERR_CHANNEL)
         if err:
             self._take_stderr(err)
-        status = self._ws.read_channel(ERROR_CHANNEL)
         if status:
             self._error_channel += status
         return bytes(out)
@@ -191,11 +193,17 @@ def _open_failure(pod: PodRef, err: BaseException) -> ExecError:
     handshake = _HANDSHAKE_STATUS.search(reason)
     # No handshake at all, or an API server that is starting or overloaded: it may work in a moment.
     if isinstance(cause, client.ApiException) and (handshake is None or int(handshake[1]) in _PASSING):
-        return ExecLost(f"cannot reach the API server to exec in pod {pod}: {reason}")
-    return ExecError(
-        f"the API server refused exec into pod {pod} ({reason}); "
-        "the operator needs get and create on pods/exec there"
-    )
+        return ExecLost(f"cannot reach the API server to exec in pod {pod}: {reason.splitlines()[0]}")
+    # The reason continues with the response's headers (audit ids and the like): the status says it all.
+    status = int(handshake[1]) if handshake else None
+    if status == 404:
+        return ExecError(f"pod {pod} was not found (it was deleted, or its container is gone)")
+    if status in (401, 403):
+        return ExecError(
+            f"the API server refused exec into pod {pod} ({status}); "
+            "the operator needs get and create on pods/exec there"
+        )
+    return ExecError(f"the API server refused exec into pod {pod}: {reason.splitlines()[0]}")
 
 
 def open_exec_websocket(
