@@ -6,8 +6,10 @@ import asyncio
 import base64
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +149,12 @@ def test_data_backup_to_pvc_decrypts_and_removes_the_pod_copy(
     # podCleanup defaults to Remove: the server's volume does not fill up with old backups.
     code, _ = pod_exec(api, namespace, pod, ["test", "-e", status["ipaBackup"]["directory"]])
     assert code == 1
-    assert not list(stored.parent.glob(".*partial*"))
+    # Nothing else anywhere on the volume: no `.<name>.partial-*` upload file (PVCStore writes it beside
+    # the final name, in `stored` itself), no `.idm-backup-probe-*` left by the writability check (at the
+    # store's root). pathlib's rglob matches hidden names too.
+    files = sorted(str(p.relative_to(volume_dir)) for p in volume_dir.rglob("*") if not p.is_dir())
+    expected = f"idm/{namespace}/ipa-hidden.example.test/{dirname}"
+    assert files == [f"{expected}/header", f"{expected}/ipa-data.tar.gpg", f"{expected}/manifest.json"]
 
 
 def backup_dirs(api: client.ApiClient, namespace: str, pod: str) -> list[str]:
@@ -415,12 +422,29 @@ def test_operator_killed_during_transfer_leaves_no_success_no_partial_object_and
     def uploading() -> bool:
         return get_backup(api, namespace, "killed").get("status", {}).get("step", "").startswith("uploading")
 
+    def stored_parts() -> list[dict[str, Any]]:
+        """The parts of the archive's multipart uploads that the server holds so far."""
+        uploads = s3.list_multipart_uploads(Bucket=platform.s3_bucket, Prefix=prefix).get("Uploads", [])
+        return [
+            part
+            for upload in uploads
+            for part in s3.list_parts(
+                Bucket=platform.s3_bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+            ).get("Parts", [])
+        ]
+
     wait_for("the archive transfer to start", uploading, timeout=180, interval=0.1)
-    time.sleep(1.5)
-    assert get_backup(api, namespace, "killed")["status"]["phase"] == "Running"
+    # Mid-transfer, observed on the server: a first 5 MiB part of the 768 MiB archive is stored.
+    wait_for("a first part of the archive in S3", stored_parts, timeout=60, interval=0.1)
     operator.kill()
-    # A multipart upload is in progress on the server at this point.
-    assert s3.list_multipart_uploads(Bucket=platform.s3_bucket, Prefix=prefix).get("Uploads")
+    # The dead operator's last word, and the server's, say the kill came mid-transfer: still uploading,
+    # and a multipart upload of the archive open, with parts, not completed.
+    status = get_backup(api, namespace, "killed")["status"]
+    assert status["phase"] == "Running" and status["step"].startswith("uploading"), status
+    (upload,) = s3.list_multipart_uploads(Bucket=platform.s3_bucket, Prefix=prefix)["Uploads"]
+    assert upload["Key"].endswith("/ipa-full.tar.gpg"), upload
+    assert stored_parts()
+    assert s3_keys(s3, platform.s3_bucket, prefix) == [f"{upload['Key'].rsplit('/', 1)[0]}/header"]
     operator.start()
     status = wait_finished(api, namespace, "killed", operator, timeout=300)["status"]
     assert status["phase"] == "Failed" and status["reason"] == "OperatorRestarted", status
@@ -499,6 +523,26 @@ def test_a_backup_found_stored_after_a_restart_is_checked_byte_for_byte_and_its_
     assert services_running(api, namespace, pod)
 
 
+def _ipa_backup_runs(api: client.ApiClient, namespace: str, pod: str) -> list[tuple[str, datetime, datetime]]:
+    """Each ipa-backup run in the pod, from the stand-in's own log (/var/log/ipabackup.log, appended to by
+    every run, timestamps to the millisecond): (the directory it reported, its first line, its last)."""
+    code, out = pod_exec(api, namespace, pod, ["cat", "/var/log/ipabackup.log"])
+    assert code == 0, out
+    runs, start, directory = [], None, None
+    for line in out.splitlines():
+        if not (m := re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) [A-Z]+ (.*)", line)):
+            continue  # the continuation of a multi-line message
+        at, message = datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S,%f"), m[2]
+        if message.startswith("Logging to "):  # the first line a run writes to the file
+            start, directory = at, None
+        elif message.startswith("Backed up to "):
+            directory = message.removeprefix("Backed up to ")
+        elif message == "The ipa-backup command was successful":
+            assert start is not None and directory is not None, out
+            runs.append((directory, start, at))
+    return runs
+
+
 def test_two_backups_of_one_server_run_one_after_the_other(
     api: client.ApiClient,
     namespace: str,
@@ -507,18 +551,48 @@ def test_two_backups_of_one_server_run_one_after_the_other(
     operator: OperatorProcess,
     secrets: None,
 ) -> None:
-    freeipa(payload_bytes=64 << 20)
+    pod = freeipa(payload_bytes=64 << 20)
     storage = s3_storage(platform, f"test/{namespace}")
-    for name in ("first", "second"):
+    names = ("first", "second")
+    for name in names:
         create_backup(api, namespace, name, backup_spec(platform, storage, type="Data", online=True))
-    finished = [wait_finished(api, namespace, name, operator)["status"] for name in ("first", "second")]
-    assert [s["phase"] for s in finished] == ["Succeeded", "Succeeded"], finished
-    a, b = sorted(finished, key=lambda s: s["startTime"])
-    assert a["completionTime"] <= b["startTime"]  # never overlapping
-    waited = [s for s in finished if any(c["type"] == "Waiting" for c in s["conditions"])]
-    assert waited, "one backup must have waited visibly"
-    names = {n for n in ("first", "second") if "BackupWaiting" in events(api, namespace, n)}
-    assert len(names) == 1
+    finished = {name: wait_finished(api, namespace, name, operator)["status"] for name in names}
+    assert [s["phase"] for s in finished.values()] == ["Succeeded", "Succeeded"], finished
+    # Which one waited, exactly: one backup, and it waited for the other, named with its uid as the holder
+    # of the server's lock. (Both end with a Waiting=False condition, LockAcquired: not evidence.)
+    reasons = {name: events(api, namespace, name) for name in names}
+    (waiter,) = [name for name in names if "BackupWaiting" in reasons[name]]
+    (holder,) = [name for name in names if name != waiter]
+    assert reasons[holder] == ["BackupStarted", "BackupCompleted"], reasons
+    assert reasons[waiter] == ["BackupWaiting", "BackupStarted", "BackupCompleted"], reasons
+    holder_uid = get_backup(api, namespace, holder)["metadata"]["uid"]
+    core = client.CoreV1Api(api)
+
+    def event(name: str, reason: str) -> Any:
+        selector = f"involvedObject.name={name},reason={reason}"
+        (found,) = core.list_namespaced_event(namespace, field_selector=selector).items
+        return found
+
+    assert event(waiter, "BackupWaiting").message == (
+        f"waiting for IdmBackup {namespace}/{holder} ({holder_uid}) to finish: "
+        "one backup per server at a time"
+    )
+
+    # Never overlapping, precisely: status times and Event timestamps have whole seconds, so two backups in
+    # the same second would pass any comparison of them. The API server's resourceVersions order writes
+    # exactly: the waiter started only after the holder had completed, verified archive and all.
+    def order(name: str, reason: str) -> int:
+        return int(event(name, reason).metadata.resource_version)
+
+    assert order(holder, "BackupCompleted") < order(waiter, "BackupStarted")
+    # And on the server itself, to the millisecond: the waiter's ipa-backup began after the holder's ended.
+    runs = _ipa_backup_runs(api, namespace, pod)
+    assert [directory for directory, _, _ in runs] == [
+        finished[holder]["ipaBackup"]["directory"],
+        finished[waiter]["ipaBackup"]["directory"],
+    ], runs
+    (_, _, holder_end), (_, waiter_start, _) = runs
+    assert holder_end < waiter_start, runs
 
 
 def test_deletion_policy_delete_removes_the_stored_files_and_retain_keeps_them(
