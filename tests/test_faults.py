@@ -595,6 +595,11 @@ def test_the_operator_sigkilled_at_each_step_leaves_a_backup_the_next_one_ends_c
         wait_for(f"the backup to reach {where}", lambda: at_step(_step(api, namespace, "killed")), 120, 0.05)
         if hold is not None:
             wait_for("the held request", s3_tap.held.is_set, timeout=30, interval=0.05)
+        if where == "pre-flight":
+            # The step is reported just before the LDAP connection is made: kill once it is stalled there.
+            wait_for(
+                "the stalled LDAP connection", lambda: ldap_proxy.faulted == 1, timeout=30, interval=0.05
+            )
         operator.kill()
         # The dead operator's last word says where it died.
         left = get_backup(api, namespace, "killed")["status"]
