@@ -37,6 +37,7 @@ ALERTS = {
     "IdmBackupTooOld": "critical",
     "IdmBackupNeverSucceeded": "critical",
     "IdmBackupRepeatedFailures": "warning",
+    "IdmBackupServicesDown": "critical",
     "IdmBackupStorageUnavailable": "warning",
     "IdmBackupQueued": "info",
     "IdmBackupOperatorDown": "critical",
@@ -100,7 +101,16 @@ def exported_metric_names() -> set[str]:
     state.observe_backup(failed)
     finished = {"phase": "Succeeded", "completionTime": "2026-11-26T02:10:00Z", "durationSeconds": 600}
     state.observe_backup({**backup, "status": {**finished, "archive": {"sizeBytes": 1024}}})
-    state.observe_backup({**failed, "status": {"phase": "Failed", "completionTime": "2026-11-26T03:00:00Z"}})
+    state.observe_backup(
+        {
+            **failed,
+            "status": {
+                "phase": "Failed",
+                "completionTime": "2026-11-26T03:00:00Z",
+                "conditions": [{"type": "ServicesRunning", "status": "False", "reason": "ServicesDown"}],
+            },
+        }
+    )
     state.observe_storage("s1", ("nightly", "identity"), "s3://idm-backups/prod", available=True, checked=1e9)
     names = set()
     for line in state.exposition().decode().splitlines():
@@ -204,6 +214,7 @@ def test_alerts_and_dashboard_use_only_series_the_operator_exports(helm: Callabl
         "idm_backup_duration_seconds_bucket", "idm_backup_schedule_next_run_timestamp_seconds",
         "idm_backup_storage_available", "idm_backup_storage_last_check_timestamp_seconds",
         "idm_backup_slots", "idm_backup_queued",
+        "idm_backup_last_services_running", "idm_backup_last_services_check_timestamp_seconds",
     } <= exported  # fmt: skip
     used_by_alerts = {m for a in alerts_of(rule_groups(helm)).values() for m in METRIC.findall(a["expr"])}
     assert used_by_alerts and used_by_alerts <= exported, used_by_alerts - exported

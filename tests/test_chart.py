@@ -1067,7 +1067,7 @@ def test_prometheus_rule_is_optional_and_carries_its_labels_and_extra_rules(helm
     (group,) = rule["spec"]["groups"]
     assert [r["alert"] for r in group["rules"]] == [
         "IdmBackupFailed", "IdmBackupTooOld", "IdmBackupNeverSucceeded", "IdmBackupRepeatedFailures",
-        "IdmBackupStorageUnavailable",
+        "IdmBackupServicesDown", "IdmBackupStorageUnavailable",
         "IdmBackupWeeklyTooOld",
     ]  # fmt: skip
     assert group["rules"][-1] == extra

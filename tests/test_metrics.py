@@ -242,6 +242,7 @@ def test_unix_timestamps_end_in_timestamp_seconds_and_the_old_names_are_gone() -
         "idm_backup_last_failure_timestamp_seconds",
         "idm_backup_schedule_next_run_timestamp_seconds",
         "idm_backup_storage_last_check_timestamp_seconds",
+        "idm_backup_last_services_check_timestamp_seconds",
     }
     assert {name for name in ours if "timestamp" in name} == timestamps
     exported = names(samples(full_state()))
@@ -429,3 +430,26 @@ def test_operator_metrics_survive_a_restart_and_follow_schedules(
         )
 
     wait_for("the deleted schedule's series to go", schedule_gone, timeout=60)
+
+
+def test_services_running_follows_the_newest_backup_that_checked_them() -> None:
+    """From the ServicesRunning condition of the newest finished backup that set one: an online backup,
+    which never stops IPA and sets none, does not hide an earlier one that found IPA down."""
+    down = {"type": "ServicesRunning", "status": "False", "reason": "ServicesDown"}
+    up = {"type": "ServicesRunning", "status": "True", "reason": "StartedByIpaBackup"}
+    metrics = BackupMetrics()
+    metrics.seed([backup("a", "Failed", completed=T1)], [schedule()])
+    assert "idm_backup_last_services_running" not in names(samples(metrics))  # no backup checked them
+    down_backup = backup("b", "Failed", completed=T1)
+    down_backup["status"]["conditions"] = [down]
+    metrics.observe_backup(down_backup)
+    metrics.observe_backup(backup("c", "Succeeded", completed=T2))  # online: no condition
+    found = samples(metrics)
+    assert value(found, "idm_backup_last_services_running") == 0
+    assert value(found, "idm_backup_last_services_check_timestamp_seconds") == ts(T1)
+    up_backup = backup("d", "Succeeded", completed=T2)
+    up_backup["status"]["conditions"] = [up]
+    metrics.observe_backup(up_backup)
+    found = samples(metrics)
+    assert value(found, "idm_backup_last_services_running") == 1
+    assert value(found, "idm_backup_last_services_check_timestamp_seconds") == ts(T2)

@@ -110,6 +110,9 @@ class _Backup:
     phase: str | None
     completed: float | None
     size: int | None
+    # The ServicesRunning condition, where the backup set one (after stopping IPA, or failing): whether
+    # IPA ran when it ended.
+    services: bool | None = None
     # Breaks ties between backups finished in the same second (timestamps have 1 s resolution), the
     # same way before and after a restart: the one created later counts as the later one.
     order: tuple[str, str] = ("", "")
@@ -233,6 +236,7 @@ class BackupMetrics(Collector):
             record.completed = _timestamp(status.get("completionTime"))
             size = (status.get("archive") or {}).get("sizeBytes")
             record.size = int(size) if size is not None else None
+            record.services = _services_running(status)
             if started and not record.attempt_counted:
                 record.attempt_counted = True
                 self._attempts.labels(*record.key).inc()
@@ -362,6 +366,16 @@ class BackupMetrics(Collector):
             labels=labels,
         )
         in_progress = GaugeMetricFamily("idm_backup_in_progress", "Backups running now", labels=labels)
+        ipa_running = GaugeMetricFamily(
+            "idm_backup_last_services_running",
+            "Whether IPA's services ran when the last backup that checked them ended: 1 running, 0 not",
+            labels=labels,
+        )
+        ipa_checked = GaugeMetricFamily(
+            "idm_backup_last_services_check_timestamp_seconds",
+            "Completion time of that backup (Unix seconds)",
+            labels=labels,
+        )
         for key in keys:
             mine = [b for b in backups if b.key == key]
             done = sorted(
@@ -378,7 +392,10 @@ class BackupMetrics(Collector):
             if done:
                 last_status.add_metric(list(key), 1 if done[-1].phase == Phase.SUCCEEDED else 0)
             in_progress.add_metric(list(key), sum(1 for b in mine if b.phase == Phase.RUNNING))
-        yield from (last_success, last_failure, last_status, size, in_progress)
+            if with_services := [b for b in done if b.services is not None]:
+                ipa_running.add_metric(list(key), 1 if with_services[-1].services else 0)
+                ipa_checked.add_metric(list(key), _completed(with_services[-1]))
+        yield from (last_success, last_failure, last_status, size, in_progress, ipa_running, ipa_checked)
 
         # idm_backup_attempt_total, _success_total, _failure_total, then idm_backup_duration_seconds.
         yield from counted
@@ -436,6 +453,13 @@ class SlotMetrics(Collector):
         yield GaugeMetricFamily(
             "idm_backup_queued", "Backups waiting for a free slot of this operator", self._slots.queued
         )
+
+
+def _services_running(status: Mapping[str, Any]) -> bool | None:
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "ServicesRunning" and condition.get("status") in ("True", "False"):
+            return bool(condition["status"] == "True")
+    return None
 
 
 def _without_created(family: Metric) -> Metric:
