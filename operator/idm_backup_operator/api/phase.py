@@ -11,10 +11,6 @@ class Phase(enum.StrEnum):
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
 
-    @property
-    def finished(self) -> bool:
-        return self in (Phase.SUCCEEDED, Phase.FAILED)
-
 
 def is_finished(phase: str | None) -> bool:
     """Whether a status's phase, as read from a resource (absent, or a string from any version), is final."""

@@ -12,7 +12,7 @@ from kubernetes import client
 
 from idm_backup_operator.api.identity import ResourceIdentity
 from idm_backup_operator.api.names import GROUP, IDMBACKUP, IDMBACKUPS, VERSION
-from idm_backup_operator.api.phase import Phase
+from idm_backup_operator.api.phase import Phase, is_finished
 from idm_backup_operator.api.spec import parse_backup_spec
 from idm_backup_operator.api.times import parse_time
 from idm_backup_operator.archive import stored
@@ -79,7 +79,7 @@ async def take_backup(
         body.metadata.namespace or "", body.metadata.name or "", body.metadata.uid or ""
     )
     phase = status.get("phase")
-    if phase is not None and Phase(phase).finished:
+    if is_finished(phase):
         return
     finished: set[str] = memo.backups_finished
     if resource.uid in finished:
