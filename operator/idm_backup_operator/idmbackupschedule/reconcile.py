@@ -13,6 +13,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from idm_backup_operator.api.identity import ResourceIdentity
 from idm_backup_operator.api.names import (
@@ -126,7 +127,7 @@ def apply_retention(
     policy: retention.RetentionPolicy,
     children: Sequence[Child],
     now: datetime.datetime,
-    tz: Any,
+    tz: ZoneInfo,
 ) -> dict[str, Any] | None:
     """Delete the backups the policy lets go, stored files first; None when there is nothing to do."""
     records = [
@@ -161,6 +162,8 @@ class Tick:
     """What the first, urgent half of a pass decided and did."""
 
     decision: clock.Decision
+    # The schedule's time zone, as this pass parsed it: retention's days and weeks are counted in it.
+    tz: ZoneInfo
     children: list[Child] | None
     due_name: str | None
     created: bool
@@ -216,9 +219,14 @@ def take_tick(backups: IdmBackups, schedule: Mapping[str, Any], now: datetime.da
             return Invalid("InvalidTemplate", f"the backup this schedule creates is refused: {err}")
         except NameTaken as err:
             return Tick(
-                decision, children, None, False, f"the backup for {decision.due:%Y-%m-%d %H:%M} UTC: {err}"
+                decision,
+                parsed.tz,
+                children,
+                None,
+                False,
+                f"the backup for {decision.due:%Y-%m-%d %H:%M} UTC: {err}",
             )
-    return Tick(decision, children, due_name, created)
+    return Tick(decision, parsed.tz, children, due_name, created)
 
 
 def record(
@@ -266,7 +274,7 @@ def record(
         # Backups go on: a typo in what to delete must neither delete anything nor stop new backups.
         ready = (False, "InvalidRetention", f"spec.retention: {err}; nothing is deleted; {next_backup}")
     else:
-        pruned = apply_retention(services, backups, policy, children, now, parse_schedule_spec(spec).tz)
+        pruned = apply_retention(services, backups, policy, children, now, tick.tz)
         if pruned is not None:
             fields["retention"] = pruned
             report.event(
