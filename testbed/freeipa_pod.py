@@ -40,10 +40,14 @@ def freeipa_pod(
     fault: str | None = None,
     payload_bytes: int | None = None,
     labels: dict[str, str] | None = None,
+    data_host_path: str | None = None,
 ) -> dict[str, Any]:
     """A pod for FreeIPA server `host` with its state on the claim at /data, as in freeipa-container.
 
     `fault` and `payload_bytes` are the stand-in's failure injection and archive padding (see its README).
+    `data_host_path`: /data is that host directory (hostPath, which must exist) instead of the claim, and
+    the stand-in learns it from IPA_STANDIN_DS_DATA_DIR: its ipa-restore has the platform's 389-ds, which
+    runs on the host, import LDIF files from the pod's /data by their host path.
     """
     short = host.split(".", 1)[0]
     env: list[dict[str, Any]] = [
@@ -59,6 +63,12 @@ def freeipa_pod(
         env.append({"name": "IPA_STANDIN_FAULT", "value": fault})
     if payload_bytes:
         env.append({"name": "IPA_STANDIN_PAYLOAD_BYTES", "value": str(payload_bytes)})
+    volume: dict[str, Any] = {"name": "data"}
+    if data_host_path:
+        env.append({"name": "IPA_STANDIN_DS_DATA_DIR", "value": data_host_path})
+        volume["hostPath"] = {"path": data_host_path, "type": "Directory"}
+    else:
+        volume["persistentVolumeClaim"] = {"claimName": claim or f"{name}-data"}
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -85,6 +95,6 @@ def freeipa_pod(
                     "securityContext": {"readOnlyRootFilesystem": True},
                 }
             ],
-            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": claim or f"{name}-data"}}],
+            "volumes": [volume],
         },
     }

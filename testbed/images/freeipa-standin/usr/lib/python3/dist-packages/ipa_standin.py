@@ -1,4 +1,5 @@
-"""TEST STAND-IN for FreeIPA -- NOT FreeIPA. Shared code of the stand-in's ipactl, ipa-backup and init.
+"""TEST STAND-IN for FreeIPA -- NOT FreeIPA. Shared code of the stand-in's ipactl, ipa-backup, ipa-restore
+and init.
 
 Part of the idm-backup-operator test platform (testbed/images/freeipa-standin). It reproduces the
 observable behaviour of FreeIPA 4.12 tools (messages, exit codes, files) on top of a real 389-ds
@@ -16,8 +17,11 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import ldap
+from ipapython import version as _ipa_version
 
-VERSION = "4.12.2"
+# The release the server "runs": ipapython.version's VERSION (4.12.2, or X with the fault version=X), as
+# the real tools read it; ipa-backup writes it into the header and ipa-restore compares against it.
+VERSION = _ipa_version.VERSION
 DEFAULT_CONF = "/etc/ipa/default.conf"
 SVC_LIST_FILE = "/run/ipa/services.list"  # paths.SVC_LIST_FILE: written by ipactl start/stop
 STATE_DIR = "/run/ipa-standin"  # simulated service states; /run is fresh in every pod, as in the container
@@ -25,6 +29,10 @@ STATE_FILE = STATE_DIR + "/services.json"
 CREDENTIALS_FILE = STATE_DIR + "/ldap.json"
 FAULT_FILE = "/data/ipa-standin-fault"
 IPA_BACKUP_DIR = "/var/lib/ipa/backup"
+SYSRESTORE_STATE = "/var/lib/ipa/sysrestore/sysrestore.state"
+# ipa-restore: the host path of the pod's /data (ns-slapd runs on the host and opens LDIF files itself).
+DS_DATA_DIR_ENV = "IPA_STANDIN_DS_DATA_DIR"
+POD_DATA_DIR = "/data"
 
 ENABLED_SERVICE = "enabledService"
 HIDDEN_SERVICE = "hiddenService"
@@ -210,3 +218,68 @@ class ServiceState:
             states[name] = "running" if running else "stopped"
 
         self._update(fn)
+
+
+# -- additions for ipa-restore ---------------------------------------------------------------------------
+
+
+def is_ipa_configured() -> bool:
+    """ipalib.facts.is_ipa_configured: sysrestore.state records a complete installation."""
+    parser = configparser.RawConfigParser()
+    try:
+        parser.read(SYSRESTORE_STATE)
+        return parser.get("installation", "complete").strip().lower() == "true"
+    except (configparser.Error, OSError):
+        return False
+
+
+def ldap_uri(conf: Mapping[str, str] | None = None) -> str:
+    """The directory's URI, found the way ldap_connect() finds it."""
+    saved: dict[str, Any] = {}
+    try:
+        with open(CREDENTIALS_FILE) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        pass
+    uri: str = os.environ.get("IPA_STANDIN_LDAP_URI") or (conf or {}).get("ldap_uri") or saved.get("uri", "")
+    return uri
+
+
+def ldap_bind_dm(password: str, conf: Mapping[str, str] | None = None) -> ldap.ldapobject.LDAPObject:
+    """Bind as Directory Manager with the password a tool was given (ipa-restore checks it by a bind)."""
+    conn = ldap.initialize(ldap_uri(conf))
+    conn.set_option(ldap.OPT_NETWORK_TIMEOUT, 10)
+    conn.simple_bind_s("cn=Directory Manager", password)
+    return conn
+
+
+def ds_host_path(path: str) -> str:
+    """The host's path of a file under the pod's /data, for ns-slapd, which runs on the host.
+
+    Symlinks are resolved first (/var/lib/dirsrv -> /data/var/lib/dirsrv). Raises ScriptError naming
+    IPA_STANDIN_DS_DATA_DIR when the variable is unset or the file is not on the /data volume.
+    """
+    host_data = os.environ.get(DS_DATA_DIR_ENV, "").strip()
+    real = os.path.realpath(path)
+    if not host_data:
+        raise ScriptError(
+            f"TEST STAND-IN: {DS_DATA_DIR_ENV} is not set: the directory server runs on the host, outside "
+            f"this pod, and opens {real} by its host path; set {DS_DATA_DIR_ENV} to the host path of the "
+            f"pod's {POD_DATA_DIR} volume"
+        )
+    if os.path.commonpath([real, POD_DATA_DIR]) != POD_DATA_DIR:
+        raise ScriptError(
+            f"TEST STAND-IN: {real} is not on the {POD_DATA_DIR} volume, so the directory server (on the "
+            f"host) cannot open it through {DS_DATA_DIR_ENV}"
+        )
+    return os.path.join(host_data, os.path.relpath(real, POD_DATA_DIR))
+
+
+def set_service_failed(state: ServiceState, name: str) -> None:
+    """A unit that failed to start (systemd "failed"): not running; ipactl start fails on it while the
+    restore-startfail fault is set."""
+    state._update(lambda states: states.__setitem__(name, "failed"))
+
+
+def service_failed(name: str) -> bool:
+    return ServiceState.read().get(name) == "failed"
