@@ -2,10 +2,11 @@
 
 Each kind gets a section per object level (spec, spec.target, ..., status.conditions[]) with a table of its
 fields: type and constraints, whether it is required, and the CRD's description. The CEL rules are listed
-at the level they apply to, and the columns of `kubectl get` with the kind. IdmBackupSchedule's
-spec.template.spec is IdmBackup's spec (copied by scripts/sync_crds.py): it links there instead of being
-expanded twice, and says how the copy differs. The output depends on nothing but crds/. `--check` fails if
-docs/api-reference.md is not what this script would write.
+at the level they apply to, and the columns of `kubectl get` with the kind. A schema copied from IdmBackup
+by scripts/sync_crds.py (IdmBackupSchedule's spec.template.spec, IdmRestore's spec.target, ...) links
+there instead of being expanded twice, and says how the copy differs. The output depends on nothing but
+crds/ (and sync_crds.py's list of what it copies). `--check` fails if docs/api-reference.md is not what
+this script would write.
 """
 
 from __future__ import annotations
@@ -20,14 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from sync_crds import EMBEDDINGS, ORIGINAL_KIND
 
 REPO = Path(__file__).resolve().parent.parent
 CRDS = REPO / "crds"
 REFERENCE = REPO / "docs" / "api-reference.md"
 Schema = Mapping[str, Any]
 
-# A field whose schema is a copy of another kind's level: documented there, linked from here.
-MIRRORS = {("IdmBackupSchedule", "spec.template.spec"): ("IdmBackup", "spec")}
+# A field whose schema is a copy of another kind's level (scripts/sync_crds.py's embeddings): documented
+# there, linked from here.
+MIRRORS = {(e.kind, e.path): (ORIGINAL_KIND, e.original) for e in EMBEDDINGS}
 
 # Schema keywords shown in the type column, as `keyword value` (flags: the keyword alone when true).
 CONSTRAINTS = (
@@ -195,7 +198,7 @@ def unknown_keywords(kind: str, schema: Schema, path: str = "") -> Iterator[str]
 def type_of(kind: str, schema: Schema, path: str) -> str:
     if (kind, path) in MIRRORS:
         other, other_path = MIRRORS[kind, path]
-        return f"object: [{other} {other_path}](#{anchor(other, other_path)})"
+        return f"{schema.get('type', 'object')}: [{other} {other_path}](#{anchor(other, other_path)})"
     kind_of = schema.get("type")
     if kind_of == "array" and isinstance(schema.get("items"), dict):
         return "array of " + type_of(kind, schema["items"], path + "[]")

@@ -1,4 +1,5 @@
-"""The API in crds/: every field documented, and the schedule's template identical to IdmBackup's spec."""
+"""The API in crds/: every field documented, and the schemas copied from IdmBackup (the schedule's
+template, IdmRestore's storage, target and conditions) identical to IdmBackup's."""
 
 from __future__ import annotations
 
@@ -73,11 +74,48 @@ def test_status_has_phase_or_schedule_times_conditions_and_observed_generation(p
     assert "phase" in status or "lastScheduleTime" in status
 
 
-def test_schedule_template_is_the_idmbackup_spec() -> None:
+def test_schedule_template_and_restore_copies_are_the_idmbackup_schemas() -> None:
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "sync_crds.py"), "--check"], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
+
+
+def schema_of(name: str) -> dict[str, Any]:
+    crd = yaml.safe_load((REPO / "crds" / name).read_text())
+    schema: dict[str, Any] = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return schema
+
+
+def test_a_restore_reads_storage_and_reaches_its_server_as_an_idmbackup_does() -> None:
+    """Whatever sync_crds.py does: the copies differ from IdmBackup's only in their own description."""
+    backup = schema_of("idm-backup.io_idmbackups.yaml")["properties"]
+    restore = schema_of("idm-backup.io_idmrestores.yaml")["properties"]
+
+    def undescribed(schema: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in schema.items() if k != "description"}
+
+    location = restore["spec"]["properties"]["source"]["properties"]["location"]["properties"]
+    copies = {
+        "storage": (location["storage"], backup["spec"]["properties"]["storage"]),
+        "target": (restore["spec"]["properties"]["target"], backup["spec"]["properties"]["target"]),
+        "conditions": (
+            restore["status"]["properties"]["conditions"],
+            backup["status"]["properties"]["conditions"],
+        ),
+    }
+    for name, (copy, original) in copies.items():
+        assert undescribed(copy) == undescribed(original), name
+    # Every object it names follows the rule the operator checks, and the CEL rules use no backslashes.
+    nodes = dict(fields(restore["spec"], "spec"))
+    names = {p: n for p, n in nodes.items() if p.endswith((".podName", ".claimName", "Ref.name"))}
+    assert len(names) == 10  # the pod, the PVC, the IdmBackup, the schedule and six Secrets
+    for node in names.values():
+        assert (node["minLength"], node["maxLength"]) == (1, 253)
+        assert node["pattern"] == f"^{validation.OBJECT_NAME.pattern}$"
+    own = [restore["spec"], restore["spec"]["properties"]["source"]]
+    own += [location["directory"]]
+    assert all("\\" not in r["rule"] for node in own for r in node["x-kubernetes-validations"])
 
 
 def test_every_object_name_and_the_deadline_follow_the_rules_the_operator_checks() -> None:

@@ -62,18 +62,18 @@ RBAC rules for the resources the operator handles and the objects a backup touch
 ("What the RBAC grants, and why").
 */}}
 {{- define "idm-backup-operator.namespacedRules" -}}
-# kopf lists and watches both kinds and merge-patches them (finalizers, its annotations);
+# kopf lists and watches each kind and merge-patches it (finalizers, its annotations);
 # schedules list, create and (retention) delete their IdmBackups.
 - apiGroups: [idm-backup.io]
   resources: [idmbackups]
   verbs: [get, list, watch, patch, create, delete]
-# The operator never creates or deletes schedules: it only follows them.
+# The operator never creates or deletes schedules or restores: it only follows them.
 - apiGroups: [idm-backup.io]
-  resources: [idmbackupschedules]
+  resources: [idmbackupschedules, idmrestores]
   verbs: [get, list, watch, patch]
 # Phase, step, archive and conditions go to the status subresource.
 - apiGroups: [idm-backup.io]
-  resources: [idmbackups/status, idmbackupschedules/status]
+  resources: [idmbackups/status, idmbackupschedules/status, idmrestores/status]
   verbs: [patch]
 # The target pod: by name (get) or by podSelector/host (list). Never created, changed or deleted.
 - apiGroups: [""]
