@@ -13,6 +13,8 @@ IDMBACKUP = "IdmBackup"
 IDMBACKUPS = "idmbackups"
 IDMBACKUPSCHEDULE = "IdmBackupSchedule"
 IDMBACKUPSCHEDULES = "idmbackupschedules"
+IDMRESTORE = "IdmRestore"
+IDMRESTORES = "idmrestores"
 
 # On an IdmBackup a schedule made: the schedule's name (selects a schedule's backups).
 SCHEDULE_LABEL = f"{GROUP}/schedule"

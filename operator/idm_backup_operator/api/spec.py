@@ -1,4 +1,4 @@
-"""Typed views of IdmBackup resources, parsed from the bodies kopf hands over.
+"""Typed views of IdmBackup and IdmRestore resources, parsed from the bodies kopf hands over.
 
 The CRD schema (crds/) is the contract and has already applied its defaults and rules; these classes
 only give the handlers names and types instead of nested dictionaries.
@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from idm_backup_operator.freeipa import BackupOptions, BackupType
+from idm_backup_operator.freeipa.ipa_restore import RestoreOptions, RestoreType
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ def _ref(data: Mapping[str, Any] | None, default_key: str) -> SecretKeyRef | Non
     return SecretKeyRef(name=data["name"], key=data.get("key") or default_key)
 
 
-def _target(data: Mapping[str, Any]) -> Target:
+def parse_target(data: Mapping[str, Any]) -> Target:
     ldap = data["ldap"]
     selector = data.get("podSelector")
     return Target(
@@ -127,7 +128,7 @@ def _target(data: Mapping[str, Any]) -> Target:
     )
 
 
-def _storage(data: Mapping[str, Any]) -> S3Storage | PvcStorage:
+def parse_storage(data: Mapping[str, Any]) -> S3Storage | PvcStorage:
     if pvc := data.get("pvc"):
         return PvcStorage(claim_name=pvc["claimName"], sub_path=pvc.get("subPath") or "")
     s3 = data["s3"]
@@ -160,7 +161,7 @@ def parse_backup_spec(spec: Mapping[str, Any]) -> BackupSpec:
         tmpdir=spec.get("tmpDir"),
     )
     return BackupSpec(
-        target=_target(spec["target"]),
+        target=parse_target(spec["target"]),
         options=options,
         deadline_seconds=spec.get("activeDeadlineSeconds", 7200),
         encryption=Encryption(
@@ -169,8 +170,64 @@ def parse_backup_spec(spec: Mapping[str, Any]) -> BackupSpec:
             secret_keys=tuple(keys_ref.get("keys") or ()),
             recipients=tuple(encryption.get("recipients") or ()),
         ),
-        storage=_storage(spec["storage"]),
+        storage=parse_storage(spec["storage"]),
         keep_in_pod=spec.get("podCleanup") == "Keep",
         delete_stored_on_deletion=spec.get("deletionPolicy") == "Delete",
         raw=spec,
+    )
+
+
+@dataclass(frozen=True)
+class RestoreSource:
+    """Exactly one of: an IdmBackup, the latest Succeeded backup of a schedule, or a stored directory."""
+
+    backup: str | None = None
+    schedule: str | None = None
+    storage: S3Storage | PvcStorage | None = None
+    directory: str | None = None  # key prefix of the backup directory in `storage`, ending in "/"
+
+    def describe(self) -> str:
+        if self.backup:
+            return f"IdmBackup {self.backup}"
+        if self.schedule:
+            return f"the latest backup of IdmBackupSchedule {self.schedule}"
+        return f"the stored backup directory {self.directory}"
+
+
+@dataclass(frozen=True)
+class RestoreSpec:
+    source: RestoreSource
+    secret_key: SecretKeyRef | None
+    passphrase: SecretKeyRef | None
+    options: RestoreOptions
+    allow_symlinked_config: bool
+    allow_version_mismatch: bool
+    target: Target
+    confirm: str
+    deadline_seconds: int
+
+
+def parse_restore_spec(spec: Mapping[str, Any]) -> RestoreSpec:
+    source = spec["source"]
+    location = source.get("location") or {}
+    decryption = spec.get("decryption") or {}
+    return RestoreSpec(
+        source=RestoreSource(
+            backup=(source.get("backupRef") or {}).get("name"),
+            schedule=(source.get("scheduleRef") or {}).get("name"),
+            storage=parse_storage(location["storage"]) if location else None,
+            directory=location.get("directory"),
+        ),
+        secret_key=_ref(decryption.get("secretKeySecretRef"), "private.asc"),
+        passphrase=_ref(decryption.get("passphraseSecretRef"), "passphrase"),
+        options=RestoreOptions(
+            type=RestoreType.FULL if spec.get("type") == "Full" else RestoreType.DATA,
+            online=spec.get("online", False),
+            backends=tuple(spec.get("backends") or ()),
+        ),
+        allow_symlinked_config=spec.get("allowSymlinkedConfig", False),
+        allow_version_mismatch=spec.get("allowVersionMismatch", False),
+        target=parse_target(spec["target"]),
+        confirm=spec["confirm"],
+        deadline_seconds=spec.get("activeDeadlineSeconds", 7200),
     )

@@ -32,6 +32,7 @@ from typing import Any, BinaryIO
 from idm_backup_operator.archive import layout
 from idm_backup_operator.archive.encryption import GpgError, KeyMaterialError, decrypt
 from idm_backup_operator.freeipa import HEADER_FILE
+from idm_backup_operator.freeipa.ipa_restore import BACKENDS, count_ldif_entries
 from idm_backup_operator.storage import ObjectNotFound, PVCStore, S3Config, S3Store, StorageError, Store
 from idm_backup_operator.streams import CHUNK_SIZE, Tally, chunks_of
 
@@ -40,6 +41,7 @@ from idm_backup_operator.streams import CHUNK_SIZE, Tally, chunks_of
 USERROOT_SUFFIX = "-userRoot.ldif"
 FILES_TAR = "files.tar"
 _FILE_NAMES = re.compile(r"header|manifest\.json|ipa-(full|data)\.tar(\.gpg)?")
+_LDIF_MEMBER = re.compile(rf"[^/]+-({'|'.join(BACKENDS)})\.ldif")
 
 
 class LocationError(Exception):
@@ -52,6 +54,10 @@ class Verdict:
     reasons: list[str] = dataclasses.field(default_factory=list)
     facts: list[str] = dataclasses.field(default_factory=list)
     manifest: dict[str, Any] | None = None
+    # What a restore would bring back, counted while the archive was read: entries per backend's LDIF,
+    # and the bytes its extraction writes.
+    ldif_entries: dict[str, int] = dataclasses.field(default_factory=dict)
+    unpacked_bytes: int = 0
 
     @property
     def restorable(self) -> bool:
@@ -126,29 +132,41 @@ class _IterReader:
             pass
 
 
-def _stream_members(fileobj: Any, *, look_inside: str | None = None) -> tuple[list[str], int | None]:
-    """Top-level member names of a gzip tar read as a stream, and the member count of `look_inside`.
+@dataclasses.dataclass
+class _Members:
+    names: list[str] = dataclasses.field(default_factory=list)  # top-level members
+    inner: int | None = None  # members of the tar looked inside, if it is there
+    ldif_entries: dict[str, int] = dataclasses.field(default_factory=dict)  # backend -> entries
+    unpacked_bytes: int = 0  # what extracting the archive writes
+
+
+def _stream_members(fileobj: Any, *, look_inside: str | None = None) -> _Members:
+    """What a gzip tar read as a stream holds, with the entries of each backend's LDIF counted as they pass.
 
     tarfile keeps every member it has read in a list, even when streaming; it is emptied as we go so
     that memory does not grow with the number of files (db2bak directories have thousands).
     """
-    names: list[str] = []
-    inner: int | None = None
+    found = _Members()
     with tarfile.open(fileobj=fileobj, mode="r|gz") as tar:
         while (member := tar.next()) is not None:
+            found.unpacked_bytes += member.size
             name = member.name.removeprefix("./")
             if name and "/" not in name.rstrip("/"):
-                names.append(name.rstrip("/"))
+                found.names.append(name.rstrip("/"))
+            if (ldif := _LDIF_MEMBER.fullmatch(name)) and member.isfile():
+                extracted = tar.extractfile(member)
+                assert extracted is not None
+                found.ldif_entries[ldif[1]] = count_ldif_entries(extracted)
             if look_inside is not None and name == look_inside and member.isfile():
                 extracted = tar.extractfile(member)
                 assert extracted is not None
-                inner = 0
+                found.inner = 0
                 with tarfile.open(fileobj=extracted, mode="r|*") as nested:
                     while nested.next() is not None:
-                        inner += 1
+                        found.inner += 1
                         nested.members = []  # type: ignore[attr-defined]  # see the docstring
             tar.members = []  # type: ignore[attr-defined]  # not in typeshed, but documented
-    return names, inner
+    return found
 
 
 def _sha256_of(reader: BinaryIO) -> Tally:
@@ -279,8 +297,7 @@ def _check_archive(
         verdict.reasons.append(f"the archive cannot be read: {err}")
         return
     plain_problem: str | None = None
-    members: list[str] = []
-    inner: int | None = None
+    members = _Members()
     with source.source:
         if encryption:
             assert secret_key is not None
@@ -290,7 +307,7 @@ def _check_archive(
         plaintext = _IterReader(chunks)
         try:
             try:
-                members, inner = _stream_members(plaintext, look_inside=FILES_TAR if full else None)
+                members = _stream_members(plaintext, look_inside=FILES_TAR if full else None)
             except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
                 # Not a gzip tar (or a truncated one); decryption may still have worked: read on.
                 plain_problem = f"the decrypted archive is not a readable gzip tar: {err}"
@@ -331,7 +348,8 @@ def _check_archive(
         verdict.facts.append(
             f"decrypted with the key: {plaintext.tally.size} bytes, sha256 matches what ipa-backup made"
         )
-    _check_members(verdict, members, inner, full, server_id)
+    verdict.ldif_entries, verdict.unpacked_bytes = members.ldif_entries, members.unpacked_bytes
+    _check_members(verdict, members.names, members.inner, full, server_id)
 
 
 def _check_members(

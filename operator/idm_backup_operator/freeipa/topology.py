@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,11 @@ ROLE_NAMES = {
 }
 
 _CANONICAL_ROLE_SERVICES = {name.lower(): name for name in ROLE_SERVICES}
+
+
+# ipaConfigString values that make a service advertised to clients, or configured but hidden from them.
+ENABLED_SERVICE = "enabledService"
+HIDDEN_SERVICE = "hiddenService"
 
 
 class ServiceState(enum.Enum):
@@ -223,17 +228,9 @@ class LdapConnectionSettings:
 
 def read_topology(settings: LdapConnectionSettings, suffix: str) -> Topology:
     """Read cn=masters of the directory at `settings.uri`; raise TopologyError with a user-facing message."""
-    # An empty password turns a simple bind into an unauthenticated bind, which some servers accept and
-    # then answer as anonymous: a missing Secret key would look like an empty topology.
-    if not settings.password:
-        raise TopologyError(f"no password to bind to {settings.uri} as {settings.bind_dn}")
     base = masters_dn(suffix)
     try:
-        conn = _initialize(settings)
-        try:
-            if settings.starttls:
-                conn.start_tls_s()
-            conn.simple_bind_s(settings.bind_dn, settings.password)
+        with bound(settings) as conn:
             results = conn.search_ext_s(
                 base,
                 ldap.SCOPE_SUBTREE,
@@ -241,18 +238,37 @@ def read_topology(settings: LdapConnectionSettings, suffix: str) -> Topology:
                 ["cn", "ipaConfigString"],
                 timeout=settings.timeout,
             )
-        finally:
-            # Releases the socket even when the connection broke half-way; there is nothing to report.
-            with contextlib.suppress(ldap.LDAPError):
-                conn.unbind_s()
     except ldap.NO_SUCH_OBJECT:
         raise TopologyError(
             f"{base} does not exist on {settings.uri}: "
             f"not a FreeIPA directory, or {suffix!r} is not its base DN"
         ) from None
+    return _topology_from_results(results, base)
+
+
+@contextlib.contextmanager
+def bound(settings: LdapConnectionSettings) -> Iterator[Any]:
+    """A connection bound as `settings.bind_dn`, unbound at the end; LDAP errors other than NO_SUCH_OBJECT
+    (which callers explain in their own terms) become TopologyError with a user-facing message."""
+    # An empty password turns a simple bind into an unauthenticated bind, which some servers accept and
+    # then answer as anonymous: a missing Secret key would look like an empty topology.
+    if not settings.password:
+        raise TopologyError(f"no password to bind to {settings.uri} as {settings.bind_dn}")
+    try:
+        conn = _initialize(settings)
+        try:
+            if settings.starttls:
+                conn.start_tls_s()
+            conn.simple_bind_s(settings.bind_dn, settings.password)
+            yield conn
+        finally:
+            # Releases the socket even when the connection broke half-way; there is nothing to report.
+            with contextlib.suppress(ldap.LDAPError):
+                conn.unbind_s()
+    except ldap.NO_SUCH_OBJECT:
+        raise
     except ldap.LDAPError as error:
         raise TopologyError(_describe(error, settings)) from None
-    return _topology_from_results(results, base)
 
 
 def _initialize(settings: LdapConnectionSettings) -> Any:

@@ -17,7 +17,7 @@ from idm_backup_operator.kube.services import Reporter
 SUCCEEDED = "BackupSucceeded"
 
 
-def _finished(started: datetime.datetime | None) -> dict[str, object]:
+def finished_fields(started: datetime.datetime | None) -> dict[str, object]:
     now = datetime.datetime.now(datetime.UTC)
     fields: dict[str, object] = {"completionTime": format_time(now)}
     if started is not None:
@@ -37,7 +37,7 @@ def set_succeeded(
     report.update(
         phase=Phase.SUCCEEDED.value,
         step="done",
-        **_finished(started),
+        **finished_fields(started),
         reason=SUCCEEDED,
         message=f"stored {archive_uri}{note}",
     )
@@ -46,5 +46,5 @@ def set_succeeded(
 
 def set_failed(report: Reporter, started: datetime.datetime | None, reason: str, message: str) -> None:
     report.condition("Completed", False, reason, message)
-    report.update(phase=Phase.FAILED.value, **_finished(started), reason=reason, message=message)
+    report.update(phase=Phase.FAILED.value, **finished_fields(started), reason=reason, message=message)
     report.event("BackupFailed", message, warning=True)

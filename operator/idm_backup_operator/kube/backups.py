@@ -13,7 +13,8 @@ from typing import Any
 from kubernetes import client
 
 from idm_backup_operator.api.identity import ResourceIdentity
-from idm_backup_operator.api.names import GROUP, IDMBACKUPS, SCHEDULE_LABEL, VERSION
+from idm_backup_operator.api.names import GROUP, IDMBACKUPS, IDMBACKUPSCHEDULES, SCHEDULE_LABEL, VERSION
+from idm_backup_operator.api.phase import Phase
 
 # One call's bound: a connection that hangs must not hold a schedule's pass for ever.
 CALL_TIMEOUT = 30
@@ -35,9 +36,35 @@ def _api_message(err: client.ApiException) -> str:
     return str(message)
 
 
+class NotFound(Exception):
+    """The object named does not exist (or the operator may not read it)."""
+
+
 class IdmBackups:
     def __init__(self, custom: client.CustomObjectsApi) -> None:
         self._custom = custom
+
+    def _get(self, namespace: str, plural: str, name: str) -> Mapping[str, Any]:
+        try:
+            obj: Mapping[str, Any] = self._custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, plural, name, _request_timeout=CALL_TIMEOUT
+            )
+        except client.ApiException as err:
+            if err.status == 404:
+                raise NotFound(f"{plural} {namespace}/{name} does not exist") from None
+            raise
+        return obj
+
+    def get(self, namespace: str, name: str) -> Mapping[str, Any]:
+        """Raises NotFound."""
+        return self._get(namespace, IDMBACKUPS, name)
+
+    def latest_succeeded(self, namespace: str, schedule_name: str) -> Mapping[str, Any] | None:
+        """The schedule's own Succeeded IdmBackup that completed last; raises NotFound for no schedule."""
+        meta = self._get(namespace, IDMBACKUPSCHEDULES, schedule_name)["metadata"]
+        owned = self.owned_by(ResourceIdentity(namespace, schedule_name, meta["uid"]))
+        done = [b for b in owned if (b.get("status") or {}).get("phase") == Phase.SUCCEEDED]
+        return max(done, key=lambda b: b["status"].get("completionTime") or "", default=None)
 
     def owned_by(self, schedule: ResourceIdentity) -> list[Mapping[str, Any]]:
         items = self._custom.list_namespaced_custom_object(

@@ -104,13 +104,13 @@ class Session:
         self._stderr_dropped = 0
         self._error_channel = b""
 
-    def _pump(self) -> bytes:
-        """Wait for the next frame; return stdout bytes it carried (possibly none)."""
+    def _pump(self, wait: float = _POLL_SECONDS) -> bytes:
+        """Wait up to `wait` seconds for the next frame; return stdout bytes it carried (possibly none)."""
         if self._deadline is not None and time.monotonic() > self._deadline:
             raise ExecTimeout("the command did not finish before its deadline")
         if self._should_stop is not None and self._should_stop():
             raise ExecCancelled("stopped waiting for the command: its caller was cancelled")
-        timeout = _POLL_SECONDS
+        timeout = wait
         if self._deadline is not None:
             timeout = max(0.0, min(timeout, self._deadline - time.monotonic()))
         # read_channel reads the socket again (the client's peek_channel calls update): a connection that
@@ -154,6 +154,19 @@ class Session:
             self._stderr_dropped += 1
         if self._on_line is not None:
             self._on_line(line)
+
+    def send(self, data: bytes) -> bool:
+        """Write to the command's stdin; False when the command is gone (it exited, or closed its stdin), so
+        the caller stops sending and asks `finish` how it ended. What it printed meanwhile is read first:
+        a command writing to a full stderr pipe would otherwise never read its stdin again."""
+        self._pump(wait=0)
+        if not self._ws.is_open():
+            return False
+        try:
+            self._ws.write_stdin(data)
+        except (WebSocketException, OSError):
+            return False
+        return True
 
     def stdout_chunks(self) -> Iterator[bytes]:
         while self._ws.is_open():
@@ -276,6 +289,31 @@ class PodExec:
                 if len(out) > max_stdout:
                     raise ExecError(f"{argv[0]} printed more than {max_stdout} bytes")
             return session.result(bytes(out))
+        finally:
+            session.close()
+
+    def feed(
+        self,
+        pod: PodRef,
+        argv: Sequence[str],
+        chunks: Iterator[bytes],
+        *,
+        timeout: float | None = None,
+        on_stderr_line: Callable[[str], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> ExecResult:
+        """Run the command with `chunks` on its stdin, in constant memory; stdout is discarded. The command
+        must know where its input ends (`head -c N`, a prompt it reads): exec over the v4 protocol cannot
+        close stdin. Sending stops early when the command exits (a full disk, a refusal): its status and
+        stderr say why."""
+        session = self.open(
+            pod, argv, timeout=timeout, on_stderr_line=on_stderr_line, stdin=True, should_stop=should_stop
+        )
+        try:
+            for chunk in chunks:
+                if not session.send(chunk):
+                    break
+            return session.finish()
         finally:
             session.close()
 

@@ -65,6 +65,13 @@ def read_secret_key(core: client.CoreV1Api, namespace: str, ref: SecretKeyRef) -
     return data[ref.key]
 
 
+def read_secret_text(core: client.CoreV1Api, namespace: str, ref: SecretKeyRef) -> str:
+    """A Secret's value as text, redacted from the logs from now on."""
+    raw = read_secret_key(core, namespace, ref)
+    logs.register_secret(raw)
+    return _text(raw, namespace, ref.name, ref.key).strip()
+
+
 def _text(value: bytes, namespace: str, secret: str, key: str) -> str:
     """A Secret's value as text. Python's own error would quote the offending byte and its position: a
     piece of the secret, in a status message that people who may not read the Secret can read."""

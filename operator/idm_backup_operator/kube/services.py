@@ -47,6 +47,10 @@ class Services:
     # Set when the operator shuts down (SIGTERM): running backups wind down, services started again.
     stopping: threading.Event = field(default_factory=threading.Event)
 
+    @property
+    def custom(self) -> client.CustomObjectsApi:
+        return client.CustomObjectsApi(self.core.api_client)
+
     def open_store(self, namespace: str, storage: S3Storage | PvcStorage, scratch: Path) -> Store:
         """The store a spec names, with its namespace's credentials; files it needs (a CA) go in scratch.
         Raises references.ResolveError."""

@@ -1,0 +1,416 @@
+"""IdmRestore on the platform: real API server, S3, gpg, and a real 389-ds that the restore rewrites.
+
+Every restore here imports through 389-ds itself, so each module run has a directory server of its own
+(the platform's shared one serves every other test): the proof of a restore is data read back over LDAP,
+an entry deleted after the backup is back and one added after it is gone. Gates are proven the same
+way: the refused restore leaves the changed data as it was.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import ldap
+import ldap.modlist
+import pytest
+from kubernetes import client
+
+from testbed import freeipa_pod, stack
+from testbed.deploy import OperatorProcess
+from testbed.gpgkeys import ExportedKey, Keyring
+from testbed.ldap_server import DirectoryServer
+from testbed.processes import free_port
+from tests.helpers import (
+    GROUP,
+    VERSION,
+    apply,
+    backup_spec,
+    create_backup,
+    events,
+    get_backup,
+    leases,
+    pod_exec,
+    pod_ready,
+    s3_storage,
+    services_running,
+    set_fault,
+    wait_for,
+)
+
+RESTORES = "idmrestores"
+HOST = "ipa-hidden.example.test"
+POD = "ipa-hidden"
+DM_SECRET = freeipa_pod.DM_PASSWORD_SECRET
+PRIVATE_KEY_SECRET = "restore-private-key"
+BOB = "uid=bob,cn=users,cn=accounts,dc=example,dc=test"
+MALLORY = "uid=mallory,cn=users,cn=accounts,dc=example,dc=test"
+
+
+@pytest.fixture(scope="module")
+def directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DirectoryServer]:
+    """A 389-ds of this module's own: a restore replaces whole backends."""
+    ds = DirectoryServer(tmp_path_factory.mktemp("restore-ds"), port=free_port())
+    ds.start()
+    ds.load_topology()
+    yield ds
+    ds.stop()
+
+
+@pytest.fixture
+def server(
+    api: client.ApiClient, namespace: str, directory: DirectoryServer, tmp_path: Path, backup_key: ExportedKey
+) -> Callable[..., str]:
+    """A ready stand-in FreeIPA pod on the module's directory, with its /data on a host directory that
+    389-ds (a host process) can read the staged LDIF from. The directory starts as documented: what an
+    earlier test changed and did not restore is put back."""
+    conn = directory.connect()
+    try:
+        conn.delete_s(MALLORY)
+    except ldap.NO_SUCH_OBJECT:
+        pass
+    finally:
+        conn.unbind_s()
+    directory.load_topology()
+    apply(
+        api,
+        namespace,
+        freeipa_pod.dm_password_secret(directory.password),
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": PRIVATE_KEY_SECRET},
+            "data": {"private.asc": base64.b64encode(backup_key.secret).decode()},
+        },
+    )
+
+    def create(host: str = HOST, name: str = POD, **kwargs: Any) -> str:
+        data = tmp_path / f"{name}-data"
+        data.mkdir()
+        pod = freeipa_pod.freeipa_pod(name, host, directory.uri, data_host_path=str(data), **kwargs)
+        apply(api, namespace, pod)
+        wait_for(f"pod {name} ready", lambda: pod_ready(api, namespace, name), timeout=60)
+        return name
+
+    return create
+
+
+def target(directory: DirectoryServer, pod: str = POD) -> dict[str, Any]:
+    return {"podName": pod, "ldap": {"url": directory.uri, "passwordSecretRef": {"name": DM_SECRET}}}
+
+
+def data_backup(
+    platform: stack.Platform, directory: DirectoryServer, prefix: str, **spec: Any
+) -> dict[str, Any]:
+    return backup_spec(platform, s3_storage(platform, prefix), type="Data", target=target(directory), **spec)
+
+
+def restore_spec(directory: DirectoryServer, source: dict[str, Any], **spec: Any) -> dict[str, Any]:
+    return {
+        "source": source,
+        "decryption": {"secretKeySecretRef": {"name": PRIVATE_KEY_SECRET}},
+        "target": target(directory),
+        "confirm": HOST,
+        **spec,
+    }
+
+
+def create_restore(api: client.ApiClient, namespace: str, name: str, spec: dict[str, Any]) -> None:
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "IdmRestore",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+    client.CustomObjectsApi(api).create_namespaced_custom_object(GROUP, VERSION, namespace, RESTORES, body)
+
+
+def get_restore(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
+    obj: dict[str, Any] = client.CustomObjectsApi(api).get_namespaced_custom_object(
+        GROUP, VERSION, namespace, RESTORES, name
+    )
+    return obj
+
+
+def run_restore(
+    api: client.ApiClient, namespace: str, operator: OperatorProcess, name: str, spec: dict[str, Any]
+) -> dict[str, Any]:
+    create_restore(api, namespace, name, spec)
+
+    def finished() -> dict[str, Any] | None:
+        obj = get_restore(api, namespace, name)
+        return obj if obj.get("status", {}).get("phase") in ("Succeeded", "Failed") else None
+
+    obj: dict[str, Any] = wait_for(f"IdmRestore {name} to finish", finished, timeout=180)
+    return obj
+
+
+def exists(directory: DirectoryServer, dn: str) -> bool:
+    conn = directory.connect()
+    try:
+        conn.search_s(dn, ldap.SCOPE_BASE, "(objectClass=*)", ["1.1"])
+        return True
+    except ldap.NO_SUCH_OBJECT:
+        return False
+    finally:
+        conn.unbind_s()
+
+
+def change_after_backup(directory: DirectoryServer) -> None:
+    """What the restore must undo: bob deleted, mallory added."""
+    conn = directory.connect()
+    try:
+        conn.delete_s(BOB)
+        conn.add_s(
+            MALLORY,
+            ldap.modlist.addModlist(
+                {"objectClass": [b"top", b"inetOrgPerson"], "uid": [b"mallory"], "cn": [b"M"], "sn": [b"M"]}
+            ),
+        )
+    finally:
+        conn.unbind_s()
+
+
+def host_states(directory: DirectoryServer, host: str = HOST) -> set[str]:
+    conn = directory.connect()
+    try:
+        found = conn.search_s(
+            f"cn={host},cn=masters,cn=ipa,cn=etc,dc=example,dc=test",
+            ldap.SCOPE_ONELEVEL,
+            "(objectClass=ipaConfigObject)",
+            ["ipaConfigString"],
+        )
+    finally:
+        conn.unbind_s()
+    states = {"enabledService", "hiddenService"}
+    return {
+        v.decode() for _, attrs in found for v in attrs.get("ipaConfigString", []) if v.decode() in states
+    }
+
+
+def staged_files(api: client.ApiClient, namespace: str, pod: str = POD) -> str:
+    _, out = pod_exec(api, namespace, pod, ["sh", "-c", "ls /var/lib/ipa/backup"])
+    return out.strip()
+
+
+def test_a_data_restore_from_s3_brings_back_exactly_the_backed_up_entries(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    directory: DirectoryServer,
+    server: Callable[..., str],
+    operator: OperatorProcess,
+    run_backup: Callable[..., dict[str, Any]],
+) -> None:
+    server()
+    backup = run_backup("before", data_backup(platform, directory, f"restore/{namespace}"))
+    assert backup["status"]["phase"] == "Succeeded", backup["status"]
+    change_after_backup(directory)
+    assert not exists(directory, BOB) and exists(directory, MALLORY)
+
+    restored = run_restore(
+        api, namespace, operator, "back", restore_spec(directory, {"backupRef": {"name": "before"}})
+    )
+
+    status = restored["status"]
+    assert status["phase"] == "Succeeded", status
+    assert exists(directory, BOB) and not exists(directory, MALLORY)
+    checked = {c["backend"]: (c["expected"], c["found"]) for c in status["check"]["entries"]}
+    assert set(checked) == {"userRoot", "ipaca"} and all(e == f and e > 0 for e, f in checked.values())
+    assert status["source"]["header"]["host"] == HOST and status["source"]["backup"] == "before"
+    assert status["ipaRestore"]["exitCode"] == 0 and status["ipaRestore"]["critical"] == []
+    assert "-p" not in status["ipaRestore"]["command"] and directory.password not in str(status)
+    # ipa-restore made the hidden replica visible; the operator hid it again.
+    assert host_states(directory) == {"hiddenService"}
+    hidden = {c["type"]: c for c in status["conditions"]}["ReplicaHidden"]
+    assert hidden["status"] == "True", hidden
+    # Every other master of the topology, with the commands that re-initialize it.
+    replication = {m["host"]: m for m in status["replication"]}
+    assert set(replication) == {
+        f"{h}.example.test" for h in ("ipa-ca", "ipa-kra", "ipa-partial", "ipa-visible")
+    }
+    assert replication["ipa-ca.example.test"]["commands"] == [
+        f"ipa-replica-manage re-initialize --from {HOST}",
+        f"ipa-csreplica-manage re-initialize --from {HOST}",
+    ]
+    assert staged_files(api, namespace) == ""
+    assert services_running(api, namespace, POD)
+    assert leases(api, namespace) == []
+    steps = events(api, namespace, "back")
+    assert steps[0] == "RestoreStep" and "ArchiveVerified" in steps and steps[-1] == "RestoreCompleted", steps
+
+
+def test_every_gate_refuses_before_anything_changes(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    directory: DirectoryServer,
+    server: Callable[..., str],
+    operator: OperatorProcess,
+    run_backup: Callable[..., dict[str, Any]],
+    s3: Any,
+    tmp_path: Path,
+) -> None:
+    server()
+    backup = run_backup("gated", data_backup(platform, directory, f"restore/{namespace}"))
+    assert backup["status"]["phase"] == "Succeeded", backup["status"]
+    change_after_backup(directory)
+    source = {"backupRef": {"name": "gated"}}
+
+    def refused(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        status: dict[str, Any] = run_restore(api, namespace, operator, name, spec)["status"]
+        assert status["phase"] == "Failed", status
+        # Nothing changed: mallory, added after the backup, is still there; nothing is staged.
+        assert exists(directory, MALLORY) and not exists(directory, BOB)
+        assert staged_files(api, namespace) == ""
+        assert "ipaRestore" not in status or "exitCode" not in status["ipaRestore"]
+        return status
+
+    wrong = refused("wrong-confirm", restore_spec(directory, source, confirm="ipa-visible.example.test"))
+    assert wrong["reason"] == "ConfirmationMismatch" and HOST in wrong["message"]
+
+    other = Keyring(tmp_path / "other-gnupg")
+    (tmp_path / "other-gnupg").mkdir(mode=0o700)
+    stranger = other.export(other.make("Stranger <s@example.test>"))
+    apply(
+        api,
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "stranger-key"},
+            "data": {"private.asc": base64.b64encode(stranger.secret).decode()},
+        },
+    )
+    wrong_key = refused(
+        "wrong-key",
+        restore_spec(directory, source, decryption={"secretKeySecretRef": {"name": "stranger-key"}}),
+    )
+    assert (
+        wrong_key["reason"] == "ArchiveInvalid"
+        and "not one this archive is encrypted to" in wrong_key["message"]
+    )
+
+    set_fault(api, namespace, POD, "version=4.13.0")
+    try:
+        version = refused("new-version", restore_spec(directory, source))
+    finally:
+        set_fault(api, namespace, POD, "")
+    assert version["reason"] == "VersionMismatch" and "4.13.0" in version["message"], version
+
+    archive_uri = backup["status"]["archive"]["uri"]
+    bucket, key = archive_uri.removeprefix("s3://").split("/", 1)
+    body = bytearray(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    body[len(body) // 2] ^= 0xFF
+    s3.put_object(Bucket=bucket, Key=key, Body=bytes(body))
+    tampered = refused("tampered", restore_spec(directory, source))
+    assert tampered["reason"] == "ArchiveInvalid" and "corrupted or was altered" in tampered["message"]
+    assert services_running(api, namespace, POD)
+
+
+def test_a_backup_of_another_host_is_refused(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    directory: DirectoryServer,
+    server: Callable[..., str],
+    operator: OperatorProcess,
+    run_backup: Callable[..., dict[str, Any]],
+) -> None:
+    server()
+    server("ipa-visible.example.test", "ipa-visible")
+    spec = data_backup(platform, directory, f"restore/{namespace}")
+    spec["target"] = {**target(directory, "ipa-visible"), "requireHiddenReplica": False}
+    other = run_backup("visible", spec)
+    assert other["status"]["phase"] == "Succeeded", other["status"]
+    location = {
+        "location": {
+            "storage": s3_storage(platform, f"restore/{namespace}"),
+            "directory": other["status"]["archive"]["uri"]
+            .split(f"restore/{namespace}/", 1)[1]
+            .rsplit("/", 1)[0]
+            + "/",
+        }
+    }
+    status = run_restore(api, namespace, operator, "other-host", restore_spec(directory, location))["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "HostMismatch", status
+    assert "ipa-visible.example.test" in status["message"] and HOST in status["message"]
+
+
+def test_ldif2db_failing_with_exit_0_fails_the_restore_and_services_run(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    directory: DirectoryServer,
+    server: Callable[..., str],
+    operator: OperatorProcess,
+    run_backup: Callable[..., dict[str, Any]],
+) -> None:
+    server()
+    backup = run_backup("silent", data_backup(platform, directory, f"restore/{namespace}"))
+    assert backup["status"]["phase"] == "Succeeded", backup["status"]
+    change_after_backup(directory)
+    set_fault(api, namespace, POD, "restore-ldif2db")
+    status = run_restore(
+        api, namespace, operator, "silent", restore_spec(directory, {"backupRef": {"name": "silent"}})
+    )["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "RestoreIncomplete", status
+    assert "ldif2db failed" in status["message"]
+    assert status["ipaRestore"]["exitCode"] == 0 and status["ipaRestore"]["critical"]
+    assert services_running(api, namespace, POD)
+    assert staged_files(api, namespace) == ""
+    set_fault(api, namespace, POD, "")
+
+
+def test_a_restore_and_a_backup_of_one_server_never_overlap_and_a_killed_operator_leaves_it_failed_and_clean(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    directory: DirectoryServer,
+    server: Callable[..., str],
+    operator: OperatorProcess,
+    run_backup: Callable[..., dict[str, Any]],
+) -> None:
+    # A payload big enough that staging takes a few seconds: the kill lands while files are in the pod.
+    server(payload_bytes=300 << 20)
+    backup = run_backup("big", data_backup(platform, directory, f"restore/{namespace}"), timeout=300)
+    assert backup["status"]["phase"] == "Succeeded", backup["status"]
+    create_restore(api, namespace, "killed", restore_spec(directory, {"backupRef": {"name": "big"}}))
+    wait_for(
+        "the restore to stage",
+        lambda: get_restore(api, namespace, "killed").get("status", {}).get("step") == "stage",
+        timeout=120,
+        interval=0.1,
+    )
+    # Meanwhile a backup of the same server waits for the restore's lock.
+    create_backup(api, namespace, "meanwhile", data_backup(platform, directory, f"restore/{namespace}"))
+    waiting = wait_for(
+        "the backup to wait",
+        lambda: (get_backup(api, namespace, "meanwhile").get("status") or {}).get("message"),
+        timeout=60,
+    )
+    assert "IdmRestore" in waiting and "killed" in waiting, waiting
+    operator.kill()
+    assert staged_files(api, namespace) != ""
+    operator.start()
+    status = wait_for(
+        "the interrupted restore to end",
+        lambda: (s := get_restore(api, namespace, "killed").get("status", {})).get("phase") == "Failed" and s,
+        timeout=180,
+    )
+    assert status["reason"] == "OperatorRestarted" and "stage" in status["message"], status
+    assert staged_files(api, namespace) == ""
+    assert services_running(api, namespace, POD)
+    # The backup that waited runs once the restore let go of the server.
+    done = wait_for(
+        "the waiting backup",
+        lambda: (
+            (get_backup(api, namespace, "meanwhile").get("status") or {}).get("phase")
+            in ("Succeeded", "Failed")
+            and get_backup(api, namespace, "meanwhile")["status"]
+        ),
+        timeout=180,
+    )
+    assert done["phase"] == "Succeeded", done
