@@ -180,6 +180,15 @@ def test_every_failure_reason_of_a_backup_is_in_the_troubleshooting_table() -> N
     assert sorted(reasons - set(troubleshooting_names())) == []
 
 
+def test_every_failure_reason_of_a_restore_is_in_the_troubleshooting_section() -> None:
+    source = (REPO / "operator" / "idm_backup_operator" / "idmrestore" / "pipeline.py").read_text()
+    reasons = set(re.findall(r"RestoreFailed\(\s*\"(\w+)\"", source))
+    for chosen in re.findall(r"reason = \"(\w+)\" if .* else \"(\w+)\"", source):
+        reasons |= set(chosen)
+    assert {"ConfirmationMismatch", "ArchiveInvalid", "RestoreIncomplete", "StagingFailed"} <= reasons
+    assert sorted(reasons - set(troubleshooting_names())) == []
+
+
 def _architecture_rows() -> list[tuple[str, list[str]]]:
     readme = (REPO / "README.md").read_text()
     section = readme.split("\n## Architecture\n", 1)[1].split("\n## ", 1)[0]

@@ -9,6 +9,7 @@ way: the refused restore leaves the changed data as it was.
 from __future__ import annotations
 
 import base64
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -86,9 +87,9 @@ def server(
         },
     )
 
-    def create(host: str = HOST, name: str = POD, **kwargs: Any) -> str:
-        data = tmp_path / f"{name}-data"
-        data.mkdir()
+    def create(host: str = HOST, name: str = POD, data_path: Path | None = None, **kwargs: Any) -> str:
+        data = data_path or tmp_path / f"{name}-data"
+        data.mkdir(exist_ok=True)
         pod = freeipa_pod.freeipa_pod(name, host, directory.uri, data_host_path=str(data), **kwargs)
         apply(api, namespace, pod)
         wait_for(f"pod {name} ready", lambda: pod_ready(api, namespace, name), timeout=60)
@@ -414,3 +415,81 @@ def test_a_restore_and_a_backup_of_one_server_never_overlap_and_a_killed_operato
         timeout=180,
     )
     assert done["phase"] == "Succeeded", done
+
+
+def test_a_restore_from_a_pvc_works_and_full_or_missing_backend_restores_are_refused(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    directory: DirectoryServer,
+    server: Callable[..., str],
+    operator: OperatorProcess,
+    run_backup: Callable[..., dict[str, Any]],
+    tmp_path: Path,
+) -> None:
+    server()
+    (tmp_path / "volume").mkdir()
+    # What the Helm chart does with a volume mount: the claim appears under the operator's PVC root.
+    (operator.pvc_root / "backups").symlink_to(tmp_path / "volume")
+    pvc = {"pvc": {"claimName": "backups", "subPath": "idm"}}
+    full = run_backup("full", {**data_backup(platform, directory, ""), "storage": pvc, "type": "Full"})
+    data = run_backup("data", {**data_backup(platform, directory, ""), "storage": pvc})
+    assert full["status"]["phase"] == data["status"]["phase"] == "Succeeded", (full["status"], data["status"])
+    change_after_backup(directory)
+
+    status = run_restore(
+        api,
+        namespace,
+        operator,
+        "full",
+        restore_spec(directory, {"backupRef": {"name": "full"}}, type="Full"),
+    )["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "ConfigFilesAreSymlinks", status
+    assert "freeipa-container issue 543" in status["message"] and exists(directory, MALLORY)
+
+    db = "/var/lib/dirsrv/slapd-EXAMPLE-TEST/db/ipaca"
+    assert pod_exec(api, namespace, POD, ["mv", db, db + ".away"])[0] == 0
+    status = run_restore(
+        api, namespace, operator, "nobackend", restore_spec(directory, {"backupRef": {"name": "data"}})
+    )["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "MissingBackend", status
+    assert "ipaca" in status["message"] and exists(directory, MALLORY)
+    assert pod_exec(api, namespace, POD, ["mv", db + ".away", db])[0] == 0
+
+    status = run_restore(
+        api, namespace, operator, "pvc", restore_spec(directory, {"backupRef": {"name": "data"}})
+    )["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["source"]["uri"].startswith(str(operator.pvc_root / "backups" / "idm"))
+    assert exists(directory, BOB) and not exists(directory, MALLORY)
+
+
+@pytest.fixture
+def small_volume(tmp_path: Path) -> Iterator[Path]:
+    """A 96 MiB file system for the pod's /data: a full disk that is real, not simulated."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_not_enough_space_in_the_pod_is_refused_before_staging(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    directory: DirectoryServer,
+    server: Callable[..., str],
+    operator: OperatorProcess,
+    run_backup: Callable[..., dict[str, Any]],
+    small_volume: Path,
+) -> None:
+    server(data_path=small_volume, payload_bytes=40 << 20)
+    backup = run_backup("roomy", data_backup(platform, directory, f"restore/{namespace}"))
+    assert backup["status"]["phase"] == "Succeeded", backup["status"]
+    status = run_restore(
+        api, namespace, operator, "cramped", restore_spec(directory, {"backupRef": {"name": "roomy"}})
+    )["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "InsufficientSpace", status
+    assert "free" in status["message"] and "need" in status["message"]
+    assert staged_files(api, namespace) == ""
