@@ -79,6 +79,13 @@ def restore_target(target: Schema) -> None:
     )
 
 
+def drill_ldap(ldap: Schema) -> None:
+    ldap["description"] = (
+        "How the operator reaches the scratch server's LDAP directory, with the same fields as IdmBackup's "
+        "spec.target.ldap: to read its topology and count the restored entries."
+    )
+
+
 def restore_conditions(conditions: Schema) -> None:
     conditions["description"] = (
         "Latest observations: Completed (the restore finished, True or False with the reason), "
@@ -92,6 +99,7 @@ EMBEDDINGS = (
     Embedding("IdmBackupSchedule", SCHEDULE, "spec.template.spec", "spec", template_spec),
     Embedding("IdmRestore", RESTORE, "spec.source.location.storage", "spec.storage", restore_storage),
     Embedding("IdmRestore", RESTORE, "spec.target", "spec.target", restore_target),
+    Embedding("IdmRestore", RESTORE, "spec.drill.ldap", "spec.target.ldap", drill_ldap),
     Embedding("IdmRestore", RESTORE, "status.conditions", "status.conditions", restore_conditions),
 )
 

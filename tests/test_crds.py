@@ -103,13 +103,18 @@ def test_a_restore_reads_storage_and_reaches_its_server_as_an_idmbackup_does() -
             restore["status"]["properties"]["conditions"],
             backup["status"]["properties"]["conditions"],
         ),
+        "drill.ldap": (
+            restore["spec"]["properties"]["drill"]["properties"]["ldap"],
+            backup["spec"]["properties"]["target"]["properties"]["ldap"],
+        ),
     }
     for name, (copy, original) in copies.items():
         assert undescribed(copy) == undescribed(original), name
     # Every object it names follows the rule the operator checks, and the CEL rules use no backslashes.
     nodes = dict(fields(restore["spec"], "spec"))
     names = {p: n for p, n in nodes.items() if p.endswith((".podName", ".claimName", "Ref.name"))}
-    assert len(names) == 10  # the pod, the PVC, the IdmBackup, the schedule and six Secrets
+    # the pod, the PVC, the IdmBackup, the schedule and eight Secrets (two in the drill's LDAP settings)
+    assert len(names) == 12
     for node in names.values():
         assert (node["minLength"], node["maxLength"]) == (1, 253)
         assert node["pattern"] == f"^{validation.OBJECT_NAME.pattern}$"

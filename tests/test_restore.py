@@ -30,6 +30,7 @@ from tests.helpers import (
     apply,
     backup_spec,
     create_backup,
+    create_schedule,
     events,
     get_backup,
     leases,
@@ -493,3 +494,190 @@ def test_not_enough_space_in_the_pod_is_refused_before_staging(
     assert status["phase"] == "Failed" and status["reason"] == "InsufficientSpace", status
     assert "free" in status["message"] and "need" in status["message"]
     assert staged_files(api, namespace) == ""
+
+
+# -- drills: the same restore, into a throwaway server -------------------------------------------------------
+
+DRILL_DM_SECRET = "drill-dm-password"
+
+
+@pytest.fixture(scope="module")
+def drill_directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DirectoryServer]:
+    """The scratch server's own directory: in freeipa-container it lives in the scratch pod itself."""
+    ds = DirectoryServer(tmp_path_factory.mktemp("drill-ds"), port=free_port())
+    ds.start()
+    ds.load_topology()
+    yield ds
+    ds.stop()
+
+
+def drill_spec(
+    drill_directory: DirectoryServer, data: Path, source: dict[str, Any], **drill: Any
+) -> dict[str, Any]:
+    """A Drill of `source` into a scratch stand-in with the production server's host name and realm."""
+    pod = freeipa_pod.freeipa_pod("template", HOST, drill_directory.uri, data_host_path=str(data))
+    for env in pod["spec"]["containers"][0]["env"]:
+        if "valueFrom" in env:
+            env["valueFrom"]["secretKeyRef"]["name"] = DRILL_DM_SECRET
+    return {
+        "mode": "Drill",
+        "source": source,
+        "decryption": {"secretKeySecretRef": {"name": PRIVATE_KEY_SECRET}},
+        "drill": {
+            "podTemplate": {"metadata": {"labels": {"purpose": "drill"}}, "spec": pod["spec"]},
+            "ldap": {"url": drill_directory.uri, "passwordSecretRef": {"name": DRILL_DM_SECRET}},
+            **drill,
+        },
+    }
+
+
+def scratch_objects(api: client.ApiClient, namespace: str) -> list[str]:
+    selector = "idm-backup.io/drill"
+    core, net = client.CoreV1Api(api), client.NetworkingV1Api(api)
+    found = [
+        f"pod/{p.metadata.name}" for p in core.list_namespaced_pod(namespace, label_selector=selector).items
+    ]
+    found += [
+        f"pvc/{c.metadata.name}"
+        for c in core.list_namespaced_persistent_volume_claim(namespace, label_selector=selector).items
+    ]
+    found += [
+        f"networkpolicy/{n.metadata.name}"
+        for n in net.list_namespaced_network_policy(namespace, label_selector=selector).items
+    ]
+    return found
+
+
+def test_a_drill_proves_the_archive_restores_without_touching_production_and_leaves_nothing(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    directory: DirectoryServer,
+    drill_directory: DirectoryServer,
+    server: Callable[..., str],
+    operator: OperatorProcess,
+    run_backup: Callable[..., dict[str, Any]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server()
+    apply(
+        api,
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": DRILL_DM_SECRET},
+            "stringData": {"password": drill_directory.password},
+        },
+    )
+    backup = run_backup("nightly", data_backup(platform, directory, f"restore/{namespace}"))
+    assert backup["status"]["phase"] == "Succeeded", backup["status"]
+    change_after_backup(directory)  # production moves on: the drill must not bring the old data back there
+    (tmp_path / "drill-data").mkdir()
+    source = {"backupRef": {"name": "nightly"}}
+
+    # Off unless the operator's administrator turned drills on: a drill makes a pod from a tenant's template.
+    off = run_restore(
+        api, namespace, operator, "off", drill_spec(drill_directory, tmp_path / "drill-data", source)
+    )
+    assert off["status"]["phase"] == "Failed" and off["status"]["reason"] == "DrillsDisabled", off["status"]
+    assert scratch_objects(api, namespace) == []
+
+    monkeypatch.setenv("IDM_BACKUP_ENABLE_DRILLS", "true")
+    operator.stop()
+    operator.start()
+    # A drill of a pod that a backup in the namespace targets by host name is refused before anything exists.
+    template = backup_spec(
+        platform, s3_storage(platform, "x"), type="Data", target={**target(directory), "host": HOST}
+    )
+    del template["target"]["podName"]
+    create_schedule(api, namespace, "yearly", {"schedule": "0 0 1 1 *", "template": {"spec": template}})
+    refused = run_restore(
+        api, namespace, operator, "near", drill_spec(drill_directory, tmp_path / "drill-data", source)
+    )
+    assert refused["status"]["reason"] == "DrillWouldTouchProduction", refused["status"]
+    assert "IdmBackupSchedule yearly (host ipa-hidden.example.test)" in refused["status"]["message"]
+    client.CustomObjectsApi(api).delete_namespaced_custom_object(
+        GROUP, VERSION, namespace, "idmbackupschedules", "yearly"
+    )
+
+    create_restore(api, namespace, "drill", drill_spec(drill_directory, tmp_path / "drill-data", source))
+    # While it runs, the scratch pod is walled off: a policy denying all egress selects it.
+    wait_for("the scratch pod", lambda: "pod/drill-drill" in scratch_objects(api, namespace), timeout=60)
+    policy = client.NetworkingV1Api(api).read_namespaced_network_policy("drill-drill", namespace)
+    assert policy.spec.policy_types == ["Egress"] and not policy.spec.egress
+    assert policy.spec.pod_selector.match_labels["idm-backup.io/drill"] == "drill"
+    status = wait_for(
+        "the drill to finish",
+        lambda: (
+            (s := get_restore(api, namespace, "drill").get("status", {})).get("phase")
+            in ("Succeeded", "Failed")
+            and s
+        ),
+        timeout=180,
+    )
+    assert status["phase"] == "Succeeded", status
+    assert status["drill"]["pod"] == "drill-drill" and status["drill"]["restoreSeconds"] > 0
+    checked = {c["backend"]: c for c in status["check"]["entries"]}
+    assert status["drill"]["entries"] == sum(c["expected"] for c in checked.values()) > 0
+    assert all(c["expected"] == c["found"] for c in checked.values())
+    assert "replication" not in status  # nothing to re-initialize from a throwaway server
+    # The restored data is in the scratch server's directory; production kept its newer state.
+    assert exists(drill_directory, BOB) and not exists(drill_directory, MALLORY)
+    assert exists(directory, MALLORY) and not exists(directory, BOB)
+    wait_for("the scratch server to be gone", lambda: scratch_objects(api, namespace) == [], timeout=60)
+
+
+def test_a_failing_drill_shows_in_status_and_events_and_leaves_no_pod_or_volume(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    directory: DirectoryServer,
+    drill_directory: DirectoryServer,
+    server: Callable[..., str],
+    run_backup: Callable[..., dict[str, Any]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    operator: OperatorProcess,
+) -> None:
+    monkeypatch.setenv("IDM_BACKUP_ENABLE_DRILLS", "true")
+    operator.stop()
+    operator.start()
+    server()
+    apply(
+        api,
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": DRILL_DM_SECRET},
+            "stringData": {"password": drill_directory.password},
+        },
+    )
+    backup = run_backup("nightly", data_backup(platform, directory, f"restore/{namespace}"))
+    assert backup["status"]["phase"] == "Succeeded", backup["status"]
+    (tmp_path / "elsewhere").mkdir()
+    # A scratch volume of its own: the stand-in's 389-ds (on the host) cannot find what ipa-restore
+    # stages there, so the import fails as a real one would on a broken LDIF.
+    spec = drill_spec(
+        drill_directory,
+        tmp_path / "elsewhere",
+        {"backupRef": {"name": "nightly"}},
+        volumeClaimTemplate={"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    )
+    create_restore(api, namespace, "broken", spec)
+    wait_for("the scratch claim", lambda: "pvc/broken-drill" in scratch_objects(api, namespace), timeout=60)
+    status = wait_for(
+        "the drill to finish",
+        lambda: (
+            (s := get_restore(api, namespace, "broken").get("status", {})).get("phase")
+            in ("Succeeded", "Failed")
+            and s
+        ),
+        timeout=180,
+    )
+    assert status["phase"] == "Failed", status
+    assert status["reason"] in ("RestoreIncomplete", "RestoreFailed", "EntryCountMismatch"), status
+    assert "RestoreFailed" in events(api, namespace, "broken")
+    wait_for("the scratch server to be gone", lambda: scratch_objects(api, namespace) == [], timeout=60)

@@ -24,6 +24,9 @@ PINNED_LABEL = f"{GROUP}/pinned"
 TICK_ANNOTATION = f"{GROUP}/scheduled-for"
 # On an IdmBackup `idm-backup-operator backup-now` made from a schedule.
 MANUAL_ANNOTATION = f"{GROUP}/manual"
+# On the scratch pod, claim and NetworkPolicy of a restore drill: the IdmRestore's name.
+DRILL_LABEL = f"{GROUP}/drill"
+MANAGED_BY_LABELS = {"app.kubernetes.io/managed-by": "idm-backup-operator"}
 # kopf's finalizer and its bookkeeping annotations (progress, last handled configuration).
 FINALIZER = f"{GROUP}/finalizer"
 KOPF_ANNOTATION_PREFIX = GROUP

@@ -101,8 +101,20 @@ def _ref(data: Mapping[str, Any] | None, default_key: str) -> SecretKeyRef | Non
     return SecretKeyRef(name=data["name"], key=data.get("key") or default_key)
 
 
+def parse_ldap(ldap: Mapping[str, Any]) -> LdapTarget:
+    return LdapTarget(
+        url=ldap["url"],
+        bind_dn=ldap.get("bindDN") or "cn=Directory Manager",
+        password=SecretKeyRef(
+            ldap["passwordSecretRef"]["name"], ldap["passwordSecretRef"].get("key") or "password"
+        ),
+        ca=_ref(ldap.get("caSecretRef"), "ca.crt"),
+        start_tls=ldap.get("startTLS", False),
+        base_dn=ldap.get("baseDN"),
+    )
+
+
 def parse_target(data: Mapping[str, Any]) -> Target:
-    ldap = data["ldap"]
     selector = data.get("podSelector")
     return Target(
         pod_name=data.get("podName"),
@@ -115,16 +127,7 @@ def parse_target(data: Mapping[str, Any]) -> Target:
         host=data.get("host"),
         container=data.get("container"),
         require_hidden_replica=data.get("requireHiddenReplica", True),
-        ldap=LdapTarget(
-            url=ldap["url"],
-            bind_dn=ldap.get("bindDN") or "cn=Directory Manager",
-            password=SecretKeyRef(
-                ldap["passwordSecretRef"]["name"], ldap["passwordSecretRef"].get("key") or "password"
-            ),
-            ca=_ref(ldap.get("caSecretRef"), "ca.crt"),
-            start_tls=ldap.get("startTLS", False),
-            base_dn=ldap.get("baseDN"),
-        ),
+        ldap=parse_ldap(data["ldap"]),
     )
 
 
@@ -195,6 +198,16 @@ class RestoreSource:
 
 
 @dataclass(frozen=True)
+class DrillSpec:
+    """The scratch server a drill restores into instead of production."""
+
+    pod_template: Mapping[str, Any]
+    volume_claim_template: Mapping[str, Any] | None
+    ldap: LdapTarget
+    ready_timeout_seconds: int
+
+
+@dataclass(frozen=True)
 class RestoreSpec:
     source: RestoreSource
     secret_key: SecretKeyRef | None
@@ -202,9 +215,10 @@ class RestoreSpec:
     options: RestoreOptions
     allow_symlinked_config: bool
     allow_version_mismatch: bool
-    target: Target
-    confirm: str
+    target: Target | None  # None for a drill
+    confirm: str | None  # None for a drill
     deadline_seconds: int
+    drill: DrillSpec | None = None
 
 
 def parse_restore_spec(spec: Mapping[str, Any]) -> RestoreSpec:
@@ -227,7 +241,17 @@ def parse_restore_spec(spec: Mapping[str, Any]) -> RestoreSpec:
         ),
         allow_symlinked_config=spec.get("allowSymlinkedConfig", False),
         allow_version_mismatch=spec.get("allowVersionMismatch", False),
-        target=parse_target(spec["target"]),
-        confirm=spec["confirm"],
+        target=parse_target(spec["target"]) if spec.get("mode") != "Drill" else None,
+        confirm=spec.get("confirm") if spec.get("mode") != "Drill" else None,
         deadline_seconds=spec.get("activeDeadlineSeconds", 7200),
+        drill=_drill(spec["drill"]) if spec.get("mode") == "Drill" else None,
+    )
+
+
+def _drill(data: Mapping[str, Any]) -> DrillSpec:
+    return DrillSpec(
+        pod_template=data["podTemplate"],
+        volume_claim_template=data.get("volumeClaimTemplate"),
+        ldap=parse_ldap(data["ldap"]),
+        ready_timeout_seconds=data.get("readyTimeoutSeconds", 1800),
     )

@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 PVC_ROOT_ENV = "IDM_BACKUP_PVC_ROOT"
 DEFAULT_PVC_ROOT = "/var/lib/idm-backup-operator/pvc"
+# Restore drills create pods from IdmRestore templates: off unless the administrator turns them on.
+DRILLS_ENV = "IDM_BACKUP_ENABLE_DRILLS"
+_YES = ("1", "true", "yes")
 WEBHOOK_PORT_ENV = "IDM_BACKUP_WEBHOOK_PORT"
 WEBHOOK_CERT_DIR_ENV = "IDM_BACKUP_WEBHOOK_CERT_DIR"
 DEFAULT_WEBHOOK_CERT_DIR = "/etc/idm-backup-operator/webhook-tls"
@@ -135,6 +138,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         execs=PodExec(api),
         pvc_root=Path(os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT)),
         ambient_s3_credentials=bool(memo.get("ambient_s3_credentials")),
+        drills_enabled=bool(memo.get("drills_enabled")) or os.environ.get(DRILLS_ENV, "").lower() in _YES,
     )
     start_metrics(memo, api)
     memo.metrics.registry.register(metrics.SlotMetrics(slots))

@@ -31,7 +31,7 @@ from typing import Any
 from idm_backup_operator import freeipa
 from idm_backup_operator.api.identity import ResourceIdentity
 from idm_backup_operator.api.phase import Phase
-from idm_backup_operator.api.spec import RestoreSpec
+from idm_backup_operator.api.spec import DrillSpec, LdapTarget, RestoreSpec
 from idm_backup_operator.api.times import format_time
 from idm_backup_operator.archive import encryption, stored
 from idm_backup_operator.archive.verify import Verdict, verify_backup
@@ -50,6 +50,7 @@ from idm_backup_operator.kube.backups import IdmBackups, NotFound
 from idm_backup_operator.kube.errors import ApiError
 from idm_backup_operator.kube.locking import TargetLock
 from idm_backup_operator.kube.podexec import ExecError, ExecResult, PodRef
+from idm_backup_operator.kube.scratch import ScratchError, ScratchServer
 from idm_backup_operator.kube.services import Reporter, Services
 from idm_backup_operator.storage import DeadlineExceeded, StorageError, Store
 from idm_backup_operator.streams import Tally, chunks_of, human_size, tallied
@@ -96,6 +97,9 @@ def _holding_lock(services: Services, pod: PodRef, resource: ResourceIdentity) -
 
 def restore(resource: ResourceIdentity, spec: RestoreSpec, services: Services, report: Reporter) -> None:
     """Raises RestoreFailed with the cause, or MustWait when the server is busy."""
+    if spec.drill is not None:
+        return _drill(resource, spec, spec.drill, services, report)
+    assert spec.target is not None
     try:
         pod = references.find_target_pod(services.core, resource.namespace, spec.target)
     except references.ResolveError as err:
@@ -104,7 +108,64 @@ def restore(resource: ResourceIdentity, spec: RestoreSpec, services: Services, r
         _holding_lock(services, pod, resource) as lock,
         tempfile.TemporaryDirectory(prefix="idm-restore-") as tmp,
     ):
-        _Restore(resource, spec, services, report, pod, Path(tmp), lock).run()
+        _Restore(resource, spec, services, report, pod, Path(tmp), lock, spec.target.ldap).run()
+
+
+def _drill(
+    resource: ResourceIdentity, spec: RestoreSpec, drill: DrillSpec, services: Services, report: Reporter
+) -> None:
+    """The same restore, into a scratch server made for it and deleted afterwards, whatever happened."""
+    if not services.drills_enabled:
+        raise RestoreFailed(
+            "DrillsDisabled",
+            "this operator does not run restore drills: a drill creates a pod from the IdmRestore's "
+            "template, which its administrator must allow (Helm value drills.enabled, operator flag "
+            "--enable-drills)",
+        )
+    scratch = ScratchServer(
+        services.core, services.networking, resource, drill.pod_template, drill.volume_claim_template
+    )
+    try:
+        targeting = scratch.would_be_targeted_by(IdmBackups(services.custom).targets_in(resource.namespace))
+    except ApiError as err:
+        raise RestoreFailed(
+            "ScratchServerFailed", f"cannot list the namespace's backups: {err.reason}"
+        ) from None
+    if targeting:
+        raise RestoreFailed(
+            "DrillWouldTouchProduction",
+            f"the scratch pod {scratch.name} would be the target of {', '.join(targeting)}: a backup could "
+            "then act on it, or fail to tell it from production. Run drills in a namespace of their own, or "
+            "give the scratch pod other labels and host",
+        )
+    started = datetime.datetime.now(datetime.UTC)
+    report.update(
+        phase=Phase.RUNNING.value,
+        startTime=format_time(started),
+        step="scratch server",
+        drill={"pod": scratch.name},
+    )
+    report.event(
+        "RestoreStep", f"scratch server: creating pod {scratch.name} behind a deny-all-egress policy"
+    )
+    try:
+        scratch.create()
+        pod = scratch.wait_ready(
+            drill.ready_timeout_seconds, lambda: report.cancelled() or services.stopping.is_set()
+        )
+        with (
+            _holding_lock(services, pod, resource) as lock,
+            tempfile.TemporaryDirectory(prefix="idm-restore-") as tmp,
+        ):
+            _Restore(
+                resource, spec, services, report, pod, Path(tmp), lock, drill.ldap, started=started
+            ).run()
+    except ScratchError as err:
+        raise RestoreFailed("ScratchServerFailed", str(err)) from None
+    finally:
+        left = scratch.delete()
+        if left:
+            report.event("ScratchServerNotDeleted", "; ".join(left), warning=True)
 
 
 class _Source:
@@ -128,10 +189,15 @@ class _Restore:
         pod: PodRef,
         scratch: Path,
         lock: TargetLock,
+        ldap: LdapTarget,
+        *,
+        started: datetime.datetime | None = None,
     ) -> None:
         self.resource, self.spec, self.services, self.report = resource, spec, services, report
-        self.pod, self.scratch, self.lock = pod, scratch, lock
-        self.started = datetime.datetime.now(datetime.UTC)
+        self.pod, self.scratch, self.lock, self.ldap = pod, scratch, lock, ldap
+        self.drill = spec.drill is not None
+        self.started = started or datetime.datetime.now(datetime.UTC)
+        self.stage_started = time.monotonic()
         self.deadline = time.monotonic() + spec.deadline_seconds
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
@@ -194,8 +260,18 @@ class _Restore:
             self.stop_if_told()
             outcome = self.run_ipa_restore(backup_dir, settings.password)
             self.check(settings, server, verdict, backends, outcome)
-            self.rehide(settings, server, was_hidden)
-            self.plan_replication(server, masters, segments, outcome)
+            if self.drill:
+                self.report.update(
+                    drill={
+                        "pod": self.pod.name,
+                        "restoreSeconds": round(time.monotonic() - self.stage_started, 1),
+                        "entries": sum(verdict.ldif_entries.values()),
+                    }
+                )
+            else:
+                # A scratch server has no clients to hide from and no masters that matter.
+                self.rehide(settings, server, was_hidden)
+                self.plan_replication(server, masters, segments, outcome)
         finally:
             # Unless the lock was lost: the server is then another process's to act on.
             if not self.lock.lost.is_set():
@@ -222,7 +298,7 @@ class _Restore:
         return server
 
     def check_confirmation(self, server: IpaServerConfig) -> None:
-        if self.spec.confirm != server.host:
+        if not self.drill and self.spec.confirm != server.host:
             raise RestoreFailed(
                 "ConfirmationMismatch",
                 f"spec.confirm is {self.spec.confirm!r}, but pod {self.pod.name} is {server.host}: a restore "
@@ -418,7 +494,7 @@ class _Restore:
     def read_directory(
         self, server: IpaServerConfig
     ) -> tuple[LdapConnectionSettings, bool, dict[str, bool], list[tuple[str, str]]]:
-        ldap = self.spec.target.ldap
+        ldap = self.ldap
         if ldap.bind_dn.strip().lower() != DIRECTORY_MANAGER:
             raise RestoreFailed(
                 "DirectoryManagerRequired",
@@ -452,6 +528,7 @@ class _Restore:
                 f"cannot create {backup_dir.path} in pod {self.pod.name} (if it exists, it is not this "
                 f"restore's: remove it first): {made.stderr.strip()}",
             )
+        self.stage_started = time.monotonic()
         self.step("stage", f"staging the archive in pod {self.pod.name} at {backup_dir.path}")
 
     def stage(
@@ -590,7 +667,7 @@ class _Restore:
         backends: list[str],
         outcome: RestoreOutcome,
     ) -> None:
-        basedn = self.spec.target.ldap.base_dn or server.basedn
+        basedn = self.ldap.base_dn or server.basedn
         counts = []
         try:
             for backend in backends:
@@ -630,7 +707,7 @@ class _Restore:
                 f"{server.host} was not a hidden replica: left as it is",
             )
             return
-        basedn = self.spec.target.ldap.base_dn or server.basedn
+        basedn = self.ldap.base_dn or server.basedn
         try:
             changed = directory.hide_server(settings, basedn, server.host)
         except TopologyError as err:
@@ -675,8 +752,17 @@ def recover_interrupted(
 ) -> None:
     """A restore the previous operator process left Running cannot be resumed: it ends Failed, after the
     same clean-up as any failure (staged files removed, services started if they are down)."""
+    step = status.get("step") or "?"
+    if (status.get("drill") or {}).get("pod"):
+        # A drill's server is a throwaway: nothing to put back, only to delete.
+        left = ScratchServer(services.core, services.networking, resource, {}, None).delete()
+        raise RestoreFailed(
+            INTERRUPTED,
+            f"the operator restarted during the drill's step {step!r}; the scratch server was deleted"
+            + (f" (not deleted: {'; '.join(left)})" if left else ""),
+        )
     target = status.get("target") or {}
-    left: list[str] = []
+    left = []
     if target.get("pod"):
         pod = PodRef(resource.namespace, target["pod"], target.get("container") or "")
         if references.pod_exists(services.core, pod):
@@ -689,7 +775,6 @@ def recover_interrupted(
                     left.append("IPA services are down")
         else:
             left.append(f"pod {pod.name} is gone")
-    step = status.get("step") or "?"
     message = f"the operator restarted during step {step!r}; the restore cannot be resumed"
     if status.get("step") in STAGED_STEPS[1:]:
         message += (

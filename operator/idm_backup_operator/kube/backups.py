@@ -6,7 +6,7 @@ its own and not a namesake's, so both are checked.
 
 from __future__ import annotations
 
-import json
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,6 +15,8 @@ from kubernetes import client
 from idm_backup_operator.api.identity import ResourceIdentity
 from idm_backup_operator.api.names import GROUP, IDMBACKUPS, IDMBACKUPSCHEDULES, SCHEDULE_LABEL, VERSION
 from idm_backup_operator.api.phase import Phase
+from idm_backup_operator.api.spec import Target, parse_target
+from idm_backup_operator.kube.errors import api_message
 
 # One call's bound: a connection that hangs must not hold a schedule's pass for ever.
 CALL_TIMEOUT = 30
@@ -26,14 +28,6 @@ class Refused(Exception):
 
 class NameTaken(Exception):
     """An IdmBackup of that name exists and is not the schedule's: someone else made it first."""
-
-
-def _api_message(err: client.ApiException) -> str:
-    try:
-        message = json.loads(err.body or "")["message"]
-    except (ValueError, KeyError, TypeError):
-        return f"{err.status} {err.reason}"
-    return str(message)
 
 
 class NotFound(Exception):
@@ -58,6 +52,24 @@ class IdmBackups:
     def get(self, namespace: str, name: str) -> Mapping[str, Any]:
         """Raises NotFound."""
         return self._get(namespace, IDMBACKUPS, name)
+
+    def targets_in(self, namespace: str) -> list[tuple[str, Target]]:
+        """The targets of every IdmBackup and schedule template in the namespace, named for a message."""
+        found: list[tuple[str, Target]] = []
+        for plural, kind, path in (
+            (IDMBACKUPS, "IdmBackup", ("spec",)),
+            (IDMBACKUPSCHEDULES, "IdmBackupSchedule", ("spec", "template", "spec")),
+        ):
+            items = self._custom.list_namespaced_custom_object(
+                GROUP, VERSION, namespace, plural, _request_timeout=CALL_TIMEOUT
+            )["items"]
+            for item in items:
+                spec = item
+                for key in path:
+                    spec = spec.get(key) or {}
+                with contextlib.suppress(KeyError, TypeError):
+                    found.append((f"{kind} {item['metadata']['name']}", parse_target(spec["target"])))
+        return found
 
     def latest_succeeded(self, namespace: str, schedule_name: str) -> Mapping[str, Any] | None:
         """The schedule's own Succeeded IdmBackup that completed last; raises NotFound for no schedule."""
@@ -93,7 +105,7 @@ class IdmBackups:
             if err.status == 409:
                 return self._ours_already(body)
             if err.status == 422:
-                raise Refused(_api_message(err)) from None
+                raise Refused(api_message(err)) from None
             raise
         return True
 

@@ -6,6 +6,16 @@ client, so this is where the name comes from for everyone else.
 
 from __future__ import annotations
 
+import json
+
 from kubernetes.client import ApiException as ApiError
 
-__all__ = ["ApiError"]
+__all__ = ["ApiError", "api_message"]
+
+
+def api_message(err: ApiError) -> str:
+    """What the API server said (its Status message), or the HTTP status when it said nothing readable."""
+    try:
+        return str(json.loads(err.body or "")["message"])
+    except (ValueError, KeyError, TypeError):
+        return f"{err.status} {err.reason}"

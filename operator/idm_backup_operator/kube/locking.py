@@ -26,6 +26,7 @@ from pathlib import Path
 import urllib3
 from kubernetes import client
 
+from idm_backup_operator.api.names import MANAGED_BY_LABELS
 from idm_backup_operator.kube.podexec import PodRef
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/
 # and `<namespace>/<pod>` as an annotation, since a pod's name may be too long for a label value.
 TARGET_NAMESPACE_LABEL = "idm-backup.io/target-namespace"
 TARGET_POD_ANNOTATION = "idm-backup.io/target-pod"
-MANAGED_BY = {"app.kubernetes.io/managed-by": "idm-backup-operator"}
+MANAGED_BY = MANAGED_BY_LABELS
 
 LEASE_PREFIX = "idm-backup-lock-"
 NAME_LIMIT = 253  # an object name: a DNS subdomain

@@ -44,12 +44,18 @@ class Services:
     pvc_root: Path
     # Whether an S3 spec without credentialsSecretRef may use the operator's own AWS identity.
     ambient_s3_credentials: bool = False
+    # Whether IdmRestores may run drills: a drill creates a pod from its template.
+    drills_enabled: bool = False
     # Set when the operator shuts down (SIGTERM): running backups wind down, services started again.
     stopping: threading.Event = field(default_factory=threading.Event)
 
     @property
     def custom(self) -> client.CustomObjectsApi:
         return client.CustomObjectsApi(self.core.api_client)
+
+    @property
+    def networking(self) -> client.NetworkingV1Api:
+        return client.NetworkingV1Api(self.core.api_client)
 
     def open_store(self, namespace: str, storage: S3Storage | PvcStorage, scratch: Path) -> Store:
         """The store a spec names, with its namespace's credentials; files it needs (a CA) go in scratch.
