@@ -256,6 +256,15 @@ def test_failure_without_message_points_to_the_log() -> None:
     assert "/var/log/ipabackup.log" in result.message
 
 
+def test_the_log_path_is_the_one_the_failure_line_names() -> None:
+    # freeipa-container keeps its logs on the volume: the failure line says where, not the upstream default.
+    failed = "The ipa-backup command failed. See /data/var/log/ipabackup.log for more information"
+    text = f"Stopping IPA services\n{failed}\n"
+    result = parse_backup_output(text, 1)
+    assert result.log_path == "/data/var/log/ipabackup.log"
+    assert "see /data/var/log/ipabackup.log on the server" in result.message
+
+
 def test_warnings_the_run_survived() -> None:
     warning = "Unable to obtain list of master services, continuing anyway"
     text = FULL_SUCCESS.replace("Stopping IPA services", f"{warning}\nStopping IPA services")

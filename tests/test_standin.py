@@ -496,9 +496,23 @@ def test_role_mismatch(pod_factory: Callable[..., Pod]) -> None:
 
     r = pod.exec("ipa-backup", "--data", "--online", "--disable-role-check")
     assert r.returncode == 0, r.stderr
-    assert r.stderr.splitlines()[1] == ROLE_ERROR  # now a warning
+    # Now a warning, in 4.12's own words.
+    assert r.stderr.splitlines()[1] == (
+        ROLE_ERROR.replace("Error: ", "Warning: ") + " Proceeding as role check was explicitly disabled."
+    )
     names = members(host_path(pod, backed_up_to(r.stderr)) / "ipa-data.tar")
     assert f"./{SERVERID}-ipaca.ldif" in names  # ipa-partial has a CA
+
+
+def test_the_role_check_compares_the_host_name_case_sensitively(pod_factory: Callable[..., Pod]) -> None:
+    # cn=masters holds ipa-hidden.example.test; a server that calls itself IPA-HIDDEN.example.test has no
+    # role of its own in ipa-backup's eyes (ipa_backup.py compares the cn with api.env.host as is).
+    pod = pod_factory("ipa-hidden", IPA_SERVER_HOSTNAME="IPA-HIDDEN.example.test")
+    r = pod.exec("ipa-backup", "--data", "--online")
+    assert r.returncode == 1
+    assert (
+        "Error: Local roles  do not match globally used roles ADTRUST, CA, DNS, DNSKeySync, KRA." in r.stderr
+    )
 
 
 def test_no_ca_no_ipaca_ldif(pod_factory: Callable[..., Pod], directory: Any) -> None:

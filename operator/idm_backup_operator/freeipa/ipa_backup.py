@@ -190,8 +190,10 @@ _STOP_STEPS = {"Stopping IPA services", "Stopping Directory Server"}
 _START_STEPS = {"Starting IPA service", "Starting Directory Server"}
 _BACKED_UP = re.compile(r"Backed up to (\S.*)")
 _SUCCESS_LINE = "The ipa-backup command was successful"
-# AdminTool.log_failure() may append " See /var/log/ipabackup.log for more information".
+# AdminTool.log_failure() may append " See /var/log/ipabackup.log for more information"; the path is
+# the image's (/data/var/log/ipabackup.log in freeipa-container), so it is read from the line.
 _FAILURE_PREFIX = "The ipa-backup command failed."
+_LOG_PATH = re.compile(r"See (\S+) for more information")
 # optparse's error(): the usage line, a blank line, then "<prog>: error: <message>".
 _USAGE_LINE = re.compile(r"Usage: ipa-backup\b.*")
 _OPTPARSE_ERROR = re.compile(r"ipa-backup: error: (.*)")
@@ -207,6 +209,7 @@ class BackupRunResult:
     errors: tuple[str, ...]
     stopped_services: bool
     restarted_services: bool
+    log_path: str = IPA_BACKUP_LOG
 
     @property
     def succeeded(self) -> bool:
@@ -232,7 +235,7 @@ class BackupRunResult:
         if self.outcome is BackupOutcome.INTERRUPTED:
             last = f" during {self.steps[-1]!r}" if self.steps else " before its first step"
             return f"ipa-backup stopped without a final status{last}: {exit_text}"
-        return f"ipa-backup failed without an error message ({exit_text}); see {IPA_BACKUP_LOG} on the server"
+        return f"ipa-backup failed without an error message ({exit_text}); see {self.log_path} on the server"
 
 
 class BackupOutputParser:
@@ -254,6 +257,7 @@ class BackupOutputParser:
         self._final: BackupOutcome | None = None
         self._stopped = False
         self._restarted = False
+        self._log_path = IPA_BACKUP_LOG
 
     @property
     def current_step(self) -> str | None:
@@ -281,6 +285,7 @@ class BackupOutputParser:
             errors=tuple(errors),
             stopped_services=self._stopped,
             restarted_services=self._restarted,
+            log_path=self._log_path,
         )
 
     def _verdict(self, exit_code: int | None) -> tuple[BackupOutcome, list[str]]:
@@ -304,6 +309,8 @@ class BackupOutputParser:
             self._final = BackupOutcome.SUCCEEDED
             return None
         if line.startswith(_FAILURE_PREFIX):
+            if (log := _LOG_PATH.search(line)) is not None:
+                self._log_path = log[1]
             self._final = BackupOutcome.FAILED
             self._errors, self._pending = self._pending, []
             return None
