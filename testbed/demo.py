@@ -1,5 +1,9 @@
 """The README's first command: a backup of a (stand-in) FreeIPA server, encrypted, in S3, in a minute.
 
+With --restore, the backup is then proven restorable: a restore drill (IdmRestore mode Drill) decrypts it,
+restores it into a throwaway stand-in server with a directory of its own, counts the entries over LDAP,
+and deletes the throwaway server; its status is printed too. The demo server is never touched.
+
 Brings up the platform, installs the CRDs, starts a stand-in FreeIPA hidden replica and the operator,
 applies an IdmBackup, waits for it and prints its status and where the archive is. The restore key is
 left in .testbed/demo/gnupg, so the archive can be decrypted by hand afterwards.
@@ -9,9 +13,12 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from kubernetes import client, config, utils
@@ -19,8 +26,10 @@ from kubernetes import client, config, utils
 from testbed import freeipa_pod, processes, stack
 from testbed.deploy import OperatorProcess, install_crds
 from testbed.gpgkeys import Keyring
+from testbed.ldap_server import DirectoryServer
 
 NAMESPACE = "idm-demo"
+DRILLS_ENV = "IDM_BACKUP_ENABLE_DRILLS"
 GROUP, VERSION, PLURAL = "idm-backup.io", "v1alpha1", "idmbackups"
 
 
@@ -37,7 +46,8 @@ def _apply(api: client.ApiClient, *objects: dict[str, Any]) -> None:
                 raise
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    restore = "--restore" in (sys.argv[1:] if argv is None else argv)
     started = time.monotonic()
     say("starting the platform (first run builds Kubernetes from source: ~10 minutes)")
     plat = stack.up()
@@ -89,6 +99,8 @@ def main() -> int:
 
     processes.wait_until("pod ipa-hidden ready", pod_ready, 60)
 
+    if restore:
+        os.environ[DRILLS_ENV] = "true"  # the operator below inherits it: drills are off by default
     operator = OperatorProcess(NAMESPACE, plat.kubeconfig, demo_dir / "pvc", demo_dir / "operator.log")
     (demo_dir / "pvc").mkdir(exist_ok=True)
     operator.start()
@@ -127,6 +139,7 @@ def main() -> int:
         processes.wait_until(f"IdmBackup {name}", lambda: finished() is not None, 300, operator.log)
         obj = finished()
         assert obj is not None
+        drill = _drill(api, demo_dir, name, key.secret, operator.log) if restore else None
     finally:
         operator.stop()
     status = obj["status"]
@@ -145,9 +158,91 @@ def main() -> int:
     archive = status["archive"]
     say(f"archive: {archive['uri']} ({archive['size']}, encrypted to {', '.join(archive['recipients'])})")
     say(f"decrypt with: gpg --homedir {gnupg} --decrypt <file>  (the private key never left this directory)")
+    if drill is not None:
+        print(json.dumps(drill, indent=2))
+        if drill.get("phase") != "Succeeded":
+            say(f"restore drill FAILED: {drill.get('message')}")
+            return 1
+        say(
+            f"the backup restores: {drill['drill']['entries']} entries back in "
+            f"{drill['drill']['restoreSeconds']} s, in a throwaway server that is gone again"
+        )
     say(f"done in {time.monotonic() - started:.0f}s; the platform keeps running (python -m testbed down)")
     say(f"look around: export KUBECONFIG={plat.kubeconfig}; kubectl is {kubectl}")
     return 0
+
+
+def _drill(
+    api: client.ApiClient, demo_dir: Path, backup: str, secret_key: bytes, log: Path
+) -> dict[str, Any]:
+    """Restore the backup into a throwaway stand-in with a 389-ds of its own; the drill's status."""
+    custom = client.CustomObjectsApi(api)
+    data = demo_dir / "drill-data"
+    shutil.rmtree(data, ignore_errors=True)
+    data.mkdir(parents=True)
+    directory = DirectoryServer(demo_dir / "drill-ds", port=processes.free_port())
+    directory.start()
+    directory.load_topology()
+    try:
+        _apply(
+            api,
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": "drill-dm-password"},
+                "stringData": {"password": directory.password},
+            },
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": "restore-private-key"},
+                "data": {"private.asc": base64.b64encode(secret_key).decode()},
+            },
+        )
+        core = client.CoreV1Api(api)
+        core.patch_namespaced_secret(
+            "drill-dm-password", NAMESPACE, {"stringData": {"password": directory.password}}
+        )
+        pod = freeipa_pod.freeipa_pod(
+            "scratch", "ipa-hidden.example.test", directory.uri, data_host_path=str(data)
+        )
+        for env in pod["spec"]["containers"][0]["env"]:
+            if "valueFrom" in env:
+                env["valueFrom"]["secretKeyRef"]["name"] = "drill-dm-password"
+        name = f"{backup}-drill"
+        custom.create_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            NAMESPACE,
+            "idmrestores",
+            {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "IdmRestore",
+                "metadata": {"name": name},
+                "spec": {
+                    "mode": "Drill",
+                    "source": {"backupRef": {"name": backup}},
+                    "decryption": {"secretKeySecretRef": {"name": "restore-private-key"}},
+                    "drill": {
+                        "podTemplate": {"spec": pod["spec"]},
+                        "ldap": {"url": directory.uri, "passwordSecretRef": {"name": "drill-dm-password"}},
+                    },
+                },
+            },
+        )
+        say(f"applied IdmRestore {NAMESPACE}/{name} (a drill of {backup}); waiting for it")
+
+        def finished() -> dict[str, Any] | None:
+            obj = custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "idmrestores", name)
+            return obj if obj.get("status", {}).get("phase") in ("Succeeded", "Failed") else None
+
+        processes.wait_until(f"IdmRestore {name}", lambda: finished() is not None, 300, log)
+        obj = finished()
+        assert obj is not None
+        status: dict[str, Any] = obj["status"]
+        return status
+    finally:
+        directory.stop()
 
 
 if __name__ == "__main__":
