@@ -63,7 +63,7 @@ def _requeue(report: StatusReporter, message: str) -> NoReturn:
     raise kopf.TemporaryError(message, delay=WAIT_RETRY_SECONDS)
 
 
-def _condition_true(status: kopf.Status, type_: str) -> bool:
+def condition_true(status: kopf.Status, type_: str) -> bool:
     return any(c.get("type") == type_ and c.get("status") == "True" for c in status.get("conditions") or [])
 
 
@@ -93,7 +93,7 @@ async def take_backup(
     unwritten: dict[str, dict[str, Any]] = memo.unwritten_outcomes
     if resource.uid in unwritten:
         # This process ended the backup, and only its final status write failed: write that again.
-        await asyncio.to_thread(_write_again, report, unwritten, resource.uid)
+        await asyncio.to_thread(write_again, report, unwritten, resource.uid)
         finished.add(resource.uid)
         return
 
@@ -145,7 +145,7 @@ def _report_queued(report: StatusReporter, phase: str | None, why: Queued) -> No
     report.condition("Waiting", True, "OperatorBusy", why.message)
 
 
-def _write_again(report: StatusReporter, unwritten: dict[str, dict[str, Any]], uid: str) -> None:
+def write_again(report: StatusReporter, unwritten: dict[str, dict[str, Any]], uid: str) -> None:
     try:
         report.update(**unwritten[uid])
     except StatusNotWritten as lost:
@@ -208,7 +208,7 @@ def _run(
             {} if phase == Phase.RUNNING else {"phase": Phase.PENDING.value, "step": WAIT_STEPS[wait.reason]}
         )
         report.update(**where, message=str(wait))
-        if not _condition_true(status, "Waiting"):
+        if not condition_true(status, "Waiting"):
             report.event("BackupWaiting", str(wait))
         report.condition("Waiting", True, wait.reason, str(wait))
         raise kopf.TemporaryError(str(wait), delay=WAIT_RETRY_SECONDS) from None

@@ -13,7 +13,7 @@ from idm_backup_operator.api.names import GROUP, IDMRESTORE, IDMRESTORES, VERSIO
 from idm_backup_operator.api.phase import Phase, is_finished
 from idm_backup_operator.api.spec import parse_restore_spec
 from idm_backup_operator.api.times import parse_time
-from idm_backup_operator.handlers.idmbackup import WAIT_RETRY_SECONDS, _condition_true, _write_again
+from idm_backup_operator.handlers.idmbackup import WAIT_RETRY_SECONDS, condition_true, write_again
 from idm_backup_operator.idmrestore import pipeline
 from idm_backup_operator.idmrestore import status as restore_status
 from idm_backup_operator.kube.reporting import StatusNotWritten, StatusReporter
@@ -44,7 +44,7 @@ async def restore(
     )
     unwritten: dict[str, dict[str, Any]] = memo.unwritten_outcomes
     if resource.uid in unwritten:
-        await asyncio.to_thread(_write_again, report, unwritten, resource.uid)
+        await asyncio.to_thread(write_again, report, unwritten, resource.uid)
     else:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(memo.backup_executor, _run_once, resource, body, memo, report, logger)
@@ -90,7 +90,7 @@ def _run(
             pipeline.restore(resource, spec, memo.services, report)
     except pipeline.MustWait as wait:
         report.update(phase=Phase.PENDING.value, step="waiting for the server's lock", message=str(wait))
-        if not _condition_true(status, "Waiting"):
+        if not condition_true(status, "Waiting"):
             report.event("RestoreWaiting", str(wait))
         report.condition("Waiting", True, "TargetBusy", str(wait))
         raise kopf.TemporaryError(str(wait), delay=WAIT_RETRY_SECONDS) from None
