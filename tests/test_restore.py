@@ -681,3 +681,34 @@ def test_a_failing_drill_shows_in_status_and_events_and_leaves_no_pod_or_volume(
     assert status["reason"] in ("RestoreIncomplete", "RestoreFailed", "EntryCountMismatch"), status
     assert "RestoreFailed" in events(api, namespace, "broken")
     wait_for("the scratch server to be gone", lambda: scratch_objects(api, namespace) == [], timeout=60)
+
+
+def test_deleting_a_running_restore_cancels_it_and_cleans_up(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    directory: DirectoryServer,
+    server: Callable[..., str],
+    operator: OperatorProcess,
+    run_backup: Callable[..., dict[str, Any]],
+) -> None:
+    server(payload_bytes=300 << 20)
+    backup = run_backup("big", data_backup(platform, directory, f"restore/{namespace}"), timeout=300)
+    assert backup["status"]["phase"] == "Succeeded", backup["status"]
+    change_after_backup(directory)
+    create_restore(api, namespace, "unwanted", restore_spec(directory, {"backupRef": {"name": "big"}}))
+    wait_for(
+        "the restore to stage",
+        lambda: get_restore(api, namespace, "unwanted").get("status", {}).get("step") == "stage",
+        timeout=120,
+        interval=0.1,
+    )
+    client.CustomObjectsApi(api).delete_namespaced_custom_object(
+        GROUP, VERSION, namespace, RESTORES, "unwanted"
+    )
+    # Staging stops, the staged files go and the server's lock is released: the pod is as before.
+    wait_for("the staged files to be removed", lambda: staged_files(api, namespace) == "", timeout=60)
+    wait_for("the lock to be released", lambda: leases(api, namespace) == [], timeout=60)
+    assert services_running(api, namespace, POD)
+    # Cancelled before ipa-restore: the directory kept what changed after the backup.
+    assert exists(directory, MALLORY) and not exists(directory, BOB)
