@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import datetime
 import logging
 import os
 import shutil
@@ -24,6 +25,7 @@ from idm_backup_operator.api.names import (
     KOPF_ANNOTATION_PREFIX,
     VERSION,
 )
+from idm_backup_operator.idmbackup import leftovers
 from idm_backup_operator.kube import locking, webhookcert
 from idm_backup_operator.kube.podexec import PodExec
 from idm_backup_operator.kube.services import Services
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 
 PVC_ROOT_ENV = "IDM_BACKUP_PVC_ROOT"
 DEFAULT_PVC_ROOT = "/var/lib/idm-backup-operator/pvc"
+# How old an incomplete upload must be for start-up to remove it (default: the longest deadline, 7 days).
+LEFTOVER_AGE_ENV = "IDM_BACKUP_LEFTOVER_AGE_SECONDS"
 # Restore drills create pods from IdmRestore templates: off unless the administrator turns them on.
 DRILLS_ENV = "IDM_BACKUP_ENABLE_DRILLS"
 _YES = ("1", "true", "yes")
@@ -142,6 +146,19 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     )
     start_metrics(memo, api)
     memo.metrics.registry.register(metrics.SlotMetrics(slots))
+
+
+@kopf.on.startup()
+async def clean_leftover_uploads(memo: kopf.Memo, **_: Any) -> None:
+    """In the background: start-up must not wait on every bucket of the cluster."""
+    age = datetime.timedelta(
+        seconds=float(os.environ.get(LEFTOVER_AGE_ENV) or leftovers.DEFAULT_AGE.total_seconds())
+    )
+    memo.leftover_cleaning = asyncio.create_task(
+        asyncio.to_thread(
+            leftovers.clean_leftovers, memo.services, memo.get("namespaces") or [], older_than=age
+        )
+    )
 
 
 def start_metrics(memo: kopf.Memo, api: client.ApiClient) -> None:

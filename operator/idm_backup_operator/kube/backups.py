@@ -7,7 +7,7 @@ its own and not a namesake's, so both are checked.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kubernetes import client
@@ -15,7 +15,7 @@ from kubernetes import client
 from idm_backup_operator.api.identity import ResourceIdentity
 from idm_backup_operator.api.names import GROUP, IDMBACKUPS, IDMBACKUPSCHEDULES, SCHEDULE_LABEL, VERSION
 from idm_backup_operator.api.phase import Phase
-from idm_backup_operator.api.spec import Target, parse_target
+from idm_backup_operator.api.spec import PvcStorage, S3Storage, Target, parse_storage, parse_target
 from idm_backup_operator.kube.errors import api_message
 
 # One call's bound: a connection that hangs must not hold a schedule's pass for ever.
@@ -70,6 +70,31 @@ class IdmBackups:
                 with contextlib.suppress(KeyError, TypeError):
                     found.append((f"{kind} {item['metadata']['name']}", parse_target(spec["target"])))
         return found
+
+    def storages(self, namespaces: Sequence[str]) -> list[tuple[str, S3Storage | PvcStorage]]:
+        """Each storage an IdmBackup or a schedule's template names, with its namespace, once; all
+        namespaces when `namespaces` is empty (the operator watches the whole cluster)."""
+        found: dict[tuple[str, S3Storage | PvcStorage], None] = {}
+        for plural, path in ((IDMBACKUPS, ("spec",)), (IDMBACKUPSCHEDULES, ("spec", "template", "spec"))):
+            if namespaces:
+                items = [
+                    item
+                    for ns in namespaces
+                    for item in self._custom.list_namespaced_custom_object(
+                        GROUP, VERSION, ns, plural, _request_timeout=CALL_TIMEOUT
+                    )["items"]
+                ]
+            else:
+                items = self._custom.list_cluster_custom_object(
+                    GROUP, VERSION, plural, _request_timeout=CALL_TIMEOUT
+                )["items"]
+            for item in items:
+                spec = item
+                for key in path:
+                    spec = spec.get(key) or {}
+                with contextlib.suppress(KeyError, TypeError):
+                    found[(item["metadata"]["namespace"], parse_storage(spec["storage"]))] = None
+        return list(found)
 
     def latest_succeeded(self, namespace: str, schedule_name: str) -> Mapping[str, Any] | None:
         """The schedule's own Succeeded IdmBackup that completed last; raises NotFound for no schedule."""
