@@ -1,6 +1,7 @@
-"""The command line: verify (name, URI, directory; corrupted; wrong key), list, describe, backup-now; what
-scripts get (-o json|yaml, exit codes, one-line errors) and what people get (progress, human sizes, help
-with examples, completion, escaped control characters), on the platform where it talks to something.
+"""The command line: verify (name, URI, directory; corrupted; wrong key), list, describe, backup-now,
+restore; what scripts get (-o json|yaml, exit codes, one-line errors) and what people get (progress, human
+sizes, help with examples, completion, escaped control characters), on the platform where it talks to
+something.
 """
 
 from __future__ import annotations
@@ -31,23 +32,37 @@ from idm_backup_operator.cli import (
     EXIT_ERROR,
     EXIT_OK,
     EXIT_USAGE,
+    CommandError,
     build_parser,
     main,
     manual_backup_name,
+    restore_location,
+    restore_name,
 )
 from idm_backup_operator.cli_output import Progress, bash_completion, clean, transfer_detail, zsh_completion
 from idm_backup_operator.streams import human_size
 from testbed import stack
 from testbed.deploy import OperatorProcess
 from testbed.gpgkeys import ExportedKey, Keyring
+from tests import test_restore as restore_tests
 from tests.helpers import (
+    GROUP,
+    S3_SECRET,
+    VERSION,
     backup_spec,
     create_backup,
     create_schedule,
     get_backup,
+    pod_ready,
     s3_storage,
     wait_finished,
+    wait_for,
 )
+
+# The restore tests' own 389-ds (one per module: a restore replaces whole backends) and stand-in server on
+# it, as this module's fixtures too: pytest finds a module's fixtures by its names.
+directory = restore_tests.directory
+server = restore_tests.server
 
 Run = Callable[..., tuple[int, str]]
 Run3 = Callable[..., tuple[int, str, str]]
@@ -295,7 +310,7 @@ def _subcommands() -> dict[str, argparse.ArgumentParser]:
 
 def test_every_help_has_examples_that_parse_and_says_what_the_exit_codes_mean() -> None:
     commands = _subcommands()
-    assert set(commands) == {"run", "backup-now", "list", "describe", "verify", "completion"}
+    assert set(commands) == {"run", "backup-now", "list", "describe", "verify", "restore", "completion"}
     for name, sub in commands.items():
         text = sub.format_help()
         examples = text.split("\nexamples:\n", 1)[1].split("\n\n", 1)[0].replace("\\\n", " ")
@@ -350,6 +365,10 @@ def test_completion_scripts_offer_every_subcommand_and_option(tmp_path: Path, cl
     assert complete("describe", "") == ["backup", "schedule"]
     assert complete("verify", "--ke") == ["--key"]
     assert complete("completion", "") == ["bash", "zsh"]
+    assert complete("restore", "--back") == ["--backend"]
+    assert complete("restore", "--backend", "") == ["userRoot", "ipaca"]
+    assert complete("restore", "--type", "") == ["Data", "Full"]
+    assert complete("restore", "--no-w") == ["--no-wait"]
 
 
 def test_progress_is_live_on_a_terminal_and_plain_lines_otherwise() -> None:
@@ -768,3 +787,214 @@ def test_list_and_describe_escape_what_resources_say_and_kubeconfig_options_choo
     ]
     code, stdout, stderr = cli3("list", "--kubeconfig", str(kubeconfig), "--context", "nowhere")
     assert (code, stdout, len(stderr.splitlines())) == (EXIT_ERROR, "", 1) and "nowhere" in stderr, stderr
+
+
+def test_restore_names_and_locations_are_what_the_idmrestore_needs(cli3: Run3) -> None:
+    moment = datetime.datetime(2026, 11, 26, 2, 3, 4, tzinfo=datetime.UTC)
+    assert restore_name("nightly-202611260200", moment) == "nightly-202611260200-restore-20261126020304"
+    assert restore_name("ipa-data-2026-11-26-02-00-03", moment).startswith("ipa-data-2026-11-26-02-00-03-")
+    assert len(restore_name("x" * 80, moment)) == 63
+    s3 = {"endpoint": "https://s3.example.com", "forcePathStyle": True}
+    found = restore_location(
+        "s3://idm-backups/prod/eu/identity/ipa.example.test/ipa-data-2026-11-26-02-00-03/ipa-data.tar.gpg",
+        pvc_root="/pvc",
+        s3=s3,
+    )
+    assert found.storage == {"s3": {"bucket": "idm-backups", "prefix": "prod/eu", **s3}}
+    assert (found.directory, found.host) == (
+        "identity/ipa.example.test/ipa-data-2026-11-26-02-00-03/",
+        "ipa.example.test",
+    )
+    # As a PVC backup's status.archive.uri shows it: under the operator's PVC root.
+    for uri in (
+        "/pvc/backups/idm/identity/ipa.example.test/ipa-full-1/",
+        "pvc://backups/idm/identity/ipa.example.test/ipa-full-1",
+    ):
+        found = restore_location(uri, pvc_root="/pvc", s3={})
+        assert found.storage == {"pvc": {"claimName": "backups", "subPath": "idm"}}, uri
+        assert found.directory == "identity/ipa.example.test/ipa-full-1/"
+    for wrong in ("https://example.com/x/", "s3://bucket", "s3://bucket/../x/", "/elsewhere/a/b/c/"):
+        with pytest.raises(CommandError) as refused:
+            restore_location(wrong, pvc_root="/pvc", s3={})
+        assert refused.value.code == EXIT_USAGE, wrong
+    # Usage errors before anything is read: one line, exit 2.
+    for argv, expected in (
+        (
+            [],
+            "error: restore what? Give one of BACKUP (an IdmBackup's name), --schedule NAME or --location "
+            "URI",
+        ),
+        (
+            ["b", "--schedule", "s"],
+            "error: restore what? Give one of BACKUP (an IdmBackup's name), --schedule "
+            "NAME or --location URI, not BACKUP and --schedule",
+        ),
+        (
+            ["b", "--s3-region", "eu-west-1"],
+            "error: --s3-region: only with --location (a backup is read from its own storage)",
+        ),
+        (
+            ["--location", "s3://b/ns/ipa.example.test/ipa-data-1/"],
+            "error: which server to restore into? --pod or --host, --ldap-url, --ldap-password-secret "
+            "needed (there is no IdmBackup to take spec.target from)",
+        ),
+        (
+            [
+                "--location",
+                "s3://b/ns/ipa.example.test/ipa-data-1/",
+                "--pod",
+                "ipa",
+                "--ldap-url",
+                "ldaps://ipa",
+                "--ldap-password-secret",
+                "dm",
+            ],
+            "error: a restore overwrites the live directory of ipa.example.test: if "
+            "that is what you want, add --confirm ipa.example.test",
+        ),
+    ):
+        code, stdout, stderr = cli3("restore", "--kubeconfig", os.devnull, "-n", "identity", *argv)
+        assert (code, stdout, stderr.splitlines()) == (EXIT_USAGE, "", [expected]), argv
+
+
+def list_restores(api: client.ApiClient, namespace: str) -> list[dict[str, Any]]:
+    found = client.CustomObjectsApi(api).list_namespaced_custom_object(
+        GROUP, VERSION, namespace, "idmrestores"
+    )
+    items: list[dict[str, Any]] = found["items"]
+    return items
+
+
+@pytest.mark.platform
+def test_restore_creates_an_idmrestore_prints_each_step_and_how_it_ended(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    directory: Any,
+    server: Callable[..., str],
+    operator: OperatorProcess,
+    run_backup: Callable[..., dict[str, Any]],
+    cli3: Run3,
+) -> None:
+    host, key = restore_tests.HOST, ("--key-secret", restore_tests.PRIVATE_KEY_SECRET)
+    server()
+    backup = run_backup("before", restore_tests.data_backup(platform, directory, f"restore/{namespace}"))
+    assert backup["status"]["phase"] == "Succeeded", backup["status"]
+    restore_tests.change_after_backup(directory)
+
+    # Without --confirm: refused, saying what to type (the FQDN the backup was taken on); nothing created.
+    code, stdout, stderr = cli3("restore", "before", "-n", namespace, *key)
+    assert (code, stdout) == (EXIT_USAGE, ""), stderr
+    assert stderr.splitlines() == [
+        f"error: a restore overwrites the live directory of {host}: if that is what you want, add "
+        f"--confirm {host}"
+    ]
+    assert list_restores(api, namespace) == []
+
+    # Another server's FQDN: the operator refuses it before anything changes; exit 1 with the reason.
+    wrong = ("--confirm", "ipa-visible.example.test", "--timeout", "60")
+    code, stdout, stderr = cli3("restore", "before", "-n", namespace, *key, *wrong, "--name", "wrong")
+    assert (code, stderr) == (EXIT_BROKEN, ""), stdout + stderr
+    assert (
+        stdout.splitlines()[0]
+        == f"idmrestore {namespace}/wrong created: IdmBackup before into pod ipa-hidden"
+    )
+    assert re.search(r"^Phase:\s+Failed$", stdout, re.M), stdout
+    assert re.search(r"^Reason:\s+ConfirmationMismatch$", stdout, re.M), stdout
+    assert re.search(
+        rf"^Message:\s+spec.confirm is 'ipa-visible.example.test', but pod ipa-hidden is {host}", stdout, re.M
+    )
+    assert re.search(r"^ipa-restore:\s+not run$", stdout, re.M), stdout
+    assert re.search(r"^Source:\s+IdmBackup before \(not read\)$", stdout, re.M), stdout
+    code, stdout, stderr = cli3(
+        "restore", "before", "-n", namespace, *key, *wrong, "--name", "wrong2", "-o", "json"
+    )
+    document = json.loads(stdout)  # all of stdout: no progress, no summary
+    assert (code, stderr) == (EXIT_BROKEN, "")
+    assert (document["name"], document["phase"], document["reason"]) == (
+        "wrong2",
+        "Failed",
+        "ConfirmationMismatch",
+    )
+    assert document["ipaRestore"]["exitCode"] is None and document["confirm"] == "ipa-visible.example.test"
+    assert restore_tests.exists(directory, restore_tests.MALLORY)
+
+    # The restore: a line per step as it starts, then what was restored, checked, and is left to do.
+    code, stdout, stderr = cli3(
+        "restore", "before", "-n", namespace, *key, "--confirm", host, "--timeout", "120"
+    )
+    assert (code, stderr) == (EXIT_OK, ""), stdout + stderr
+    lines = stdout.splitlines()
+    created = re.fullmatch(
+        rf"idmrestore {namespace}/(before-restore-\d{{14}}) created: IdmBackup before into pod ipa-hidden",
+        lines[0],
+    )
+    assert created, stdout
+    progress = [re.sub(r"^\[\s*[\dsmhd]+\] ", "", line) for line in lines if line.startswith("[")]
+    assert all(re.fullmatch(r"(Pending|Running): \S.*", line) for line in progress), stdout
+    steps = [line.split(": ", 1)[1] for line in progress]
+    pipeline = ["verify", "stage", "ipa-restore", "check", "re-hide", "replication", "clean-up"]
+    assert [step for step in steps if step in pipeline] == pipeline, stdout  # every step, once, in order
+    summary = "\n".join(lines[1 + len(progress) :])
+    assert re.match(r"Phase:\s+Succeeded\nReason:\s+RestoreSucceeded\n", summary), summary
+    archive_dir = backup["status"]["archive"]["uri"].rsplit("/", 1)[0] + "/"
+    assert re.search(rf"^Source:\s+{re.escape(archive_dir)} \(IdmBackup before\)$", summary, re.M), summary
+    assert re.search(rf"^Target:\s+{host} \(pod ipa-hidden\)$", summary, re.M), summary
+    assert re.search(r"^ipa-restore:\s+exit code 0: ipa-restore ", summary, re.M), summary
+    restored = client.CustomObjectsApi(api).get_namespaced_custom_object(
+        GROUP, VERSION, namespace, "idmrestores", created[1]
+    )["status"]
+    for entry in restored["check"]["entries"]:
+        expected = f"{entry['backend']}: {entry['expected']} in the archive, {entry['found']} found"
+        assert re.search(rf"^(Entries checked:)?\s+{expected}$", summary, re.M), summary
+    assert re.search(
+        r"^Replication:\s+re-initialize every other master from " + re.escape(host), summary, re.M
+    )
+    assert re.search(
+        rf"^\s+ipa-ca\.example\.test \(CA master\):\n\s+ipa-replica-manage re-initialize --from {host}\n"
+        rf"\s+ipa-csreplica-manage re-initialize --from {host}$",
+        summary,
+        re.M,
+    ), summary
+    assert restore_tests.exists(directory, restore_tests.BOB)
+    assert not restore_tests.exists(directory, restore_tests.MALLORY)
+
+    # From the bucket alone, by the archive's URI: the server and its LDAP given on the command line.
+    restore_tests.change_after_backup(directory)
+    # (The restore restarted IPA's services: the pod is ready again when they all answer.)
+    wait_for("pod ready", lambda: pod_ready(api, namespace, restore_tests.POD), timeout=60)
+    code, stdout, stderr = cli3(
+        "restore",
+        "-n",
+        namespace,
+        *key,
+        "--location",
+        backup["status"]["archive"]["uri"],
+        "--s3-endpoint",
+        platform.s3_endpoint,
+        "--s3-credentials-secret",
+        S3_SECRET,
+        "--pod",
+        restore_tests.POD,
+        "--ldap-url",
+        directory.uri,
+        "--ldap-password-secret",
+        restore_tests.DM_SECRET,
+        "--confirm",
+        host,
+        "--timeout",
+        "120",
+        "-o",
+        "yaml",
+    )
+    document = yaml.safe_load(stdout)
+    assert (code, stderr, document["phase"]) == (EXIT_OK, "", "Succeeded"), stdout + stderr
+    assert (document["source"]["uri"], document["source"]["backup"]) == (archive_dir, None)
+    assert document["name"].startswith(archive_dir.rstrip("/").rsplit("/", 1)[1] + "-restore-")
+    assert [m["host"] for m in document["replication"]] == [m["host"] for m in restored["replication"]]
+    assert restore_tests.exists(directory, restore_tests.BOB)
+    spec = client.CustomObjectsApi(api).get_namespaced_custom_object(
+        GROUP, VERSION, namespace, "idmrestores", document["name"]
+    )["spec"]
+    assert spec["source"]["location"]["storage"]["s3"]["prefix"] == f"restore/{namespace}"
+    assert spec["source"]["location"]["directory"] == archive_dir.split(f"restore/{namespace}/", 1)[1]

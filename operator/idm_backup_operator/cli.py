@@ -5,6 +5,7 @@
 * ``list``: the IdmBackups of a namespace, or (``--storage``) the backups stored in a bucket or directory;
 * ``describe backup|schedule NAME``: status, conditions, recent Events and, for a backup, its stored files;
 * ``verify``: whether a stored backup can be restored, checked end to end with the private key;
+* ``restore``: an IdmRestore of a backup (by IdmBackup, schedule or stored location), followed to its end;
 * ``completion bash|zsh``: a shell completion script, generated from this parser.
 
 Everything but ``run`` works from a laptop: Kubernetes through the kubeconfig (``--kubeconfig``,
@@ -18,6 +19,7 @@ plain lines otherwise. What is printed, and how, is cli_output.py's; this module
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import io
@@ -30,13 +32,13 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Iterator, Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 import kopf
 import urllib3
 import yaml
-from kubernetes import client, config
+from kubernetes import client, config, watch
 
 from idm_backup_operator import __version__, logs, metrics
 from idm_backup_operator.api.names import (
@@ -45,6 +47,8 @@ from idm_backup_operator.api.names import (
     IDMBACKUPS,
     IDMBACKUPSCHEDULE,
     IDMBACKUPSCHEDULES,
+    IDMRESTORE,
+    IDMRESTORES,
     MANUAL_ANNOTATION,
     SCHEDULE_LABEL,
     VERSION,
@@ -66,6 +70,8 @@ from idm_backup_operator.cli_output import (
     human_or_blank,
     one_line,
     progress_stream,
+    restore_document,
+    restore_text,
     schedule_text,
     stored_summary,
     stored_table,
@@ -84,7 +90,7 @@ from idm_backup_operator.handlers.startup import (
 )
 from idm_backup_operator.idmbackupschedule import reconcile
 from idm_backup_operator.kube import locking, references
-from idm_backup_operator.kube.backups import IdmBackups, Refused
+from idm_backup_operator.kube.backups import IdmBackups, NotFound, Refused
 from idm_backup_operator.slots import (
     DEFAULT_MEMORY_MIB,
     DEFAULT_SLOTS,
@@ -99,26 +105,30 @@ from idm_backup_operator.streams import CHUNK_SIZE
 AMBIENT_ENV = "IDM_BACKUP_S3_AMBIENT_CREDENTIALS"
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
-# Exit status of every command but `run`. 1 is only ever "the backup is broken"; a script that alerts on
-# it alerts on backups, and retries or pages someone else on 3.
+# Exit status of every command but `run`. 1 is only ever "the backup is broken" or "the restore failed"; a
+# script that alerts on it alerts on backups and restores, and retries or pages someone else on 3.
 EXIT_OK = 0
-EXIT_BROKEN = 1  # verify: it cannot be restored; backup-now --wait: the backup failed
+EXIT_BROKEN = 1  # verify: it cannot be restored; backup-now --wait: the backup failed; restore: it failed
 EXIT_USAGE = 2  # the command line is wrong (argparse's own status for usage errors)
 EXIT_ERROR = 3  # could not do it, or could not check: API server, storage, a file, a missing resource
 EXIT_INTERRUPTED = 130
 EXIT_STATUS = f"""\
 exit status:
-  {EXIT_OK}    done; verify: the backup can be restored; backup-now --wait: the backup succeeded
-  {EXIT_BROKEN}    the backup is broken: verify: it cannot be restored; backup-now --wait: it failed
-  {EXIT_USAGE}    usage: the command line is wrong
+  {EXIT_OK}    done; verify: the backup can be restored; backup-now --wait: the backup succeeded;
+       restore: the restore succeeded
+  {EXIT_BROKEN}    the backup is broken or the restore failed: verify: it cannot be restored;
+       backup-now --wait: it failed; restore: it failed (the reason is printed)
+  {EXIT_USAGE}    usage: the command line is wrong (restore: without --confirm)
   {EXIT_ERROR}    could not do it or could not check: the API server or the storage is unreachable or
-       refuses, a resource or file is missing or unreadable, backup-now --wait timed out
+       refuses, a resource or file is missing or unreadable, backup-now --wait or restore timed out
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
 Errors are one line on stderr, starting with "error: "."""
 
 OUTPUT_FORMATS = ("table", "wide", "json", "yaml")
 RECENT_EVENTS = 20
 POLL_INTERVAL = 2.0  # seconds between two reads of a backup that backup-now --wait follows
+WATCH_SECONDS = 10  # restore: the longest watch request; then the restore is read again
+DEFAULT_KEY_SECRET_KEY = "private.asc"  # as IdmRestore's spec.decryption.secretKeySecretRef.key
 API_TIMEOUT = (10, 60)  # (connect, read) seconds of each API call made here
 
 
@@ -303,7 +313,7 @@ def manual_backup_name(schedule: str, now: datetime.datetime) -> str:
     return bounded_name(schedule, f"-manual-{now.astimezone(datetime.UTC):%Y%m%d%H%M%S}")
 
 
-def _backup_step(status: Mapping[str, Any]) -> str:
+def _step_line(status: Mapping[str, Any]) -> str:
     """`Running: ipa-backup: Backing up ...`; while Pending, why it waits."""
     phase = status.get("phase") or Phase.PENDING.value
     text = f"{phase}: {status.get('step') or 'waiting for the operator'}"
@@ -342,7 +352,7 @@ def _backup_now(args: argparse.Namespace) -> int:
             status = _get(custom, namespace, IDMBACKUPS, name, IDMBACKUP).get("status") or {}
             if is_finished(status.get("phase")):
                 break
-            progress.step(_backup_step(status))
+            progress.step(_step_line(status))
             transfer = status.get("progress") or {}
             if str(status.get("step") or "").startswith("uploading") and "bytesRead" in transfer:
                 progress.transferred(int(transfer["bytesRead"]), transfer.get("totalBytes"))
@@ -360,6 +370,331 @@ def _backup_now(args: argparse.Namespace) -> int:
     reason = f"{status['reason']}: " if status.get("reason") and status["phase"] != Phase.SUCCEEDED else ""
     print(clean(f"{status['phase']}: {reason}{message}"), flush=True)
     return EXIT_OK if status["phase"] == Phase.SUCCEEDED else EXIT_BROKEN
+
+
+# -- restore --------------------------------------------------------------------------------------------
+
+# The files of a backup directory: a location given as one of them stands for the directory.
+_BACKUP_FILES = re.compile(r"header|manifest\.json|ipa-(full|data)\.tar(\.gpg)?")
+_NOT_A_NAME = re.compile(r"[^a-z0-9.-]+")
+
+
+def restore_name(base: str, now: datetime.datetime) -> str:
+    """`<base>-restore-<YYYYMMDDhhmmss>` (UTC); a long base is cut and given a hash."""
+    base = _NOT_A_NAME.sub("-", base.lower()).strip("-.") or "idm"
+    return bounded_name(base, f"-restore-{now.astimezone(datetime.UTC):%Y%m%d%H%M%S}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreLocation:
+    """spec.source.location, and what its path says: <ns>/<host>/<ipa-full|ipa-data>-<time>/."""
+
+    storage: dict[str, Any]
+    directory: str
+    host: str | None
+
+
+def restore_location(uri: str, *, pvc_root: str, s3: Mapping[str, Any]) -> RestoreLocation:
+    """A stored backup directory as the operator reads it: s3://bucket/prefix/<ns>/<host>/<dir>/,
+    pvc://claim/subPath/<ns>/<host>/<dir>/, or a path under the operator's PVC root (as a PVC backup's
+    status.archive.uri shows it); or one of the directory's files. `s3` is the rest of spec's s3 storage
+    (endpoint, credentials...), which the operator uses: the command itself reads nothing from storage."""
+    root = PurePosixPath(pvc_root)
+    if uri.startswith("s3://"):
+        bucket, _, path = uri.removeprefix("s3://").partition("/")
+        claim = None
+    elif uri.startswith("pvc://"):
+        claim, _, path = uri.removeprefix("pvc://").partition("/")
+        bucket = None
+    elif uri.startswith("/") and PurePosixPath(uri).is_relative_to(root):
+        claim, _, path = str(PurePosixPath(uri).relative_to(root)).partition("/")
+        bucket = None
+    else:
+        raise CommandError(
+            f"--location {uri}: a backup directory is s3://bucket/prefix/<namespace>/<host>/<directory>/, "
+            f"pvc://claim/subPath/<namespace>/<host>/<directory>/ or a path under {pvc_root} (--pvc-root)",
+            EXIT_USAGE,
+        )
+    parts = [part for part in path.split("/") if part]
+    if parts and _BACKUP_FILES.fullmatch(parts[-1]):
+        parts.pop()
+    if not (bucket or claim) or not parts or any(part in (".", "..") for part in parts):
+        raise CommandError(f"--location {uri} does not name a backup directory", EXIT_USAGE)
+    # The layout's last three levels are the directory; what is above them, the storage's prefix.
+    prefix, directory = "/".join(parts[:-3]), "/".join(parts[-3:]) + "/"
+    if bucket:
+        storage = {"s3": {"bucket": bucket, **({"prefix": prefix} if prefix else {}), **s3}}
+    else:
+        storage = {"pvc": {"claimName": claim, **({"subPath": prefix} if prefix else {})}}
+    return RestoreLocation(storage, directory, parts[-2] if len(parts) >= 3 else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    spec: dict[str, Any]  # spec.source
+    describe: str
+    base_name: str  # of the IdmRestore's default name
+    target: Mapping[str, Any] | None  # the spec.target to start from: the backup's own
+    host: str | None  # the FQDN the backup was taken on, if known: what --confirm must say
+
+
+_LOCATION_OPTIONS = (
+    ("--s3-endpoint", "s3_endpoint"),
+    ("--s3-addressing", "s3_addressing"),
+    ("--s3-region", "s3_region"),
+    ("--s3-credentials-secret", "s3_credentials_secret"),
+    ("--s3-ca-secret", "s3_ca_secret"),
+)
+
+
+def _location_s3(args: argparse.Namespace) -> dict[str, Any]:
+    s3: dict[str, Any] = {}
+    if args.s3_endpoint:
+        s3["endpoint"] = args.s3_endpoint
+    if args.s3_addressing != "default" or args.s3_endpoint:
+        # As everywhere in this command line: path style with an explicit endpoint, unless told otherwise.
+        s3["forcePathStyle"] = args.s3_addressing != "virtual"
+    if args.s3_region:
+        s3["region"] = args.s3_region
+    if args.s3_credentials_secret:
+        s3["credentialsSecretRef"] = {"name": args.s3_credentials_secret}
+    if args.s3_ca_secret:
+        s3["caSecretRef"] = {"name": args.s3_ca_secret}
+    return s3
+
+
+def _check_restore_what(args: argparse.Namespace) -> None:
+    """One source, and storage options only for a location: said before anything is read."""
+    given = [flag for flag, value in (("BACKUP", args.backup), ("--schedule", args.schedule)) if value]
+    given += ["--location"] if args.location else []
+    if len(given) != 1:
+        raise CommandError(
+            "restore what? Give one of BACKUP (an IdmBackup's name), --schedule NAME or --location URI"
+            + (f", not {' and '.join(given)}" if given else ""),
+            EXIT_USAGE,
+        )
+    if not args.location:
+        extra = [flag for flag, dest in _LOCATION_OPTIONS if getattr(args, dest) not in (None, "default")]
+        if extra:
+            raise CommandError(
+                f"{', '.join(extra)}: only with --location (a backup is read from its own storage)",
+                EXIT_USAGE,
+            )
+
+
+def _restore_source(args: argparse.Namespace, custom: Any, namespace: str) -> _Source:
+    """What to restore, and what the cluster says of it: the target it was taken of, and its FQDN."""
+    if args.backup:
+        obj = _get(custom, namespace, IDMBACKUPS, args.backup, IDMBACKUP)
+        return _Source(
+            {"backupRef": {"name": args.backup}},
+            f"IdmBackup {args.backup}",
+            args.backup,
+            (obj.get("spec") or {}).get("target"),
+            ((obj.get("status") or {}).get("target") or {}).get("host"),
+        )
+    if args.schedule:
+        schedule = _get(custom, namespace, IDMBACKUPSCHEDULES, args.schedule, IDMBACKUPSCHEDULE)
+        try:
+            latest = IdmBackups(custom).latest_succeeded(namespace, args.schedule)
+        except NotFound:
+            raise CommandError(f"{IDMBACKUPSCHEDULE} {namespace}/{args.schedule} not found") from None
+        except client.ApiException as err:
+            raise CommandError(
+                f"cannot list the IdmBackups of {args.schedule}: {_api_refusal(err)}"
+            ) from None
+        template = ((schedule.get("spec") or {}).get("template") or {}).get("spec") or {}
+        # The server that backup was taken of; the template's, if it has none yet (or the restore, which
+        # picks the latest when it starts, would find one by then).
+        chosen = f", now {latest['metadata']['name']}" if latest else ", none yet"
+        return _Source(
+            {"scheduleRef": {"name": args.schedule}},
+            f"the latest Succeeded backup of IdmBackupSchedule {args.schedule}{chosen}",
+            args.schedule,
+            ((latest or {}).get("spec") or {}).get("target") or template.get("target"),
+            (((latest or {}).get("status") or {}).get("target") or {}).get("host"),
+        )
+    found = restore_location(args.location, pvc_root=args.pvc_root, s3=_location_s3(args))
+    return _Source(
+        {"location": {"storage": found.storage, "directory": found.directory}},
+        args.location,
+        found.directory.rstrip("/").rsplit("/", 1)[-1],
+        None,
+        found.host,
+    )
+
+
+_CHOOSE_POD = ("podName", "podSelector", "host")
+
+
+def _restore_target(args: argparse.Namespace, base: Mapping[str, Any] | None) -> dict[str, Any]:
+    """spec.target: the backup's own, with what the options change; all of it from them for a location."""
+    target = copy.deepcopy(dict(base or {}))
+    if args.pod or args.host:
+        for key in _CHOOSE_POD:
+            target.pop(key, None)
+        target["podName" if args.pod else "host"] = args.pod or args.host
+    if args.container:
+        target["container"] = args.container
+    ldap = dict(target.get("ldap") or {})
+    if args.ldap_url:
+        ldap["url"] = args.ldap_url
+    if args.ldap_password_secret:
+        ldap["passwordSecretRef"] = {"name": args.ldap_password_secret}
+    target["ldap"] = ldap
+    missing = [
+        flag
+        for flag, there in (
+            ("--pod or --host", any(key in target for key in _CHOOSE_POD)),
+            ("--ldap-url", "url" in ldap),
+            ("--ldap-password-secret", "passwordSecretRef" in ldap),
+        )
+        if not there
+    ]
+    if missing:
+        raise CommandError(
+            f"which server to restore into? {', '.join(missing)} needed"
+            + ("" if base else " (there is no IdmBackup to take spec.target from)"),
+            EXIT_USAGE,
+        )
+    return target
+
+
+def _target_text(target: Mapping[str, Any]) -> str:
+    if target.get("podName"):
+        return f"pod {target['podName']}"
+    if target.get("host"):
+        return f"the pod of {target['host']}"
+    return "the pod its podSelector selects"
+
+
+def _restore_spec(args: argparse.Namespace, source: _Source, target: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = {"source": source.spec, "target": target, "confirm": args.confirm}
+    if args.key_secret:
+        spec["decryption"] = {"secretKeySecretRef": {"name": args.key_secret, "key": args.key_secret_key}}
+        if args.passphrase_secret:
+            spec["decryption"]["passphraseSecretRef"] = {"name": args.passphrase_secret}
+    elif args.passphrase_secret or args.key_secret_key != DEFAULT_KEY_SECRET_KEY:
+        raise CommandError("--key-secret-key and --passphrase-secret go with --key-secret", EXIT_USAGE)
+    if args.type:
+        spec["type"] = args.type
+    if args.online:
+        spec["online"] = True
+    if args.backend:
+        spec["backends"] = list(dict.fromkeys(args.backend))
+    if args.allow_version_mismatch:
+        spec["allowVersionMismatch"] = True
+    if args.allow_symlinked_config:
+        spec["allowSymlinkedConfig"] = True
+    return spec
+
+
+def _restore_versions(custom: Any, namespace: str, name: str, deadline: float) -> Iterator[dict[str, Any]]:
+    """The IdmRestore as it is now, then every change to it until the deadline. A watch, not reads now and
+    then: a step may last less than a poll's interval, and each is shown."""
+    while True:
+        obj = _get(custom, namespace, IDMRESTORES, name, IDMRESTORE)
+        yield obj
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        seconds = max(1, int(min(left, WATCH_SECONDS)))
+        try:
+            for event in watch.Watch().stream(
+                custom.list_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                namespace,
+                IDMRESTORES,
+                field_selector=f"metadata.name={name}",
+                resource_version=obj["metadata"]["resourceVersion"],
+                timeout_seconds=seconds,
+                _request_timeout=(API_TIMEOUT[0], seconds + API_TIMEOUT[1]),
+            ):
+                if event["type"] == "DELETED":
+                    raise CommandError(f"IdmRestore {namespace}/{name} was deleted before it finished")
+                if event["type"] in ("ADDED", "MODIFIED"):
+                    yield event["object"]
+        except client.ApiException as err:
+            if err.status != 410:  # 410: the version is too old to watch from; read it again
+                raise CommandError(
+                    f"cannot watch IdmRestore {namespace}/{name}: {_api_refusal(err)}"
+                ) from None
+
+
+def _restore(args: argparse.Namespace) -> int:
+    _check_restore_what(args)
+    namespace = _namespace(args)
+    # A location needs nothing from the cluster until the IdmRestore is created.
+    custom = None if args.location else client.CustomObjectsApi(_api(args))
+    source = _restore_source(args, custom, namespace)
+    target = _restore_target(args, source.target)
+    if not args.confirm:
+        host = target.get("host") or source.host
+        what = host or f"the server it restores into ({_target_text(target)})"
+        typed = f"--confirm {host}" if host else "--confirm with that server's FQDN"
+        raise CommandError(
+            f"a restore overwrites the live directory of {what}: if that is what you want, add {typed}",
+            EXIT_USAGE,
+        )
+    custom = custom or client.CustomObjectsApi(_api(args))
+    now = datetime.datetime.now(datetime.UTC)
+    name = args.name or restore_name(source.base_name, now)
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": IDMRESTORE,
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": _restore_spec(args, source, target),
+    }
+    try:
+        created = custom.create_namespaced_custom_object(
+            GROUP, VERSION, namespace, IDMRESTORES, body, _request_timeout=API_TIMEOUT
+        )
+    except client.ApiException as err:
+        if err.status == 409:
+            again = "choose another --name" if args.name else "try again in a second"
+            raise CommandError(f"IdmRestore {namespace}/{name} exists already: {again}") from None
+        raise CommandError(f"IdmRestore {namespace}/{name} refused: {_api_refusal(err)}") from None
+    stream = progress_stream(args.output)
+    if stream is not None:
+        print(
+            clean(f"idmrestore {namespace}/{name} created: {source.describe} into {_target_text(target)}"),
+            file=stream,
+            flush=True,
+        )
+    obj: dict[str, Any] = created
+    if args.wait:
+        obj = _follow_restore(custom, namespace, name, args.timeout, stream)
+    document = restore_document(obj)
+    if args.output in ("json", "yaml"):
+        emit_document(document, args.output)
+    elif args.wait:
+        print("\n".join(restore_text(document)), flush=True)
+    if not args.wait:
+        return EXIT_OK
+    return EXIT_OK if document["phase"] == Phase.SUCCEEDED else EXIT_BROKEN
+
+
+def _follow_restore(custom: Any, namespace: str, name: str, timeout: float, stream: Any) -> dict[str, Any]:
+    """Each new step as a line (live on a terminal), until the restore finished; the IdmRestore then."""
+    with Progress(stream) as progress:
+        try:
+            for obj in _restore_versions(custom, namespace, name, time.monotonic() + timeout):
+                status = obj.get("status") or {}
+                if is_finished(status.get("phase")):
+                    return obj
+                progress.step(_step_line(status))
+                progress.tick()
+        except KeyboardInterrupt:
+            raise CommandError(
+                f"interrupted; IdmRestore {namespace}/{name} goes on (deleting it stops it: kubectl delete "
+                f"idmrestore {name} -n {namespace})",
+                EXIT_INTERRUPTED,
+            ) from None
+    raise CommandError(
+        f"IdmRestore {namespace}/{name} did not finish within {timeout:g}s; it goes on: "
+        f"kubectl describe idmrestore {name} -n {namespace}"
+    )
 
 
 # -- list -----------------------------------------------------------------------------------------------
@@ -1036,6 +1371,149 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--passphrase-file", help="a file holding the private key's passphrase")
     _add_storage_options(check)
     check.set_defaults(func=_verify)
+
+    restore = _command(
+        sub,
+        "restore",
+        "restore a backup into a FreeIPA server: create an IdmRestore and follow it",
+        """\
+  # a server from its own backup (the IdmBackup's spec.target), followed step by step
+  idm-backup-operator restore nightly-202611260200 -n identity --key-secret restore-key \\
+      --confirm ipa-hidden.example.test
+  # the latest Succeeded backup of a schedule; only userRoot, while IPA keeps running
+  idm-backup-operator restore --schedule nightly -n identity --key-secret restore-key \\
+      --backend userRoot --online --confirm ipa-hidden.example.test
+  # from the bucket alone (the IdmBackup is gone): where it is, with which Secret, into which server
+  idm-backup-operator restore -n identity --key-secret restore-key \\
+      --location s3://idm-backups/prod/identity/ipa-hidden.example.test/ipa-data-2026-11-26-02-00-03/ \\
+      --s3-endpoint https://s3.example.com --s3-credentials-secret s3-credentials --pod ipa-hidden \\
+      --ldap-url ldaps://ipa-hidden.example.test --ldap-password-secret ipa-dm-password \\
+      --confirm ipa-hidden.example.test
+  # create it and leave it to the operator
+  idm-backup-operator restore nightly-202611260200 -n identity --key-secret restore-key \\
+      --confirm ipa-hidden.example.test --no-wait -o json | jq -r .name""",
+        description="Create an IdmRestore: the operator verifies the archive with the private key (from a\n"
+        "Secret), stages it in the server's pod, runs ipa-restore, checks the restored entries over LDAP,\n"
+        "hides the replica again and lists the other masters to re-initialize. Without --pod or --host the\n"
+        "server is the one the backup was taken of (the IdmBackup's spec.target).\n"
+        "A restore overwrites the server's live directory: --confirm with its FQDN is required.\n"
+        "Each step is printed as it starts (live on a terminal), then how the restore ended.",
+    )
+    what = restore.add_argument_group("what to restore (one of)")
+    what.add_argument("backup", nargs="?", metavar="BACKUP", help="an IdmBackup's name: its stored archive")
+    what.add_argument(
+        "--schedule", metavar="NAME", help="an IdmBackupSchedule: its latest Succeeded backup, when it starts"
+    )
+    what.add_argument(
+        "--location",
+        metavar="URI",
+        help="a stored backup directory: s3://bucket/prefix/<namespace>/<host>/<directory>/, "
+        "pvc://claim/subPath/<namespace>/<host>/<directory>/, or a path under --pvc-root",
+    )
+    _add_kube_options(restore, "the IdmRestore's namespace, with its backup, Secrets and server")
+    restore.add_argument(
+        "-o",
+        "--output",
+        choices=("text", "json", "yaml"),
+        default="text",
+        help="how to print how it ended: text, or one JSON or YAML document on stdout, with progress on "
+        "stderr if that is a terminal (default: %(default)s)",
+    )
+    key = restore.add_argument_group("decryption")
+    key.add_argument("--key-secret", metavar="NAME", help="the Secret holding the ASCII-armored private key")
+    key.add_argument(
+        "--key-secret-key",
+        metavar="KEY",
+        default=DEFAULT_KEY_SECRET_KEY,
+        help="its key in the Secret (default: %(default)s)",
+    )
+    key.add_argument(
+        "--passphrase-secret", metavar="NAME", help="a Secret holding the key's passphrase (key: passphrase)"
+    )
+    into = restore.add_argument_group("the server to restore into (default: the backup's spec.target)")
+    pod = into.add_mutually_exclusive_group()
+    pod.add_argument("--pod", metavar="NAME", help="the FreeIPA server's pod")
+    pod.add_argument(
+        "--host", metavar="FQDN", help="the server's FQDN: the pod whose IPA_SERVER_HOSTNAME it is"
+    )
+    into.add_argument(
+        "--container", metavar="NAME", help="the container that runs FreeIPA (default: the pod's first)"
+    )
+    into.add_argument("--ldap-url", metavar="URL", help="its LDAP URL, e.g. ldaps://ipa-hidden.example.test")
+    into.add_argument(
+        "--ldap-password-secret", metavar="NAME", help="the Secret with the Directory Manager's password"
+    )
+    into.add_argument(
+        "--confirm",
+        metavar="FQDN",
+        help="the server's FQDN, typed out: its live directory is overwritten (required)",
+    )
+    how = restore.add_argument_group("how")
+    how.add_argument(
+        "--type",
+        choices=("Data", "Full"),
+        help="Data: LDAP data only; Full: configuration files too, every IPA service stopped (default: Data)",
+    )
+    how.add_argument("--online", action="store_true", help="Data only: restore while IPA keeps running")
+    how.add_argument(
+        "--backend",
+        action="append",
+        choices=("userRoot", "ipaca"),
+        help="Data only: restore this backend (repeatable; default: every backend in the archive)",
+    )
+    how.add_argument(
+        "--allow-version-mismatch",
+        action="store_true",
+        help="restore even if the archive's FreeIPA version differs from the server's",
+    )
+    how.add_argument(
+        "--allow-symlinked-config",
+        action="store_true",
+        help="allow a Full restore into a pod whose /etc/ipa is a symlink (freeipa-container)",
+    )
+    how.add_argument(
+        "--name", help="the IdmRestore's name (default: <backup, schedule or directory>-restore-<UTC time>)"
+    )
+    how.add_argument(
+        "--wait",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="follow the restore until it finished and print how; exit 1 if it failed (default: wait)",
+    )
+    how.add_argument(
+        "--timeout",
+        type=float,
+        default=7200,
+        metavar="SECONDS",
+        help="give up waiting after this many seconds (exit 3); the restore goes on (default: %(default)g)",
+    )
+    located = restore.add_argument_group("storage, for --location (the operator reads it, not this command)")
+    located.add_argument(
+        "--s3-endpoint", metavar="URL", help="S3 endpoint URL as the operator reaches it (default: AWS)"
+    )
+    located.add_argument(
+        "--s3-addressing",
+        choices=("default", "path", "virtual"),
+        default="default",
+        help="S3 addressing style (default: path with an endpoint, else virtual)",
+    )
+    located.add_argument("--s3-region", metavar="REGION", help="the bucket's region (default: us-east-1)")
+    located.add_argument(
+        "--s3-credentials-secret",
+        metavar="NAME",
+        help="the Secret with the access key (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY); default: the "
+        "operator's own identity, if its administrator allowed that",
+    )
+    located.add_argument(
+        "--s3-ca-secret", metavar="NAME", help="a Secret with the endpoint's CA (key ca.crt)"
+    )
+    located.add_argument(
+        "--pvc-root",
+        metavar="DIR",
+        default=os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT),
+        help="where the operator mounts PVCs, for a --location path (default: %(default)s)",
+    )
+    restore.set_defaults(func=_restore)
 
     completion = _command(
         sub,

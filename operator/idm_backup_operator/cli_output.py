@@ -24,7 +24,13 @@ import rich.markup
 import rich.progress
 import yaml
 
-from idm_backup_operator.api.names import IDMBACKUP, IDMBACKUPSCHEDULE, MANUAL_ANNOTATION, SCHEDULE_LABEL
+from idm_backup_operator.api.names import (
+    IDMBACKUP,
+    IDMBACKUPSCHEDULE,
+    IDMRESTORE,
+    MANUAL_ANNOTATION,
+    SCHEDULE_LABEL,
+)
 from idm_backup_operator.api.phase import Phase
 from idm_backup_operator.archive import verify
 from idm_backup_operator.streams import human_size
@@ -219,7 +225,7 @@ class Progress:
 def progress_stream(fmt: str) -> TextIO | None:
     """Progress goes with the human output on stdout; with -o json|yaml stdout holds only the document,
     and progress goes to stderr if that is a terminal."""
-    if fmt in ("table", "wide"):
+    if fmt not in ("json", "yaml"):
         return sys.stdout
     return sys.stderr if sys.stderr.isatty() else None
 
@@ -547,6 +553,135 @@ def verdict_document(verdict: verify.Verdict) -> dict[str, Any]:
         "plaintextSizeBytes": (archive.get("plaintext") or {}).get("size"),
         "recipients": list((archive.get("encryption") or {}).get("recipients") or []),
     }
+
+
+def restore_document(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """An IdmRestore as `restore -o json` prints it: the same keys whatever its status holds."""
+    meta, spec, status = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
+    source, target = status.get("source") or {}, status.get("target") or {}
+    ran, check = status.get("ipaRestore") or {}, status.get("check") or {}
+    return {
+        "kind": IDMRESTORE,
+        "namespace": meta["namespace"],
+        "name": meta["name"],
+        "uid": meta.get("uid"),
+        "createdAt": meta.get("creationTimestamp"),
+        "mode": spec.get("mode") or "InPlace",
+        "type": spec.get("type") or "Data",
+        "online": bool(spec.get("online")),
+        "confirm": spec.get("confirm"),
+        "phase": status.get("phase") or Phase.PENDING.value,
+        "step": status.get("step"),
+        "reason": status.get("reason"),
+        "message": status.get("message"),
+        "startTime": status.get("startTime"),
+        "completionTime": status.get("completionTime"),
+        "durationSeconds": status.get("durationSeconds"),
+        "source": {
+            "requested": _requested(spec.get("source") or {}),
+            "uri": source.get("uri"),
+            "backup": source.get("backup"),
+            "sha256": source.get("sha256"),
+            "header": dict(source.get("header") or {}),
+        },
+        "target": {k: target.get(k) for k in ("pod", "container", "host")},
+        "ipaRestore": {
+            "command": list(ran.get("command") or []),
+            "exitCode": ran.get("exitCode"),
+            "warnings": list(ran.get("warnings") or []),
+            "critical": list(ran.get("critical") or []),
+        },
+        "check": {
+            "entries": [
+                {k: e.get(k) for k in ("backend", "expected", "found")} for e in check.get("entries") or []
+            ],
+            "wellKnown": list(check.get("wellKnown") or []),
+        },
+        "replication": [
+            {
+                "host": m.get("host"),
+                "ca": bool(m.get("ca")),
+                "agreementsDisabled": m.get("agreementsDisabled"),
+                "commands": list(m.get("commands") or []),
+            }
+            for m in status.get("replication") or []
+        ],
+        "conditions": condition_list(status),
+    }
+
+
+def _requested(source: Mapping[str, Any]) -> str | None:
+    """spec.source in words: what was asked for, before the operator found it."""
+    if source.get("backupRef"):
+        return f"IdmBackup {source['backupRef'].get('name')}"
+    if source.get("scheduleRef"):
+        return f"the latest Succeeded backup of IdmBackupSchedule {source['scheduleRef'].get('name')}"
+    location = source.get("location") or {}
+    storage = location.get("storage") or {}
+    if "s3" in storage:
+        s3 = storage["s3"]
+        prefix = f"{s3['prefix'].strip('/')}/" if s3.get("prefix") else ""
+        return f"s3://{s3.get('bucket')}/{prefix}{location.get('directory') or ''}"
+    if "pvc" in storage:
+        pvc = storage["pvc"]
+        sub = f"{pvc['subPath'].strip('/')}/" if pvc.get("subPath") else ""
+        return f"pvc://{pvc.get('claimName')}/{sub}{location.get('directory') or ''}"
+    return None
+
+
+def restore_text(d: Mapping[str, Any]) -> list[str]:
+    """How a restore ended, for people: what was restored into which server, what ipa-restore said, what
+    the check over LDAP found, and what the other masters need now."""
+    source, target, ran = d["source"], d["target"], d["ipaRestore"]
+    header = source["header"]
+    if source["uri"]:
+        restored_from = source["uri"] + (f" (IdmBackup {source['backup']})" if source["backup"] else "")
+    else:  # the restore failed before it found the archive: what was asked for
+        restored_from = f"{source['requested']} (not read)" if source["requested"] else ""
+    if header.get("host"):
+        restored_from += (
+            f"\n{header.get('type') or '?'} backup of {header['host']}, taken {header.get('time')}"
+        )
+        restored_from += f", FreeIPA {header['ipaVersion']}" if header.get("ipaVersion") else ""
+    server = target["host"] or ""
+    if target["pod"]:
+        server += f" (pod {target['pod']})" if server else f"pod {target['pod']}"
+    command = " ".join(ran["command"])
+    if ran["exitCode"] is not None:
+        ipa_restore = f"exit code {ran['exitCode']}: {command}"
+    else:
+        ipa_restore = f"{command}: no exit code recorded" if command else "not run"
+    ipa_restore += "".join(f"\ncritical: {line}" for line in ran["critical"])
+    ipa_restore += "".join(f"\nwarning: {line}" for line in ran["warnings"])
+    entries = "\n".join(
+        f"{e['backend']}: {e['expected']} in the archive, {e['found']} found"
+        + ("" if e["expected"] == e["found"] else "  MISMATCH")
+        for e in d["check"]["entries"]
+    )
+    plan = []
+    for master in d["replication"]:
+        what = ["CA master"] if master["ca"] else []
+        what += ["its agreements are not disabled"] if master["agreementsDisabled"] is False else []
+        plan.append(f"{master['host']}" + (f" ({', '.join(what)})" if what else "") + ":")
+        plan += [f"  {command}" for command in master["commands"]]
+    if plan:
+        plan.insert(0, f"re-initialize every other master from {target['host'] or 'it'}, in this order:")
+    elif d["phase"] == Phase.SUCCEEDED:
+        plan = ["no other master to re-initialize"]
+    took = [("Took", short_duration(d["durationSeconds"]))] if d["durationSeconds"] is not None else []
+    return render_fields(
+        [
+            ("Phase", d["phase"]),
+            ("Reason", d["reason"]),
+            ("Message", d["message"]),
+            ("Source", restored_from),
+            ("Target", server),
+            ("ipa-restore", ipa_restore),
+            ("Entries checked", entries),
+            ("Replication", "\n".join(plan)),
+            *took,
+        ]
+    )
 
 
 # -- completion -----------------------------------------------------------------------------------------
