@@ -24,6 +24,7 @@ import json
 import socket
 import ssl
 import subprocess
+import types
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,9 +38,12 @@ from cryptography.hazmat.primitives import serialization
 from kubernetes import client
 
 from idm_backup_operator.api.names import SCHEDULE_LABEL
+from idm_backup_operator.idmrestore import validation as restore_validation
 from idm_backup_operator.kube import webhookcert
+from idm_backup_operator.kube.backups import NotFound
 from testbed import freeipa_pod, pki, processes, stack
 from testbed.deploy import OperatorProcess
+from testbed.gpgkeys import ExportedKey
 from tests.helpers import (
     GROUP,
     KEY_SECRET,
@@ -440,19 +444,21 @@ def _as(api: client.ApiClient, user: str) -> client.ApiClient:
 
 
 def _authors_may(
-    api: client.ApiClient, namespace: str, as_user: client.ApiClient, secrets: list[str]
+    api: client.ApiClient,
+    namespace: str,
+    as_user: client.ApiClient,
+    secrets: list[str],
+    resources: tuple[str, ...] = (PLURAL, SCHEDULES),
+    verbs: tuple[str, ...] = ("create", "get", "list", "patch", "update"),
 ) -> None:
-    """Bind AUTHORS, as a group (the webhook must pass groups on), to what a backup author needs and `get`
-    on `secrets` (every Secret if empty); wait until the API server's authorizer knows it."""
+    """Bind AUTHORS, as a group (the webhook must pass groups on), to what a backup author needs (or
+    `verbs` on `resources`) and `get` on `secrets` (every Secret if empty); wait until the API server's
+    authorizer knows it."""
     secret_rule: dict[str, Any] = {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}
     if secrets:
         secret_rule["resourceNames"] = secrets
     rules = [
-        {
-            "apiGroups": [GROUP],
-            "resources": [PLURAL, SCHEDULES],
-            "verbs": ["create", "get", "list", "patch", "update"],
-        },
+        {"apiGroups": [GROUP], "resources": list(resources), "verbs": list(verbs)},
         secret_rule,
     ]
     rbac = client.RbacAuthorizationV1Api(api)
@@ -643,6 +649,413 @@ def test_a_refusal_does_not_list_the_keys_a_secret_has(
     assert "dm-password-2026-prod" not in body and "ca-of-the-hr-directory" not in body
 
 
+# -- IdmRestores: reviewed on creation, with the Secrets they read checked as a backup's are ---------------
+
+RESTORES = "idmrestores"
+RESTORE_KEY = "restore-private-key"
+HOST = "ipa-hidden.example.test"
+
+
+def _restore_spec(platform: stack.Platform, source: dict[str, Any], **spec: Any) -> dict[str, Any]:
+    """A Data restore into the stand-in's ipa-hidden, decrypted with RESTORE_KEY."""
+    return {
+        "source": source,
+        "decryption": {"secretKeySecretRef": {"name": RESTORE_KEY}},
+        "target": backup_spec(platform, {})["target"],
+        "confirm": HOST,
+        **spec,
+    }
+
+
+def _location(platform: stack.Platform, prefix: str) -> dict[str, Any]:
+    return {
+        "location": {
+            "storage": s3_storage(platform, f"admission/{prefix}"),
+            "directory": f"freeipa/{HOST}/ipa-data-2026-11-28-02-00-00/",
+        }
+    }
+
+
+def _create_restore(
+    as_user: client.ApiClient, namespace: str, name: str, spec: dict[str, Any], *, dry_run: bool = True
+) -> Any:
+    """Through every admission step, the webhook included; with dry_run (the default) nothing is stored,
+    so the operator never restores anything into the stand-in."""
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "IdmRestore",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+    return client.CustomObjectsApi(as_user).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, RESTORES, body, **({"dry_run": "All"} if dry_run else {})
+    )
+
+
+def _refused_restore(create: Callable[[], Any]) -> str:
+    """The refusal's message, as kubectl prints it (the body's JSON escapes '<' and '>')."""
+    return str(json.loads(_refused(create))["message"])
+
+
+def _key_secret(name: str, material: bytes, key: str = "private.asc") -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name},
+        "data": {key: base64.b64encode(material).decode()},
+    }
+
+
+def test_a_restore_without_a_usable_private_key_is_refused(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    webhook: OperatorProcess,
+    secrets: None,
+    backup_key: ExportedKey,
+) -> None:
+    """The public half, which every backup's namespace holds, is the usual mistake: it is named as such."""
+    apply(
+        api,
+        namespace,
+        _key_secret("public-half", backup_key.armored),
+        _key_secret("not-a-key", b"-----BEGIN PGP PRIVATE KEY BLOCK-----\n\ngarbage\n"),
+    )
+    spec = _restore_spec(platform, _location(platform, "restore-key"))
+    missing = _refused_restore(lambda: _create_restore(api, namespace, "missing", spec, dry_run=False))
+    # No FreeIPA here: its pod and Directory Manager password are missing too.
+    assert "IdmRestore missing refused (3 problems): " in missing
+    assert f"spec.target: target pod {namespace}/ipa-hidden not found" in missing
+    dm = freeipa_pod.DM_PASSWORD_SECRET
+    assert f"spec.target.ldap.passwordSecretRef: Secret {namespace}/{dm} not found" in missing
+    assert f"spec.decryption.secretKeySecretRef: Secret {namespace}/{RESTORE_KEY} not found" in missing
+
+    spec["decryption"] = {
+        "secretKeySecretRef": {"name": "public-half"},
+        "passphraseSecretRef": {"name": "public-half"},
+    }
+    public = _refused_restore(lambda: _create_restore(api, namespace, "public", spec, dry_run=False))
+    assert "IdmRestore public refused (4 problems): " in public
+    assert (
+        f"spec.decryption.secretKeySecretRef: Secret {namespace}/public-half key 'private.asc' holds only a "
+        "public key: decrypting the archive needs the private key (gpg --armor --export-secret-keys "
+        "<fingerprint>)"
+    ) in public
+    assert (
+        f"spec.decryption.passphraseSecretRef: Secret {namespace}/public-half has no key 'passphrase'"
+        in public
+    )
+
+    spec["decryption"] = {"secretKeySecretRef": {"name": "not-a-key"}}
+    garbage = _refused_restore(lambda: _create_restore(api, namespace, "garbage", spec, dry_run=False))
+    assert (
+        f"spec.decryption.secretKeySecretRef: Secret {namespace}/not-a-key key 'private.asc' holds no "
+        "OpenPGP key" in garbage
+    )
+    for name in ("missing", "public", "garbage"):
+        with pytest.raises(client.ApiException) as lookup:
+            client.CustomObjectsApi(api).get_namespaced_custom_object(
+                GROUP, VERSION, namespace, RESTORES, name
+            )
+        assert lookup.value.status == 404  # refused means never stored
+
+
+def test_a_restore_may_use_only_the_secrets_its_creator_may_read(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    webhook: OperatorProcess,
+    secrets: None,
+    freeipa: Any,
+    backup_key: ExportedKey,
+) -> None:
+    """bob may create IdmRestores, nothing else, and read the DM password and the private key. A restore
+    reads its archive with the storage's Secrets on his behalf: a location's, or for a backupRef the
+    IdmBackup's own. Those he may not read refuse it, named, without saying whether they exist; once he
+    may, the same restores are admitted. The operator's own requests are not asked about."""
+    freeipa()
+    apply(api, namespace, _key_secret(RESTORE_KEY, backup_key.secret))
+    create_backup(api, namespace, "nightly", _spec(platform, "restore-source"))
+    backup = wait_finished(api, namespace, "nightly", webhook)
+    assert backup["status"]["phase"] == "Succeeded", backup["status"]
+
+    bob = _as(api, "bob")
+    readable = [freeipa_pod.DM_PASSWORD_SECRET, RESTORE_KEY]
+    _authors_may(api, namespace, bob, readable, resources=(RESTORES,), verbs=("create",))
+    location = _restore_spec(platform, _location(platform, "restore-source"))
+    location["target"]["ldap"]["caSecretRef"] = {"name": "no-such-ca"}
+    body = _refused_restore(lambda: _create_restore(bob, namespace, "from-bucket", location))
+    assert "IdmRestore from-bucket refused (2 problems): " in body
+    for field, secret in (
+        ("spec.target.ldap.caSecretRef", "no-such-ca"),
+        ("spec.source.location.storage.s3.credentialsSecretRef", S3_SECRET),
+    ):
+        assert (
+            f"{field}: bob may not read Secret {namespace}/{secret}, so no restore they create may use it "
+            "(RBAC: get on secrets)"
+        ) in body
+    assert "not found" not in body
+
+    by_name = _restore_spec(platform, {"backupRef": {"name": "nightly"}})
+    message = (
+        f"spec.source.backupRef: IdmBackup nightly's spec.storage.s3.credentialsSecretRef: bob may not read "
+        f"Secret {namespace}/{S3_SECRET}, so no restore they create may use it (RBAC: get on secrets)"
+    )
+    assert f"IdmRestore back refused (1 problem): {message}" in _refused(
+        lambda: _create_restore(bob, namespace, "back", by_name)
+    )
+    # The operator's own identity (the admin, here) is not asked about: the same restore is admitted.
+    assert _create_restore(api, namespace, "back", by_name)["spec"]["source"] == {
+        "backupRef": {"name": "nightly"}
+    }
+
+    _authors_may(api, namespace, bob, [*readable, S3_SECRET], resources=(RESTORES,), verbs=("create",))
+    admitted = _create_restore(bob, namespace, "back", by_name)
+    assert admitted["spec"]["confirm"] == HOST
+    del location["target"]["ldap"]["caSecretRef"]
+    assert _create_restore(bob, namespace, "from-bucket", location)["metadata"]["name"] == "from-bucket"
+    # What the backup's status says about its archive is held against the restore.
+    elsewhere = {**by_name, "confirm": "ipa.example.test"}
+    assert (
+        f"IdmRestore elsewhere refused (1 problem): spec.confirm: IdmBackup {namespace}/nightly is a backup "
+        f"of {HOST}, and ipa-restore restores only a server's own backup: confirm (the target's FQDN) must "
+        f"be '{HOST}'"
+    ) in _refused_restore(lambda: _create_restore(bob, namespace, "elsewhere", elsewhere))
+    missing = _restore_spec(platform, {"backupRef": {"name": "weekly"}})
+    assert (
+        "IdmRestore nothing refused (1 problem): spec.source.backupRef: IdmBackup "
+        f"{namespace}/weekly not found"
+    ) in _refused_restore(lambda: _create_restore(bob, namespace, "nothing", missing))
+
+
+# -- restore_findings by itself, against fakes of the API: the source's states, without a platform -----
+
+
+class _FakeCore:
+    def __init__(self, secrets: dict[str, dict[str, bytes]]) -> None:
+        self.secrets = secrets
+        self.read: list[str] = []
+
+    def read_namespaced_secret(self, name: str, namespace: str, **_: Any) -> Any:
+        self.read.append(name)
+        if name not in self.secrets:
+            raise client.ApiException(status=404, reason="Not Found")
+        return types.SimpleNamespace(
+            data={k: base64.b64encode(v).decode() for k, v in self.secrets[name].items()}
+        )
+
+    def read_namespaced_pod(self, name: str, namespace: str, **_: Any) -> Any:
+        ready = types.SimpleNamespace(type="Ready", status="True")
+        return types.SimpleNamespace(
+            metadata=types.SimpleNamespace(name=name, deletion_timestamp=None),
+            status=types.SimpleNamespace(phase="Running", conditions=[ready]),
+            spec=types.SimpleNamespace(containers=[types.SimpleNamespace(name="freeipa")]),
+        )
+
+
+class _FakeAuthorization:
+    def __init__(self, readable: set[str]) -> None:
+        self.readable = readable
+        self.asked: list[str] = []
+
+    def create_subject_access_review(self, review: Any, **_: Any) -> Any:
+        name = review.spec.resource_attributes.name
+        self.asked.append(name)
+        return types.SimpleNamespace(status=types.SimpleNamespace(allowed=name in self.readable))
+
+
+class _FakeBackups:
+    def __init__(self, backups: dict[str, dict[str, Any]], schedules: dict[str, str | None]) -> None:
+        self.backups, self.schedules = backups, schedules
+
+    def get(self, namespace: str, name: str) -> dict[str, Any]:
+        if name not in self.backups:
+            raise NotFound(name)
+        return self.backups[name]
+
+    def latest_succeeded(self, namespace: str, schedule_name: str) -> dict[str, Any] | None:
+        if schedule_name not in self.schedules:
+            raise NotFound(schedule_name)
+        latest = self.schedules[schedule_name]
+        return None if latest is None else self.backups[latest]
+
+
+def _stored_backup(name: str, phase: str, s3_secret: str, **status: Any) -> dict[str, Any]:
+    spec = {
+        "type": "Data",
+        "target": {
+            "podName": "ipa-hidden",
+            "ldap": {"url": "ldaps://ipa", "passwordSecretRef": {"name": "dm"}},
+        },
+        "encryption": {"publicKeysSecretRef": {"name": "keys"}},
+        "storage": {"s3": {"bucket": "backups", "credentialsSecretRef": {"name": s3_secret}}},
+    }
+    return {
+        "metadata": {"namespace": "ns", "name": name, "uid": f"uid-{name}"},
+        "spec": spec,
+        "status": {"phase": phase, **status},
+    }
+
+
+def test_restore_findings_check_the_source_the_key_and_who_may_read_what(
+    backup_key: ExportedKey, tmp_path: Path
+) -> None:
+    directory = f"ns/{HOST}/ipa-data-2026-11-28-02-00-00"
+    archive = {
+        "name": f"{HOST}/ipa-data-2026-11-28-02-00-00",
+        "uri": f"s3://backups/{directory}/ipa-data.tar.gpg",
+        "encrypted": True,
+        "recipients": [backup_key.fingerprint],
+    }
+    header = {"type": "DATA", "host": HOST}
+    where_stored = {
+        "target": {"host": HOST},
+        "ipaBackup": {"directory": "/var/lib/ipa/backup/ipa-data-2026-11-28-02-00-00"},
+    }
+    stored_ok = _stored_backup("ok", "Succeeded", "s3", archive=archive, header=header, **where_stored)
+    other = {**archive, "recipients": ["0" * 40]}
+    backups = _FakeBackups(
+        {
+            "ok": stored_ok,
+            "running": _stored_backup("running", "Running", "s3"),
+            "failed": _stored_backup("failed", "Failed", "s3"),
+            "other-key": _stored_backup(
+                "other-key", "Succeeded", "s3", archive=other, header=header, **where_stored
+            ),
+            "team-b": _stored_backup(
+                "team-b", "Succeeded", "s3-team-b", archive=archive, header=header, **where_stored
+            ),
+        },
+        {"nightly": "ok", "new": None},
+    )
+    core = _FakeCore(
+        {
+            "dm": {"password": b"secret"},
+            "key": {"private.asc": backup_key.secret},
+            "public": {"private.asc": backup_key.armored},
+            "s3": {"AWS_ACCESS_KEY_ID": b"id", "AWS_SECRET_ACCESS_KEY": b"key"},
+            "s3-team-b": {"AWS_ACCESS_KEY_ID": b"b", "AWS_SECRET_ACCESS_KEY": b"b-key"},
+        }
+    )
+    auth = _FakeAuthorization({"dm", "key", "public", "s3"})
+    where = restore_validation.ReferenceScope(core, "ns", tmp_path, False, authorization=auth)  # type: ignore[arg-type]
+    alice = restore_validation.Requester("alice")
+
+    def findings(source: dict[str, Any], key: str = "key", **spec: Any) -> restore_validation.Findings:
+        raw = {
+            "source": source,
+            "decryption": {"secretKeySecretRef": {"name": key}},
+            "target": {
+                "podName": "ipa-hidden",
+                "ldap": {"url": "ldaps://ipa", "passwordSecretRef": {"name": "dm"}},
+            },
+            "confirm": HOST,
+            **spec,
+        }
+        return restore_validation.restore_findings(raw, where, requester=alice, backups=backups)
+
+    ok = findings({"backupRef": {"name": "ok"}})
+    assert (ok.errors, ok.warnings) == ([], [])
+    assert sorted(set(auth.asked)) == ["dm", "key", "s3"]
+    assert findings({"scheduleRef": {"name": "nightly"}}).errors == []
+    running = findings({"backupRef": {"name": "running"}})
+    assert running.errors == []
+    assert running.warnings == [
+        "spec.source.backupRef: IdmBackup ns/running is Running, not Succeeded: the restore fails "
+        "(SourceNotSucceeded) unless the backup has Succeeded when the restore starts"
+    ]
+    assert findings({"backupRef": {"name": "failed"}}).errors == [
+        "spec.source.backupRef: IdmBackup ns/failed Failed: only a Succeeded backup can be restored"
+    ]
+    assert findings({"backupRef": {"name": "gone"}}).errors == [
+        "spec.source.backupRef: IdmBackup ns/gone not found"
+    ]
+    assert findings({"scheduleRef": {"name": "weekly"}}).errors == [
+        "spec.source.scheduleRef: IdmBackupSchedule ns/weekly not found"
+    ]
+    new = findings({"scheduleRef": {"name": "new"}})
+    assert (new.errors, new.warnings) == (
+        [],
+        [
+            "spec.source.scheduleRef: IdmBackupSchedule ns/new has no Succeeded backup yet: the restore "
+            "fails (SourceNotFound) unless one has Succeeded when it starts"
+        ],
+    )
+    assert findings({"backupRef": {"name": "ok"}}, type="Full").errors == [
+        "spec.type: a Full restore needs a FULL backup; IdmBackup ns/ok is DATA"
+    ]
+    assert findings({"backupRef": {"name": "other-key"}}).errors == [
+        "spec.decryption.secretKeySecretRef: Secret ns/key key 'private.asc' holds none of the keys "
+        f"IdmBackup ns/other-key is encrypted to (recipients: {'0' * 40}): it cannot decrypt the archive"
+    ]
+    assert findings({"backupRef": {"name": "ok"}}, key="public").errors == [
+        "spec.decryption.secretKeySecretRef: Secret ns/public key 'private.asc' holds only a public key: "
+        "decrypting the archive needs the private key (gpg --armor --export-secret-keys <fingerprint>)"
+    ]
+    # The backup's own storage Secret: alice may not read team B's, which is therefore not even read.
+    core.read.clear()
+    assert findings({"backupRef": {"name": "team-b"}}).errors == [
+        "spec.source.backupRef: IdmBackup team-b's spec.storage.s3.credentialsSecretRef: alice may not read "
+        "Secret ns/s3-team-b, so no restore they create may use it (RBAC: get on secrets)"
+    ]
+    assert "s3-team-b" not in core.read
+    location = {
+        "location": {
+            "storage": {
+                "s3": {"bucket": "backups", "prefix": "../up", "credentialsSecretRef": {"name": "s3-team-b"}}
+            },
+            "directory": f"{directory}/",
+        }
+    }
+    assert findings(location).errors == [
+        "spec.source.location.storage.s3.prefix: invalid prefix '../up': it must be a relative path without "
+        "'.' or '..'",
+        "spec.source.location.storage.s3.credentialsSecretRef: alice may not read Secret ns/s3-team-b, so no "
+        "restore they create may use it (RBAC: get on secrets)",
+    ]
+    # A drill's scratch pod is created by the operator: a Secret its template names must be readable too.
+    drill = restore_validation.restore_findings(
+        {
+            "mode": "Drill",
+            "source": {"backupRef": {"name": "ok"}},
+            "decryption": {"secretKeySecretRef": {"name": "key"}},
+            "drill": {
+                "podTemplate": {
+                    "spec": {"containers": [{"name": "ipa", "envFrom": [{"secretRef": {"name": "admin"}}]}]}
+                },
+                "ldap": {"url": "ldaps://ipa", "passwordSecretRef": {"name": "dm"}},
+            },
+        },
+        where,
+        requester=alice,
+        backups=backups,
+    )
+    assert drill.errors == [
+        "spec.drill.podTemplate: alice may not read Secret ns/admin, so no restore they create may use it "
+        "(RBAC: get on secrets)"
+    ]
+    # Without a requester (the operator's own request) nobody is asked about; the references still count.
+    auth.asked.clear()
+    own = restore_validation.restore_findings(
+        {
+            "source": {"backupRef": {"name": "team-b"}},
+            "target": {
+                "podName": "ipa-hidden",
+                "ldap": {"url": "ldaps://ipa", "passwordSecretRef": {"name": "dm"}},
+            },
+            "confirm": HOST,
+        },
+        where,
+        requester=None,
+        backups=backups,
+    )
+    assert own.errors == [
+        "spec.decryption: IdmBackup ns/team-b is encrypted: set decryption.secretKeySecretRef to a Secret "
+        "holding the private key of one of its recipients"
+    ]
+    assert auth.asked == []
+
+
 # -- who may call the webhook at all ----------------------------------------------------------------------
 
 
@@ -812,6 +1225,10 @@ def _an_api_server_without_the_certificate_is_refused_too(
 CERT_CHECK_ENV = "IDM_BACKUP_WEBHOOK_CERT_CHECK_SECONDS"  # handlers/startup.py; every minute by default
 
 
+# The chart's configuration has one webhook per kind: IdmBackup, IdmBackupSchedule and IdmRestore.
+WEBHOOKS = 3
+
+
 @dataclasses.dataclass
 class OwnCertificate:
     """The chart's webhook objects in operator mode, applied as a GitOps tool applies them, and the
@@ -961,7 +1378,7 @@ def test_the_operator_makes_its_certificate_and_the_api_server_trusts_it_with_no
     # The chart's keys as rendered; the operator's next to them.
     assert {k: stored[k] for k in chart_data} == chart_data
     assert set(stored) - set(chart_data) == {"ca.crt", "ca.key", "serving.crt", "serving.key"}
-    assert own.ca_bundles(api) == [stored["ca.crt"]] * 2
+    assert own.ca_bundles(api) == [stored["ca.crt"]] * WEBHOOKS
     # What it serves: a certificate of that CA, for the name the API server dials, and the chart's names.
     ca = base64.b64decode(stored["ca.crt"])
     der, peer = _served_certificate(own.port, ca, tmp_path)
@@ -1028,7 +1445,7 @@ def test_replicas_starting_together_agree_on_one_ca_and_what_a_sync_replaces_com
     # As a fresh install: the chart's Secret and configuration as rendered, nothing of the operator's.
     replaced = _kubectl_run(platform, namespace, "replace", "-f", str(own.manifest))
     assert replaced.returncode == 0, replaced.stderr
-    assert "ca.crt" not in own.stored(api) and own.ca_bundles(api) == [None, None]
+    assert "ca.crt" not in own.stored(api) and own.ca_bundles(api) == [None] * WEBHOOKS
     second_port = processes.free_port()
     replicas = [own.start("replica-a"), own.start("replica-b", listen=second_port)]
 
@@ -1047,7 +1464,7 @@ def test_replicas_starting_together_agree_on_one_ca_and_what_a_sync_replaces_com
     made = [r for r in replicas if any("made a new CA" in m for m in _json_messages(r))]
     assert len(made) == 1, [r.output()[-2000:] for r in replicas]
     stored = own.stored(api)
-    wait_for("the caBundle", lambda: own.ca_bundles(api) == [stored["ca.crt"]] * 2, timeout=30)
+    wait_for("the caBundle", lambda: own.ca_bundles(api) == [stored["ca.crt"]] * WEBHOOKS, timeout=30)
     wait_for("the webhook", lambda: "denied the request" in _through_the_api_server(api, namespace, platform))
 
     # A sync that replaces both objects (Argo CD's Replace=true, kubectl replace): the operators put back the
@@ -1055,7 +1472,9 @@ def test_replicas_starting_together_agree_on_one_ca_and_what_a_sync_replaces_com
     replaced = _kubectl_run(platform, namespace, "replace", "-f", str(own.manifest))
     assert replaced.returncode == 0, replaced.stderr
     wait_for("the Secret to be filled in again", lambda: own.stored(api) == stored, timeout=30)
-    wait_for("the caBundle to be back", lambda: own.ca_bundles(api) == [stored["ca.crt"]] * 2, timeout=30)
+    wait_for(
+        "the caBundle to be back", lambda: own.ca_bundles(api) == [stored["ca.crt"]] * WEBHOOKS, timeout=30
+    )
     assert any("wrote the certificate it serves back" in m for r in replicas for m in _json_messages(r))
     wait_for("the webhook", lambda: "denied the request" in _through_the_api_server(api, namespace, platform))
 

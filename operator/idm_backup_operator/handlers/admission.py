@@ -1,7 +1,8 @@
 """The validating admission webhook: refuses, at kubectl apply, what would only fail at backup time.
 
 Registered only when the operator runs with --webhook-port (kopf refuses validation handlers without a
-server). The handler ids are the URL paths: /validate-idmbackup and /validate-idmbackupschedule.
+server). The handler ids are the URL paths: /validate-idmbackup, /validate-idmbackupschedule and
+/validate-idmrestore (CREATE only: an IdmRestore's spec cannot change).
 
 Who asks matters. The operator reads every Secret of a namespace, so the Secrets an object names must be
 readable by whoever set them there (a SubjectAccessReview for the AdmissionReview's userInfo): the
@@ -33,12 +34,16 @@ from idm_backup_operator.api.names import (
     IDMBACKUPS,
     IDMBACKUPSCHEDULE,
     IDMBACKUPSCHEDULES,
+    IDMRESTORE,
+    IDMRESTORES,
     SCHEDULE_LABEL,
     VERSION,
 )
 from idm_backup_operator.handlers.startup import WebhookConfig
 from idm_backup_operator.idmbackup import validation
 from idm_backup_operator.idmbackupschedule import validation as schedule_validation
+from idm_backup_operator.idmrestore import validation as restore_validation
+from idm_backup_operator.kube.backups import IdmBackups
 from idm_backup_operator.kube.services import Services
 
 # In the webhook's certificate directory, next to tls.crt and tls.key: the CA that signed the API
@@ -183,3 +188,26 @@ async def validate_schedule(
         schedule_validation.schedule_findings, body.spec, _scope(body, memo), now, requester=requester
     )
     _answer(IDMBACKUPSCHEDULE, body, findings, warnings)
+
+
+@kopf.on.validate(GROUP, VERSION, IDMRESTORES, id="validate-idmrestore", operations=["CREATE"])
+async def validate_restore(
+    body: kopf.Body,
+    warnings: list[str],
+    memo: kopf.Memo,
+    userinfo: Mapping[str, Any],
+    old: kopf.Body | None = None,
+    operation: str | None = None,
+    **_: Any,
+) -> None:
+    if _unchanged_or_leaving(body, old, operation):
+        return
+    services: Services = memo.services
+    findings = await asyncio.to_thread(
+        restore_validation.restore_findings,
+        body.spec,
+        _scope(body, memo),
+        requester=await _requester(userinfo, memo),
+        backups=IdmBackups(services.custom),
+    )
+    _answer(IDMRESTORE, body, findings, warnings)

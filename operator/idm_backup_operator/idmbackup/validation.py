@@ -32,7 +32,14 @@ from urllib.parse import urlsplit
 
 from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
 
-from idm_backup_operator.api.spec import BackupSpec, LdapTarget, PvcStorage, parse_backup_spec
+from idm_backup_operator.api.spec import (
+    BackupSpec,
+    LdapTarget,
+    PvcStorage,
+    S3Storage,
+    Target,
+    parse_backup_spec,
+)
 from idm_backup_operator.archive.encryption import KeyMaterialError
 from idm_backup_operator.kube import references
 
@@ -196,70 +203,81 @@ def ldap_url_problems(ldap: LdapTarget) -> list[str]:
     return problems
 
 
-def _named_objects(spec: BackupSpec, at: str) -> list[tuple[str, str | None]]:
-    """The names of the objects the spec refers to, under their fields; None where a field is not set."""
-    ldap, storage = spec.target.ldap, spec.storage
-    names = [
-        (f"{at}.target.podName", spec.target.pod_name),
-        (f"{at}.target.ldap.passwordSecretRef.name", ldap.password.name),
-        (f"{at}.target.ldap.caSecretRef.name", None if ldap.ca is None else ldap.ca.name),
-        (f"{at}.encryption.publicKeysSecretRef.name", spec.encryption.public_keys_secret),
+# -- the parts of a spec an IdmRestore shares: its target, and its storage ------------------------------
+#
+# Each takes `at`, the field of the part itself (spec.target, spec.storage, or where a restore has them),
+# so that a restore's problems are worded exactly as a backup's.
+
+# One reference to check: its field, the name it looks up (None where not set), whether that name is a
+# Secret's, and the lookup itself.
+Check = tuple[str, str | None, bool, Callable[[], object]]
+
+
+def target_names(target: Target, at: str) -> list[tuple[str, str | None]]:
+    """The names of the objects a target refers to, under their fields; None where a field is not set."""
+    ldap = target.ldap
+    return [
+        (f"{at}.podName", target.pod_name),
+        (f"{at}.ldap.passwordSecretRef.name", ldap.password.name),
+        (f"{at}.ldap.caSecretRef.name", None if ldap.ca is None else ldap.ca.name),
     ]
+
+
+def storage_names(storage: S3Storage | PvcStorage, at: str) -> list[tuple[str, str | None]]:
     if isinstance(storage, PvcStorage):
-        names.append((f"{at}.storage.pvc.claimName", storage.claim_name))
-    else:
-        names.append((f"{at}.storage.s3.credentialsSecretRef.name", storage.credentials_secret))
-        names.append((f"{at}.storage.s3.caSecretRef.name", None if storage.ca is None else storage.ca.name))
-    return names
+        return [(f"{at}.pvc.claimName", storage.claim_name)]
+    return [
+        (f"{at}.s3.credentialsSecretRef.name", storage.credentials_secret),
+        (f"{at}.s3.caSecretRef.name", None if storage.ca is None else storage.ca.name),
+    ]
 
 
-def spec_problems(spec: BackupSpec, at: str = "spec") -> list[str]:
-    """Also run when a backup starts: without the webhook, this is the earliest point left."""
-    problems = [
+def name_problems(names: Sequence[tuple[str, str | None]]) -> list[str]:
+    return [
         f"{field}: {problem}"
-        for field, name in _named_objects(spec, at)
+        for field, name in names
         if name is not None and (problem := object_name_problem(name))
     ]
-    if spec.deadline_seconds > MAX_DEADLINE_SECONDS:
-        problems.append(
-            f"{at}.activeDeadlineSeconds: {spec.deadline_seconds} is more than the maximum, "
-            f"{MAX_DEADLINE_SECONDS} (7 days)"
-        )
-    ldap = spec.target.ldap
+
+
+def target_problems(target: Target, at: str) -> list[str]:
+    """A target's problems of its own, names aside (see target_names)."""
+    problems = []
+    ldap = target.ldap
     if ldap.start_tls and ldap.url.lower().startswith("ldaps://"):
         problems.append(
-            f"{at}.target.ldap.startTLS: an ldaps:// URL is already encrypted; use ldap:// with startTLS, "
+            f"{at}.ldap.startTLS: an ldaps:// URL is already encrypted; use ldap:// with startTLS, "
             "or ldaps:// without it"
         )
-    problems.extend(f"{at}.target.ldap.url: {problem}" for problem in ldap_url_problems(ldap))
-    selector = spec.target.pod_selector
+    problems.extend(f"{at}.ldap.url: {problem}" for problem in ldap_url_problems(ldap))
+    selector = target.pod_selector
     if selector is not None and not selector.match_labels and not selector.match_expressions:
-        problems.append(f"{at}.target.podSelector: an empty selector matches every pod in the namespace")
+        problems.append(f"{at}.podSelector: an empty selector matches every pod in the namespace")
     if selector is not None:
         problems.extend(
-            f"{at}.target.podSelector.{problem}"
+            f"{at}.podSelector.{problem}"
             for problem in selector_problems(selector.match_labels, selector.match_expressions)
         )
-    if not spec.encryption.enabled and spec.encryption.recipients:
-        problems.append(
-            f"{at}.encryption.recipients: set, but encryption.mode is None (nothing is encrypted)"
-        )
-    storage = spec.storage
+    return problems
+
+
+def storage_problems(storage: S3Storage | PvcStorage, at: str) -> list[str]:
+    """A storage's problems of its own, names aside (see storage_names)."""
+    problems = []
     if isinstance(storage, PvcStorage):
-        paths = [(f"{at}.storage.pvc.subPath", storage.sub_path)]
+        paths = [(f"{at}.pvc.subPath", storage.sub_path)]
     else:
-        paths = [(f"{at}.storage.s3.prefix", storage.prefix)]
+        paths = [(f"{at}.s3.prefix", storage.prefix)]
         if problem := bucket_problem(storage.bucket):
-            problems.append(f"{at}.storage.s3.bucket: {problem}")
+            problems.append(f"{at}.s3.bucket: {problem}")
         if storage.endpoint is not None and (problem := endpoint_problem(storage.endpoint)):
-            problems.append(f"{at}.storage.s3.endpoint: {problem}")
+            problems.append(f"{at}.s3.endpoint: {problem}")
         if not (REGION.fullmatch(storage.region) and len(storage.region) <= 63):
             problems.append(
-                f"{at}.storage.s3.region: {storage.region!r} is not a region name "
-                "(letters, digits, '-', '_', '.')"
+                f"{at}.s3.region: {storage.region!r} is not a region name (letters, digits, '-', '_', '.')"
             )
         if storage.kms_key_id and storage.server_side_encryption != "aws:kms":
-            problems.append(f"{at}.storage.s3.kmsKeyID: only used with serverSideEncryption aws:kms")
+            problems.append(f"{at}.s3.kmsKeyID: only used with serverSideEncryption aws:kms")
     for field, value in paths:
         try:
             check_key(value, prefix=True)
@@ -268,37 +286,44 @@ def spec_problems(spec: BackupSpec, at: str = "spec") -> list[str]:
     return problems
 
 
-# -- what the spec refers to ----------------------------------------------------------------------------
-
-
-def _secret_refs(spec: BackupSpec, at: str) -> list[tuple[str, str]]:
-    """The Secrets a backup of this spec reads, under their fields: those its requester must be able to
-    read. A public-keys Secret with encryption off is never read, so it needs no permission."""
-    ldap, storage = spec.target.ldap, spec.storage
-    refs = [(f"{at}.target.ldap.passwordSecretRef", ldap.password.name)]
+def target_secret_refs(target: Target, at: str) -> list[tuple[str, str]]:
+    """The Secrets a target's LDAP connection reads, under their fields."""
+    ldap = target.ldap
+    refs = [(f"{at}.ldap.passwordSecretRef", ldap.password.name)]
     if ldap.ca is not None:
-        refs.append((f"{at}.target.ldap.caSecretRef", ldap.ca.name))
-    if spec.encryption.enabled and spec.encryption.public_keys_secret is not None:
-        refs.append((f"{at}.encryption.publicKeysSecretRef", spec.encryption.public_keys_secret))
+        refs.append((f"{at}.ldap.caSecretRef", ldap.ca.name))
+    return refs
+
+
+def storage_secret_refs(storage: S3Storage | PvcStorage, at: str) -> list[tuple[str, str]]:
+    """The Secrets a storage is opened with, under their fields (a PVC needs none)."""
+    refs = []
     if not isinstance(storage, PvcStorage):
         if storage.credentials_secret is not None:
-            refs.append((f"{at}.storage.s3.credentialsSecretRef", storage.credentials_secret))
+            refs.append((f"{at}.s3.credentialsSecretRef", storage.credentials_secret))
         if storage.ca is not None:
-            refs.append((f"{at}.storage.s3.caSecretRef", storage.ca.name))
-    # A malformed name is already a problem of the spec; asking about it would answer about another.
-    return [(field, name) for field, name in refs if object_name_problem(name) is None]
+            refs.append((f"{at}.s3.caSecretRef", storage.ca.name))
+    return refs
 
 
-def secret_access_problems(
-    spec: BackupSpec, at: str, where: ReferenceScope, requester: Requester
+def access_problems(
+    refs: Sequence[tuple[str, str]],
+    where: ReferenceScope,
+    requester: Requester,
+    *,
+    user: str = "backup",
 ) -> tuple[list[str], set[str]]:
-    """Each Secret of the spec the requester may not `get`, named under its field; and the names of
-    those Secrets, which are then not looked up for them. When the API server cannot answer, the Secret
-    counts as not readable: a check that did not run must not let a Secret through."""
+    """Each Secret of `refs` the requester may not `get`, named under its field; and the names of those
+    Secrets, which are then not looked up for them. When the API server cannot answer, the Secret counts
+    as not readable: a check that did not run must not let a Secret through. `user` is what would use the
+    Secret on the requester's behalf: a backup, or a restore."""
     problems: list[str] = []
     withheld: set[str] = set()
     verdicts: dict[str, str | None] = {}  # one review per Secret, however many fields name it
-    for field, name in _secret_refs(spec, at):
+    for field, name in refs:
+        # A malformed name is already a problem of the spec; asking about it would answer about another.
+        if object_name_problem(name) is not None:
+            continue
         if name not in verdicts:
             try:
                 allowed = may_get_secret(where, requester, name)
@@ -311,7 +336,7 @@ def secret_access_problems(
                 verdicts[name] = (
                     None
                     if allowed
-                    else f"{requester.username} may not read Secret {where.namespace}/{name}, so no backup "
+                    else f"{requester.username} may not read Secret {where.namespace}/{name}, so no {user} "
                     "they create may use it (RBAC: get on secrets)"
                 )
         if (verdict := verdicts[name]) is not None:
@@ -320,20 +345,14 @@ def secret_access_problems(
     return problems, withheld
 
 
-def _reference_problems(spec: BackupSpec, at: str, where: ReferenceScope, withheld: set[str]) -> list[str]:
+def target_checks(target: Target, at: str, where: ReferenceScope) -> list[Check]:
+    """The target pod (exists, one, ready, has the container) and its LDAP Secrets with their keys."""
     core, namespace = where.core, where.namespace
-    ldap, storage = spec.target.ldap, spec.storage
-    # Each check with the name it looks up, and whether that is a Secret's: a malformed name is already a
-    # problem of the spec, and would make the lookup read something else; a withheld Secret is not read.
-    checks: list[tuple[str, str | None, bool, Callable[[], object]]] = [
+    ldap = target.ldap
+    checks: list[Check] = [
+        (at, target.pod_name, False, lambda: references.find_target_pod(core, namespace, target)),
         (
-            f"{at}.target",
-            spec.target.pod_name,
-            False,
-            lambda: references.find_target_pod(core, namespace, spec.target),
-        ),
-        (
-            f"{at}.target.ldap.passwordSecretRef",
+            f"{at}.ldap.passwordSecretRef",
             ldap.password.name,
             True,
             lambda: references.read_secret_key(core, namespace, ldap.password),
@@ -341,51 +360,46 @@ def _reference_problems(spec: BackupSpec, at: str, where: ReferenceScope, withhe
     ]
     if (ca := ldap.ca) is not None:
         checks.append(
-            (
-                f"{at}.target.ldap.caSecretRef",
-                ca.name,
-                True,
-                lambda: references.read_secret_key(core, namespace, ca),
-            )
+            (f"{at}.ldap.caSecretRef", ca.name, True, lambda: references.read_secret_key(core, namespace, ca))
         )
-    if spec.encryption.enabled:
-        checks.append(
-            (
-                f"{at}.encryption",
-                spec.encryption.public_keys_secret,
-                True,
-                lambda: references.load_public_keys(core, namespace, spec.encryption),
-            )
-        )
+    return checks
+
+
+def storage_checks(storage: S3Storage | PvcStorage, at: str, where: ReferenceScope) -> list[Check]:
+    """The PVC mounted in the operator, or the S3 credentials (or the operator's own, if allowed) and CA."""
+    core, namespace = where.core, where.namespace
     if isinstance(storage, PvcStorage):
-        checks.append(
+        return [
             (
-                f"{at}.storage.pvc.claimName",
+                f"{at}.pvc.claimName",
                 storage.claim_name,
                 False,
                 lambda: references.pvc_mount(storage, where.pvc_root),
             )
+        ]
+    checks: list[Check] = [
+        (
+            f"{at}.s3.credentialsSecretRef",
+            storage.credentials_secret,
+            True,
+            lambda: references.s3_credentials(core, namespace, storage, ambient=where.ambient_s3_credentials),
         )
-    else:
+    ]
+    if (s3_ca := storage.ca) is not None:
         checks.append(
             (
-                f"{at}.storage.s3.credentialsSecretRef",
-                storage.credentials_secret,
+                f"{at}.s3.caSecretRef",
+                s3_ca.name,
                 True,
-                lambda: references.s3_credentials(
-                    core, namespace, storage, ambient=where.ambient_s3_credentials
-                ),
+                lambda: references.read_secret_key(core, namespace, s3_ca),
             )
         )
-        if (s3_ca := storage.ca) is not None:
-            checks.append(
-                (
-                    f"{at}.storage.s3.caSecretRef",
-                    s3_ca.name,
-                    True,
-                    lambda: references.read_secret_key(core, namespace, s3_ca),
-                )
-            )
+    return checks
+
+
+def check_problems(checks: Sequence[Check], withheld: set[str]) -> list[str]:
+    """Each check run, but not on a malformed name (already a problem of the spec, and the lookup would
+    read something else) nor on a Secret withheld from the requester."""
     problems = []
     for field, name, secret, check in checks:
         if name is not None and (object_name_problem(name) or (secret and name in withheld)):
@@ -397,6 +411,64 @@ def _reference_problems(spec: BackupSpec, at: str, where: ReferenceScope, withhe
         except ApiError as err:
             problems.append(f"{field}: could not be checked ({err.status} {err.reason})")
     return problems
+
+
+# -- an IdmBackup's spec ----------------------------------------------------------------------------------
+
+
+def spec_problems(spec: BackupSpec, at: str = "spec") -> list[str]:
+    """Also run when a backup starts: without the webhook, this is the earliest point left."""
+    problems = name_problems(
+        [
+            *target_names(spec.target, f"{at}.target"),
+            (f"{at}.encryption.publicKeysSecretRef.name", spec.encryption.public_keys_secret),
+            *storage_names(spec.storage, f"{at}.storage"),
+        ]
+    )
+    if spec.deadline_seconds > MAX_DEADLINE_SECONDS:
+        problems.append(
+            f"{at}.activeDeadlineSeconds: {spec.deadline_seconds} is more than the maximum, "
+            f"{MAX_DEADLINE_SECONDS} (7 days)"
+        )
+    problems.extend(target_problems(spec.target, f"{at}.target"))
+    if not spec.encryption.enabled and spec.encryption.recipients:
+        problems.append(
+            f"{at}.encryption.recipients: set, but encryption.mode is None (nothing is encrypted)"
+        )
+    problems.extend(storage_problems(spec.storage, f"{at}.storage"))
+    return problems
+
+
+def _secret_refs(spec: BackupSpec, at: str) -> list[tuple[str, str]]:
+    """The Secrets a backup of this spec reads, under their fields: those its requester must be able to
+    read. A public-keys Secret with encryption off is never read, so it needs no permission."""
+    refs = target_secret_refs(spec.target, f"{at}.target")
+    if spec.encryption.enabled and spec.encryption.public_keys_secret is not None:
+        refs.append((f"{at}.encryption.publicKeysSecretRef", spec.encryption.public_keys_secret))
+    refs.extend(storage_secret_refs(spec.storage, f"{at}.storage"))
+    return refs
+
+
+def secret_access_problems(
+    spec: BackupSpec, at: str, where: ReferenceScope, requester: Requester
+) -> tuple[list[str], set[str]]:
+    """Each Secret of the spec the requester may not `get` (see access_problems)."""
+    return access_problems(_secret_refs(spec, at), where, requester)
+
+
+def _reference_problems(spec: BackupSpec, at: str, where: ReferenceScope, withheld: set[str]) -> list[str]:
+    checks = target_checks(spec.target, f"{at}.target", where)
+    if spec.encryption.enabled:
+        checks.append(
+            (
+                f"{at}.encryption",
+                spec.encryption.public_keys_secret,
+                True,
+                lambda: references.load_public_keys(where.core, where.namespace, spec.encryption),
+            )
+        )
+    checks.extend(storage_checks(spec.storage, f"{at}.storage", where))
+    return check_problems(checks, withheld)
 
 
 def backup_findings(
