@@ -39,6 +39,7 @@ ALERTS = {
     "IdmBackupRepeatedFailures": "warning",
     "IdmBackupServicesDown": "critical",
     "IdmBackupStorageUnavailable": "warning",
+    "IdmBackupDrillFailed": "warning",
     "IdmBackupQueued": "info",
     "IdmBackupOperatorDown": "critical",
 }
@@ -81,9 +82,17 @@ def exported_metric_names() -> set[str]:
     """Every series name the operator's collectors export, from the real exposition."""
     state = BackupMetrics()
     state.registry.register(SlotMetrics(BackupSlots(2)))
+    drilled = {"name": "nightly-drill-1", "restoreSeconds": 42.5, "entries": 120}
     schedule = {
         "metadata": {"uid": "s1", "name": "nightly", "namespace": "identity"},
-        "status": {"nextScheduleTime": "2026-11-27T02:00:00Z"},
+        "spec": {"drill": {"schedule": "0 6 * * 0"}},
+        "status": {
+            "nextScheduleTime": "2026-11-27T02:00:00Z",
+            "lastDrill": {**drilled, "time": "2026-11-22T06:10:00Z", "result": "Failed"},
+            "lastSuccessfulDrill": {**drilled, "time": "2026-11-15T06:10:00Z", "result": "Succeeded"},
+            "lastFailedDrill": {**drilled, "time": "2026-11-22T06:10:00Z", "result": "Failed"},
+            "consecutiveDrillFailures": 1,
+        },
     }
     backup = {
         "metadata": {

@@ -56,8 +56,11 @@ from tests.helpers import (
 NAMESPACED_RULES = {
     ("idm-backup.io", "idmbackups"): {"get", "list", "watch", "patch", "create", "delete"},
     ("idm-backup.io", "idmbackupschedules"): {"get", "list", "watch", "patch"},
+    # Restores are the users': the operator follows them, and never creates or deletes one.
+    ("idm-backup.io", "idmrestores"): {"get", "list", "watch", "patch"},
     ("idm-backup.io", "idmbackups/status"): {"patch"},
     ("idm-backup.io", "idmbackupschedules/status"): {"patch"},
+    ("idm-backup.io", "idmrestores/status"): {"patch"},
     ("", "pods"): {"get", "list"},
     # The exec websocket (a GET) needs get, and since Kubernetes 1.35 create too: with either alone the
     # API server refuses it (tried on the platform's 1.36).
@@ -121,6 +124,11 @@ DENIED_IN_SERVED_NAMESPACE = [
     ("create", "idmbackupschedules.idm-backup.io"),
     ("delete", "idmbackupschedules.idm-backup.io"),
     ("update", "idmbackups.idm-backup.io"),
+    ("create", "idmrestores.idm-backup.io"),
+    ("delete", "idmrestores.idm-backup.io"),
+    ("deletecollection", "idmrestores.idm-backup.io"),
+    ("update", "idmrestores.idm-backup.io"),
+    ("update", "idmrestores.idm-backup.io/status"),
     ("list", LEASES),
     ("watch", LEASES),
     ("patch", LEASES),
@@ -719,6 +727,14 @@ def webhook_parts(
     return config, pod, container
 
 
+# What each webhook reviews: an IdmRestore's spec cannot change (CEL), so only its creation.
+WEBHOOK_OPERATIONS = {
+    "idmbackups": ["CREATE", "UPDATE"],
+    "idmbackupschedules": ["CREATE", "UPDATE"],
+    "idmrestores": ["CREATE"],
+}
+
+
 def expected_webhooks(client_config: Callable[[str], dict[str, Any]], **extra: Any) -> list[dict[str, Any]]:
     return [
         {
@@ -733,14 +749,14 @@ def expected_webhooks(client_config: Callable[[str], dict[str, Any]], **extra: A
                 {
                     "apiGroups": ["idm-backup.io"],
                     "apiVersions": ["v1alpha1"],
-                    "operations": ["CREATE", "UPDATE"],
+                    "operations": operations,
                     "resources": [plural],
                     "scope": "Namespaced",
                 }
             ],
             **extra,
         }
-        for plural in ("idmbackups", "idmbackupschedules")
+        for plural, operations in WEBHOOK_OPERATIONS.items()
     ]
 
 
@@ -1067,7 +1083,7 @@ def test_prometheus_rule_is_optional_and_carries_its_labels_and_extra_rules(helm
     (group,) = rule["spec"]["groups"]
     assert [r["alert"] for r in group["rules"]] == [
         "IdmBackupFailed", "IdmBackupTooOld", "IdmBackupNeverSucceeded", "IdmBackupRepeatedFailures",
-        "IdmBackupServicesDown", "IdmBackupStorageUnavailable",
+        "IdmBackupServicesDown", "IdmBackupStorageUnavailable", "IdmBackupDrillFailed",
         "IdmBackupWeeklyTooOld",
     ]  # fmt: skip
     assert group["rules"][-1] == extra
@@ -1113,9 +1129,11 @@ def test_grafana_dashboard_is_a_configmap_for_the_sidecar(helm: Callable[..., st
     assert config_map["metadata"]["annotations"] == {"grafana_folder": "Backups"}
 
 
+AGGREGATED_KINDS = ("idmbackups", "idmbackupschedules", "idmrestores")
 AGGREGATED_VIEW = {
     ("idm-backup.io", resource): {"get", "list", "watch"}
-    for resource in ("idmbackups", "idmbackupschedules", "idmbackups/status", "idmbackupschedules/status")
+    for plural in AGGREGATED_KINDS
+    for resource in (plural, f"{plural}/status")
 }
 AGGREGATED_EDIT = {
     **AGGREGATED_VIEW,
@@ -1123,7 +1141,7 @@ AGGREGATED_EDIT = {
         ("idm-backup.io", resource): {
             "get", "list", "watch", "create", "update", "patch", "delete", "deletecollection",
         }
-        for resource in ("idmbackups", "idmbackupschedules")
+        for resource in AGGREGATED_KINDS
     },
 }  # fmt: skip
 
@@ -1137,7 +1155,7 @@ def aggregated_roles(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 @pytest.mark.parametrize("scope", ["cluster", "namespace"])
-def test_aggregated_roles_add_both_kinds_to_view_edit_and_admin(helm: Callable[..., str], scope: str) -> None:
+def test_aggregated_roles_add_every_kind_to_view_edit_and_admin(helm: Callable[..., str], scope: str) -> None:
     roles = aggregated_roles(render(helm, "--set", f"rbac.scope={scope}"))
     assert set(roles) == {"rel-idm-backup-operator-ops-view", "rel-idm-backup-operator-ops-edit"}
     view, edit = roles["rel-idm-backup-operator-ops-view"], roles["rel-idm-backup-operator-ops-edit"]
@@ -1205,6 +1223,10 @@ def test_chart_metadata_readme_and_license(helm: Callable[..., str]) -> None:
     assert {(c["kind"], c["version"]) for c in crds} == {
         ("IdmBackup", "v1alpha1"),
         ("IdmBackupSchedule", "v1alpha1"),
+        ("IdmRestore", "v1alpha1"),
+    }
+    assert {c["name"] for c in crds} == {
+        yaml.safe_load(p.read_text())["metadata"]["name"] for p in (REPO / "crds").glob("*.yaml")
     }
     (example,) = yaml.safe_load(annotations["artifacthub.io/crdsExamples"])
     assert example["kind"] == "IdmBackupSchedule" and example["spec"]["template"]["spec"]["target"]
@@ -1266,7 +1288,7 @@ def test_helm_certificate_mode_still_differs_only_in_the_webhook_certificate(
     helm: Callable[..., str],
 ) -> None:
     """helm mode generates a CA and a serving certificate per render (install and upgrade reuse the one in
-    the cluster; `helm template` cannot look it up): the 10 lines that differ, and nothing else."""
+    the cluster; `helm template` cannot look it up): the 12 lines that differ, and nothing else."""
     for args in ([], EVERYTHING_ON):
         first, second = (render(helm, "--set", "webhook.certificate.mode=helm", *args) for _ in range(2))
         assert [(d["kind"], d["metadata"]["name"]) for d in first] == [
@@ -1278,7 +1300,7 @@ def test_helm_certificate_mode_still_differs_only_in_the_webhook_certificate(
             for p in differing_paths(d, e)
         }
         assert differing == webhook_certificate_paths(first)
-        assert len(differing) == 5  # tls.crt, tls.key, ca.crt and two caBundles: 10 lines of a diff
+        assert len(differing) == 6  # tls.crt, tls.key, ca.crt and three caBundles: 12 lines of a diff
 
 
 # --- on the platform: install, RBAC as the API server sees it, and a real backup --------------------
@@ -1403,9 +1425,12 @@ def test_namespace_mode_grants_what_the_operator_needs_where_it_watches_and_noth
             ("get", "secrets", elsewhere),
             ("get", "pods", elsewhere),
             ("list", "idmbackups.idm-backup.io", elsewhere),
+            ("list", "idmrestores.idm-backup.io", elsewhere),
+            ("patch", "idmrestores.idm-backup.io/status", elsewhere),
             ("create", "events", elsewhere),
         ]
     denied += [("get", "secrets", None), ("list", "pods", None), ("list", "idmbackups.idm-backup.io", None)]
+    denied += [("list", "idmrestores.idm-backup.io", None)]
     # Leases in the release namespace only: not in the other served namespace, not in the cluster's own.
     denied += leases_denied(other_namespace, "default", *SYSTEM_LEASE_NAMESPACES, None)
     check_grants(kubectl, platform, release, allowed=allowed, denied=denied)
@@ -1414,9 +1439,9 @@ def test_namespace_mode_grants_what_the_operator_needs_where_it_watches_and_noth
 def test_cluster_mode_install_finds_the_crds_present_and_grants_all_namespaces(
     release: Release, kubectl: Path, platform: stack.Platform, namespace: str
 ) -> None:
-    # No --skip-crds: helm reads crds/ through the symlink, finds both CRDs present and leaves them alone.
+    # No --skip-crds: helm reads crds/ through the symlink, finds the CRDs present and leaves them alone.
     release.install("--set", "rbac.scope=cluster")
-    for name in ("idmbackups.idm-backup.io", "idmbackupschedules.idm-backup.io"):
+    for name in ("idmbackups.idm-backup.io", "idmbackupschedules.idm-backup.io", "idmrestores.idm-backup.io"):
         assert f"CRD {name} is already present. Skipping." in release.install_output
     allowed: list[tuple[str, str, str | None]]
     denied: list[tuple[str, str, str | None]]
@@ -1622,6 +1647,7 @@ def test_webhook_certificate_survives_an_upgrade_and_is_renewed_for_new_names(
     assert [w.name for w in config.webhooks] == [
         "validate.idmbackups.idm-backup.io",
         "validate.idmbackupschedules.idm-backup.io",
+        "validate.idmrestores.idm-backup.io",
     ]
     for webhook in config.webhooks:
         assert webhook.client_config.service.name == f"{fullname}-webhook"
@@ -1645,6 +1671,7 @@ def test_webhook_certificate_survives_an_upgrade_and_is_renewed_for_new_names(
     assert [w.client_config.url for w in config.webhooks] == [
         "https://127.0.0.1:9443/validate-idmbackup",
         "https://127.0.0.1:9443/validate-idmbackupschedule",
+        "https://127.0.0.1:9443/validate-idmrestore",
     ]
     release.upgrade()
     assert installed()[0] == renewed
@@ -1680,7 +1707,7 @@ def test_webhook_operator_mode_runs_with_only_the_charts_rbac_and_keeps_its_cert
     secret = core.read_namespaced_secret(secret_name, namespace)
     assert secret.type == "kubernetes.io/tls"
     assert set(secret.data) == {"tls.crt", "tls.key", "certificate.json"}  # helm mode's keys are gone
-    assert ca_bundles() == [None, None]
+    assert ca_bundles() == [None] * len(WEBHOOK_OPERATIONS)
     cert_dir = tmp_path / "webhook-tls"
     cert_dir.mkdir()
     for key, value in secret.data.items():
@@ -1730,7 +1757,7 @@ def test_webhook_operator_mode_runs_with_only_the_charts_rbac_and_keeps_its_cert
             "serving.crt",
             "serving.key",
         }
-        assert ca_bundles() == [stored["ca.crt"]] * 2
+        assert ca_bundles() == [stored["ca.crt"]] * len(WEBHOOK_OPERATIONS)
         log = operator.output()
         for sign in ("Forbidden", "forbidden", "Not enough permissions", "(403)"):
             assert sign not in log, next(line for line in log.splitlines() if sign in line)
@@ -1752,7 +1779,7 @@ def test_webhook_operator_mode_runs_with_only_the_charts_rbac_and_keeps_its_cert
         # helm's three-way merge: what the chart never rendered stays as the operator wrote it.
         release.upgrade()
         assert core.read_namespaced_secret(secret_name, namespace).data == stored
-        assert ca_bundles() == [stored["ca.crt"]] * 2
+        assert ca_bundles() == [stored["ca.crt"]] * len(WEBHOOK_OPERATIONS)
         assert refused_by_the_webhook()
     finally:
         operator.stop()
@@ -2140,18 +2167,20 @@ def test_view_and_edit_users_get_the_resources_through_aggregation(
             },
         )
     backups, schedules = "idmbackups.idm-backup.io", "idmbackupschedules.idm-backup.io"
+    restores = "idmrestores.idm-backup.io"
+    kinds = (backups, schedules, restores)
     # The controller-manager aggregates the rules into view/edit/admin; wait for it and the authorizer.
     wait_for(
         "the aggregated rules",
         lambda: user_can(kubectl, platform, "eddie", "create", backups, namespace),
         timeout=30,
     )
-    reading = [(verb, kind) for verb in ("get", "list", "watch") for kind in (backups, schedules)]
-    writing = [
-        (verb, kind) for verb in ("create", "update", "patch", "delete") for kind in (backups, schedules)
-    ]
-    writing += [("deletecollection", backups)]
+    reading = [(verb, kind) for verb in ("get", "list", "watch") for kind in kinds]
+    reading += [("get", f"{restores}/status")]
+    writing = [(verb, kind) for verb in ("create", "update", "patch", "delete") for kind in kinds]
+    writing += [("deletecollection", backups), ("deletecollection", restores)]
     status = [("patch", f"{backups}/status"), ("update", f"{schedules}/status")]
+    status += [("patch", f"{restores}/status"), ("update", f"{restores}/status")]
     expected = {
         "vera": {**dict.fromkeys(reading, True), **dict.fromkeys(writing, False)},
         "eddie": {**dict.fromkeys(reading, True), **dict.fromkeys(writing, True)},
@@ -2163,6 +2192,7 @@ def test_view_and_edit_users_get_the_resources_through_aggregation(
         # Status is the operator's; and a RoleBinding reaches no other namespace.
         assert not any(user_can(kubectl, platform, user, *key, namespace) for key in status), user
         assert not user_can(kubectl, platform, user, "list", backups, "default"), user
+        assert not user_can(kubectl, platform, user, "create", restores, "default"), user
     # The webhook's Secret check passes for edit (it may read Secrets), not for view.
     assert user_can(kubectl, platform, "eddie", "get", "secrets", namespace)
     assert not user_can(kubectl, platform, "vera", "get", "secrets", namespace)
@@ -2268,7 +2298,7 @@ def test_kubectl_get_shows_why_a_backup_failed_and_whether_a_schedule_fails(
         )
     rows = {r["NAME"]: r for r in kubectl_table(kubectl, platform, namespace, "idmbackupschedules")}
     assert list(rows["fine"]) == [
-        "NAME", "SCHEDULE", "SUSPENDED", "READY", "LAST RESULT", "LAST SUCCESS", "NEXT RUN", "AGE",
+        "NAME", "SCHEDULE", "SUSPENDED", "READY", "LAST RESULT", "LAST SUCCESS", "NEXT RUN", "DRILL", "AGE",
     ]  # fmt: skip
     got = {name: (row["READY"], row["LAST RESULT"]) for name, row in rows.items()}
     assert got == {"failing": ("True", "Failed"), "fine": ("True", "Succeeded"), "invalid": ("False", "")}
@@ -2280,6 +2310,42 @@ def test_kubectl_get_shows_why_a_backup_failed_and_whether_a_schedule_fails(
         "InvalidTemplate",
         "the API server refused",
     )
+
+
+def test_kubectl_get_shows_a_restores_phase_source_target_and_duration(
+    api: client.ApiClient, kubectl: Path, platform: stack.Platform, crds: None, namespace: str
+) -> None:
+    custom = client.CustomObjectsApi(api)
+    storage = s3_storage(platform, "cols")
+    directory = f"{namespace}/ipa.example.test/ipa-data-2026-11-26-02-00-03/"
+    uri = f"s3://{platform.s3_bucket}/cols/{directory}ipa-data.tar.gpg"
+    spec = {
+        "source": {"location": {"storage": storage, "directory": directory}},
+        "target": backup_spec(platform, storage)["target"],
+        "confirm": "ipa.example.test",
+    }
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "IdmRestore",
+        "metadata": {"name": "back"},
+        "spec": spec,
+    }
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "idmrestores", body)
+    status = {
+        "phase": "Failed", "step": "check", "reason": "EntryCountMismatch", "durationSeconds": 95.5,
+        "message": "userRoot: 1203 entries in the archive, 1180 after the restore",
+        "target": {"pod": "ipa-hidden", "host": "ipa.example.test"}, "source": {"uri": uri},
+    }  # fmt: skip
+    custom.patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, "idmrestores", "back", {"status": status}
+    )
+    (row,) = kubectl_table(kubectl, platform, namespace, "idmr")
+    assert row == {
+        "NAME": "back", "PHASE": "Failed", "SOURCE": uri, "TARGET": "ipa.example.test", "DURATION": "95.5",
+        "AGE": row["AGE"],
+    }  # fmt: skip
+    (wide,) = kubectl_table(kubectl, platform, namespace, "idmrestores", "-o", "wide")
+    assert list(wide)[-2:] == ["AGE", "REASON"] and wide["REASON"] == "EntryCountMismatch"
 
 
 def test_the_helm_test_pods_check_passes_against_a_running_operator_and_fails_without(

@@ -243,6 +243,8 @@ def test_unix_timestamps_end_in_timestamp_seconds_and_the_old_names_are_gone() -
         "idm_backup_schedule_next_run_timestamp_seconds",
         "idm_backup_storage_last_check_timestamp_seconds",
         "idm_backup_last_services_check_timestamp_seconds",
+        "idm_backup_drill_last_successful_timestamp_seconds",
+        "idm_backup_drill_last_failure_timestamp_seconds",
     }
     assert {name for name in ours if "timestamp" in name} == timestamps
     exported = names(samples(full_state()))
@@ -453,3 +455,58 @@ def test_services_running_follows_the_newest_backup_that_checked_them() -> None:
     found = samples(metrics)
     assert value(found, "idm_backup_last_services_running") == 1
     assert value(found, "idm_backup_last_services_check_timestamp_seconds") == ts(T2)
+
+
+# -- restore drills: from the schedule's status ------------------------------------------------------------
+
+
+def drilled_schedule(**status: Any) -> dict[str, Any]:
+    body = schedule()
+    body["spec"] = {"drill": {"schedule": "0 6 * * 0"}}
+    body["status"].update(status)
+    return body
+
+
+def test_drill_gauges_follow_the_schedules_status_and_exist_only_with_drills() -> None:
+    metrics = BackupMetrics()
+    metrics.seed([], [schedule("plain", uid="s-0"), drilled_schedule()])
+    found = samples(metrics)
+    # Before the first drill: only the failure count, 0; a schedule without drills has none at all.
+    assert value(found, "idm_backup_drill_consecutive_failures") == 0
+    assert {k for k in found if k[0].startswith("idm_backup_drill_")} == {
+        ("idm_backup_drill_consecutive_failures", (("namespace", NS), ("schedule", "nightly")))
+    }
+
+    ok = {"name": "d-1", "time": T1, "result": "Succeeded", "restoreSeconds": 42.5, "entries": 120}
+    metrics.observe_schedule(
+        drilled_schedule(lastDrill=ok, lastSuccessfulDrill=ok, consecutiveDrillFailures=0)
+    )
+    found = samples(metrics)
+    assert value(found, "idm_backup_drill_last_successful_timestamp_seconds") == ts(T1)
+    assert value(found, "idm_backup_drill_last_status") == 1
+    assert value(found, "idm_backup_drill_last_duration_seconds") == 42.5
+    assert (
+        "idm_backup_drill_last_failure_timestamp_seconds",
+        (("namespace", NS), ("schedule", "nightly")),
+    ) not in found
+
+    bad = {"name": "d-2", "time": T2, "result": "Failed", "reason": "EntryCountMismatch"}
+    metrics.observe_schedule(
+        drilled_schedule(
+            lastDrill=bad, lastSuccessfulDrill=ok, lastFailedDrill=bad, consecutiveDrillFailures=2
+        )
+    )
+    found = samples(metrics)
+    assert value(found, "idm_backup_drill_last_status") == 0
+    assert value(found, "idm_backup_drill_last_failure_timestamp_seconds") == ts(T2)
+    # The last successful drill's time and restore time stay: they come from lastSuccessfulDrill.
+    assert value(found, "idm_backup_drill_last_successful_timestamp_seconds") == ts(T1)
+    assert value(found, "idm_backup_drill_last_duration_seconds") == 42.5
+    assert value(found, "idm_backup_drill_consecutive_failures") == 2
+
+    # Drills removed from the spec: their series go; a deleted schedule takes everything with it.
+    metrics.observe_schedule(schedule())
+    assert not {k for k in samples(metrics) if k[0].startswith("idm_backup_drill_")}
+    metrics.observe_schedule(drilled_schedule(lastDrill=bad, lastFailedDrill=bad))
+    metrics.forget_schedule(drilled_schedule())
+    assert not {k for k in samples(metrics) if k[0].startswith("idm_backup_drill_")}

@@ -14,6 +14,10 @@ Three kinds of numbers, with three different sources of truth:
   a backup that was already finished when the process started is not counted again (that would
   count the same backup once per restart, and ``increase()`` would see a burst after each restart).
   A restart is a counter reset, which Prometheus' ``rate()`` and ``increase()`` handle.
+* **Drills** (``idm_backup_drill_*``) are read from each schedule's own status (``lastDrill``,
+  ``lastSuccessfulDrill``, ``lastFailedDrill``, ``consecutiveDrillFailures``: idmbackupschedule/drills.py),
+  which outlives the drills' IdmRestores (a schedule keeps only its last few). They are gauges, like the
+  backups' last success and failure, and exist only for schedules with ``spec.drill``.
 * **Storage checks** (``idm_backup_storage_available``, ``idm_backup_storage_last_check_timestamp_seconds``,
   with a third label ``location``) are the result of this process's last periodic check of each
   schedule's storage (idmbackupschedule/storagecheck.py, handlers/storagecheck.py). They are absent
@@ -120,10 +124,39 @@ class _Backup:
     result_counted: bool = False
 
 
+@dataclasses.dataclass(frozen=True)
+class _Drills:
+    """What a schedule's status says about its drills."""
+
+    last_success: float | None
+    last_failure: float | None
+    last_succeeded: bool | None  # the newest drill's result; None before the first
+    restore_seconds: float | None  # of the last successful drill
+    consecutive_failures: int
+
+
 @dataclasses.dataclass
 class _Schedule:
     key: Key
     next_run: float | None
+    drills: _Drills | None = None  # None: the schedule has no spec.drill
+
+
+def _drills(body: Mapping[str, Any]) -> _Drills | None:
+    status = body.get("status") or {}
+    if not (body.get("spec") or {}).get("drill"):
+        return None
+    success = status.get("lastSuccessfulDrill") or {}
+    failure = status.get("lastFailedDrill") or {}
+    last = status.get("lastDrill") or {}
+    seconds = success.get("restoreSeconds")
+    return _Drills(
+        last_success=_timestamp(success.get("time")),
+        last_failure=_timestamp(failure.get("time")),
+        last_succeeded=None if not last.get("result") else last["result"] == Phase.SUCCEEDED,
+        restore_seconds=float(seconds) if seconds is not None else None,
+        consecutive_failures=int(status.get("consecutiveDrillFailures") or 0),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,7 +300,7 @@ class BackupMetrics(Collector):
             if uid in self._deleted_schedules:
                 return
             key = (meta.get("name") or "", meta.get("namespace") or "")
-            self._schedules[uid] = _Schedule(key, next_run)
+            self._schedules[uid] = _Schedule(key, next_run, _drills(body))
             # Every schedule has its counters from its creation on, with zeros, so that alerts such as
             # `increase(idm_backup_failure_total[1d]) > 0` work before a schedule's first failure.
             self._add_series(key)
@@ -432,6 +465,50 @@ class BackupMetrics(Collector):
             available.add_metric(values, 1 if result.available else 0)
             checked.add_metric(values, result.checked)
         yield from (available, checked)
+        yield from _drill_families(schedules)
+
+
+def _drill_families(schedules: Sequence[_Schedule]) -> Iterator[Metric]:
+    labels = list(LABELS)
+    last_success = GaugeMetricFamily(
+        "idm_backup_drill_last_successful_timestamp_seconds",
+        "Completion time of the schedule's last successful restore drill (Unix seconds)",
+        labels=labels,
+    )
+    last_failure = GaugeMetricFamily(
+        "idm_backup_drill_last_failure_timestamp_seconds",
+        "Completion time of the schedule's last failed restore drill (Unix seconds)",
+        labels=labels,
+    )
+    last_status = GaugeMetricFamily(
+        "idm_backup_drill_last_status",
+        "Result of the schedule's last finished restore drill: 1 succeeded, 0 failed",
+        labels=labels,
+    )
+    duration = GaugeMetricFamily(
+        "idm_backup_drill_last_duration_seconds",
+        "Restore time of the last successful drill, staging to the end of the check: the expected RTO",
+        labels=labels,
+    )
+    failures = GaugeMetricFamily(
+        "idm_backup_drill_consecutive_failures",
+        "Restore drills of the schedule that failed since its last successful one",
+        labels=labels,
+    )
+    for schedule in sorted(schedules, key=lambda s: s.key):
+        drills, key = schedule.drills, list(schedule.key)
+        if drills is None:
+            continue
+        if drills.last_success is not None:
+            last_success.add_metric(key, drills.last_success)
+        if drills.last_failure is not None:
+            last_failure.add_metric(key, drills.last_failure)
+        if drills.last_succeeded is not None:
+            last_status.add_metric(key, 1 if drills.last_succeeded else 0)
+        if drills.restore_seconds is not None:
+            duration.add_metric(key, drills.restore_seconds)
+        failures.add_metric(key, drills.consecutive_failures)
+    yield from (last_success, last_failure, last_status, duration, failures)
 
 
 class SlotMetrics(Collector):

@@ -1,4 +1,5 @@
-"""IdmBackupSchedule: one sleeping task per schedule, woken at its next tick or when a backup ends."""
+"""IdmBackupSchedule: one sleeping task per schedule, woken at its next tick (of its backups or of its
+drills) or when one of its backups or drills ends."""
 
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ from idm_backup_operator.api.names import (
     IDMBACKUPS,
     IDMBACKUPSCHEDULE,
     IDMBACKUPSCHEDULES,
+    IDMRESTORES,
     SCHEDULE_LABEL,
     VERSION,
 )
 from idm_backup_operator.api.phase import is_finished
-from idm_backup_operator.idmbackupschedule import reconcile
+from idm_backup_operator.idmbackupschedule import drills, reconcile
 from idm_backup_operator.kube.backups import IdmBackups
 from idm_backup_operator.kube.reporting import StatusReporter
 
@@ -53,6 +55,9 @@ def _snapshot(body: kopf.Body) -> dict[str, Any]:
 def _record(body: kopf.Body, memo: kopf.Memo, tick: reconcile.Tick | reconcile.Invalid) -> datetime.datetime:
     schedule = _snapshot(body)
     meta = schedule["metadata"]
+    now = datetime.datetime.now(datetime.UTC)
+    # RestoreVerified is Unknown until the first drill ends: the reporter writes it with the other conditions.
+    schedule["status"]["conditions"] = drills.with_drill_condition(schedule["spec"], schedule["status"], now)
     report = StatusReporter(
         memo.api,
         ResourceIdentity(meta["namespace"], meta["name"], meta["uid"]),
@@ -61,8 +66,12 @@ def _record(body: kopf.Body, memo: kopf.Memo, tick: reconcile.Tick | reconcile.I
         generation=meta.get("generation") or 1,
         status=schedule["status"],
     )
-    now = datetime.datetime.now(datetime.UTC)
-    return reconcile.record(memo.services, _backups(memo), schedule, report, now, tick)
+    next_time = reconcile.record(memo.services, _backups(memo), schedule, report, now, tick)
+    if isinstance(tick, reconcile.Invalid):
+        return next_time
+    restores = drills.DrillRestores(memo.services.custom)
+    next_drill = drills.reconcile_drills(restores, _backups(memo), schedule, report, now)
+    return next_time if next_drill is None else min(next_time, next_drill)
 
 
 def _spread(uid: str) -> float:
@@ -114,17 +123,27 @@ async def _sleep(seconds: float, wakeup: asyncio.Event, stopped: kopf.DaemonStop
             waiter.cancel()
 
 
+def _wake_owner(body: kopf.Body, memo: kopf.Memo) -> None:
+    if not is_finished(body.status.get("phase")) and body.metadata.get("deletionTimestamp") is None:
+        return
+    for owner in body.metadata.get("ownerReferences") or []:
+        if owner.get("kind") == IDMBACKUPSCHEDULE and (event := _wakeups(memo).get(owner.get("uid"))):
+            event.set()
+
+
 @kopf.on.event(GROUP, VERSION, IDMBACKUPS, labels={SCHEDULE_LABEL: kopf.PRESENT})
 async def backup_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """A schedule's backup finished or vanished: its schedule updates status and retention now.
 
     Async, so it runs on the event loop that owns the daemons' events.
     """
-    if not is_finished(body.status.get("phase")) and body.metadata.get("deletionTimestamp") is None:
-        return
-    for owner in body.metadata.get("ownerReferences") or []:
-        if owner.get("kind") == IDMBACKUPSCHEDULE and (event := _wakeups(memo).get(owner.get("uid"))):
-            event.set()
+    _wake_owner(body, memo)
+
+
+@kopf.on.event(GROUP, VERSION, IDMRESTORES, labels={SCHEDULE_LABEL: kopf.PRESENT})
+async def drill_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A schedule's drill finished or vanished: its schedule records the outcome now."""
+    _wake_owner(body, memo)
 
 
 @kopf.on.event(GROUP, VERSION, IDMBACKUPSCHEDULES)

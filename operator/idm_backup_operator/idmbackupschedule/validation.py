@@ -1,6 +1,7 @@
-"""What the CRD schema cannot check in an IdmBackupSchedule: its cron expression and time zone, its
-retention policy, and its template, checked as an IdmBackup's spec is (idmbackup/validation.py) except
-that missing references only warn: GitOps may create the Secrets after the schedule.
+"""What the CRD schema cannot check in an IdmBackupSchedule: its cron expressions (backups and drills) and
+time zones, its retention policy, and its template, checked as an IdmBackup's spec is
+(idmbackup/validation.py) except that missing references only warn: GitOps may create the Secrets after
+the schedule.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from idm_backup_operator.idmbackup.validation import Findings, ReferenceScope, Requester, backup_findings
-from idm_backup_operator.idmbackupschedule import clock
+from idm_backup_operator.idmbackupschedule import clock, drills
 from idm_backup_operator.idmbackupschedule.spec import retention_policy
 
 
@@ -36,6 +37,16 @@ def schedule_findings(
             clock.next_tick(cron, now, zone)
         except clock.InvalidSchedule as err:
             findings.errors.append(f"spec.schedule: {err}")
+    try:
+        drill = drills.parse_drill_spec(spec)
+        if drill is not None:
+            clock.next_tick(drill.cron, now, drill.tz)
+    except clock.InvalidSchedule as err:
+        message = str(err)
+        if not message.startswith("spec.timeZone"):  # already said above
+            findings.errors.append(
+                message if message.startswith("spec.") else f"spec.drill.schedule: {message}"
+            )
     try:
         retention_policy(spec)
     except ValueError as err:
