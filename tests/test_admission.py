@@ -826,6 +826,16 @@ def test_a_restore_may_use_only_the_secrets_its_creator_may_read(
         "IdmRestore nothing refused (1 problem): spec.source.backupRef: IdmBackup "
         f"{namespace}/weekly not found"
     ) in _refused_restore(lambda: _create_restore(bob, namespace, "nothing", missing))
+    # A drill has the operator create a pod from bob's template: only if bob may create pods himself.
+    drill = _restore_spec(platform, {"backupRef": {"name": "nightly"}}, mode="Drill")
+    ldap = drill.pop("target")["ldap"]
+    del drill["confirm"]
+    drill["drill"] = {"podTemplate": {"spec": {"containers": [{"name": "c", "image": "x"}]}}, "ldap": ldap}
+    assert (
+        f"IdmRestore drill refused (1 problem): spec.drill.podTemplate: bob may not create pods in "
+        f"namespace {namespace}, so no drill they create may have the operator create one for them "
+        "(RBAC: create on pods)"
+    ) in _refused_restore(lambda: _create_restore(bob, namespace, "drill", drill))
 
 
 # -- restore_findings by itself, against fakes of the API: the source's states, without a platform -----

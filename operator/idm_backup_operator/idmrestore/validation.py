@@ -66,6 +66,7 @@ from idm_backup_operator.idmbackup.validation import (
     target_secret_refs,
 )
 from idm_backup_operator.kube import references
+from idm_backup_operator.kube.access import may
 from idm_backup_operator.kube.backups import NotFound
 from idm_backup_operator.kube.errors import ApiError
 from idm_backup_operator.storage import StorageError
@@ -117,6 +118,7 @@ def restore_findings(
     if requester is not None:
         denied, withheld = access_problems(refs, where, requester, user="restore")
         findings.errors.extend(denied)
+        findings.errors.extend(_drill_rights(spec, where, requester))
     checks = [
         *([] if spec.target is None else target_checks(spec.target, "spec.target", where)),
         *_drill_checks(spec, where),
@@ -198,6 +200,32 @@ def _pod_template_secrets(template: Mapping[str, Any]) -> set[str]:
             if name := (source.get("secretRef") or {}).get("name"):
                 names.add(str(name))
     return names
+
+
+def _drill_rights(spec: RestoreSpec, where: ReferenceScope, requester: Requester) -> list[str]:
+    """A drill makes the operator create a pod (and a claim) from the requester's template: only for a
+    requester who may create them in the namespace themselves, or an IdmRestore would lend them the
+    operator's rights."""
+    if spec.drill is None:
+        return []
+    wanted = [("pods", "spec.drill.podTemplate")]
+    if spec.drill.volume_claim_template is not None:
+        wanted.append(("persistentvolumeclaims", "spec.drill.volumeClaimTemplate"))
+    problems = []
+    for resource, field in wanted:
+        try:
+            allowed = may(where, requester, "create", resource)
+        except ApiError as err:
+            problems.append(
+                f"{field}: cannot ask whether {requester.username} may create {resource}: {err.reason}"
+            )
+            continue
+        if not allowed:
+            problems.append(
+                f"{field}: {requester.username} may not create {resource} in namespace {where.namespace}, so "
+                f"no drill they create may have the operator create one for them (RBAC: create on {resource})"
+            )
+    return problems
 
 
 def _drill_checks(spec: RestoreSpec, where: ReferenceScope) -> list[Check]:

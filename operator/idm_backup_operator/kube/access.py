@@ -49,6 +49,20 @@ class Requester:
 
 def may_get_secret(where: ReferenceScope, requester: Requester, name: str) -> bool:
     """Raises ApiError when the API server cannot answer (e.g. the operator may not ask)."""
+    return may(where, requester, "get", "secrets", name=name)
+
+
+def may(
+    where: ReferenceScope,
+    requester: Requester,
+    verb: str,
+    resource: str,
+    *,
+    group: str = "",
+    name: str | None = None,
+) -> bool:
+    """Whether the requester may `verb` the `resource` in the scope's namespace (a SubjectAccessReview).
+    Raises ApiError when the API server cannot answer (e.g. the operator may not ask)."""
     assert where.authorization is not None, "a requester needs ReferenceScope.authorization"
     review = client.V1SubjectAccessReview(
         spec=client.V1SubjectAccessReviewSpec(
@@ -57,7 +71,7 @@ def may_get_secret(where: ReferenceScope, requester: Requester, name: str) -> bo
             groups=list(requester.groups) or None,
             extra={key: list(values) for key, values in requester.extra.items()} or None,
             resource_attributes=client.V1ResourceAttributes(
-                namespace=where.namespace, verb="get", group="", resource="secrets", name=name
+                namespace=where.namespace, verb=verb, group=group, resource=resource, name=name
             ),
         )
     )
