@@ -439,6 +439,34 @@ def test_cluster_mode_renders_one_cluster_role_with_exactly_the_needed_rules(
     assert not of_kind(docs, "ServiceMonitor")
 
 
+# What drills.enabled adds: a schedule's drill IdmRestores, and each drill's scratch pod, claim and policy.
+DRILL_RULES = {
+    ("idm-backup.io", "idmrestores"): {"create", "delete"},
+    ("", "pods"): {"create", "delete"},
+    ("", "persistentvolumeclaims"): {"create", "delete"},
+    ("networking.k8s.io", "networkpolicies"): {"create", "delete"},
+}
+
+
+def test_drills_are_off_by_default_and_enabling_them_grants_exactly_what_they_create(
+    helm: Callable[..., str],
+) -> None:
+    def deployment_env(docs: list[dict[str, Any]]) -> dict[str, Any]:
+        (deploy,) = of_kind(docs, "Deployment")
+        return {e["name"]: e.get("value") for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+    off = render(helm)
+    assert "IDM_BACKUP_ENABLE_DRILLS" not in deployment_env(off)
+    on = render(helm, "--set", "drills.enabled=true")
+    assert deployment_env(on)["IDM_BACKUP_ENABLE_DRILLS"] == "true"
+    (role,) = operators(on, "ClusterRole")
+    expected = {**NAMESPACED_RULES, **CRD_DISCOVERY}
+    for key, verbs in DRILL_RULES.items():
+        expected[key] = expected.get(key, set()) | verbs
+    assert rules_of(role) == expected
+    assert_no_wildcards(on)
+
+
 def test_namespace_mode_renders_a_role_per_watched_namespace_and_only_read_only_discovery(
     helm: Callable[..., str],
 ) -> None:

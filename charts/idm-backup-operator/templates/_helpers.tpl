@@ -67,7 +67,7 @@ RBAC rules for the resources the operator handles and the objects a backup touch
 - apiGroups: [idm-backup.io]
   resources: [idmbackups]
   verbs: [get, list, watch, patch, create, delete]
-# The operator never creates or deletes schedules or restores: it only follows them.
+# The operator never creates or deletes schedules, nor restores unless drills are enabled (below).
 - apiGroups: [idm-backup.io]
   resources: [idmbackupschedules, idmrestores]
   verbs: [get, list, watch, patch]
@@ -94,6 +94,19 @@ RBAC rules for the resources the operator handles and the objects a backup touch
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
+{{- if .Values.drills.enabled }}
+# Restore drills: a schedule creates its drill IdmRestores and deletes all but the newest three; each
+# drill creates its scratch pod, claim and deny-egress NetworkPolicy, and deletes them when it ends.
+- apiGroups: [idm-backup.io]
+  resources: [idmrestores]
+  verbs: [create, delete]
+- apiGroups: [""]
+  resources: [pods, persistentvolumeclaims]
+  verbs: [create, delete]
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [create, delete]
+{{- end }}
 {{- end }}
 
 {{/*
