@@ -119,8 +119,8 @@ def _drill(
         raise RestoreFailed(
             "DrillsDisabled",
             "this operator does not run restore drills: a drill creates a pod from the IdmRestore's "
-            "template, which its administrator must allow (Helm value drills.enabled, operator flag "
-            "--enable-drills)",
+            "template, which its administrator must allow (Helm value drills.enabled; outside the chart, "
+            "IDM_BACKUP_ENABLE_DRILLS=true)",
         )
     scratch = ScratchServer(
         services.core, services.networking, resource, drill.pod_template, drill.volume_claim_template
