@@ -1,7 +1,7 @@
 """The command line: verify (name, URI, directory; corrupted; wrong key), list, describe, backup-now,
-restore; what scripts get (-o json|yaml, exit codes, one-line errors) and what people get (progress, human
-sizes, help with examples, completion, escaped control characters), on the platform where it talks to
-something.
+restore, drill; what scripts get (-o json|yaml, exit codes, one-line errors) and what people get
+(progress, human sizes, help with examples, completion, escaped control characters), on the platform
+where it talks to something.
 """
 
 from __future__ import annotations
@@ -36,10 +36,20 @@ from idm_backup_operator.cli import (
     build_parser,
     main,
     manual_backup_name,
+    read_claim_template,
+    read_pod_template,
     restore_location,
     restore_name,
 )
-from idm_backup_operator.cli_output import Progress, bash_completion, clean, transfer_detail, zsh_completion
+from idm_backup_operator.cli_output import (
+    Progress,
+    bash_completion,
+    clean,
+    restore_document,
+    restore_text,
+    transfer_detail,
+    zsh_completion,
+)
 from idm_backup_operator.streams import human_size
 from testbed import stack
 from testbed.deploy import OperatorProcess
@@ -49,6 +59,7 @@ from tests.helpers import (
     GROUP,
     S3_SECRET,
     VERSION,
+    apply,
     backup_spec,
     create_backup,
     create_schedule,
@@ -60,9 +71,11 @@ from tests.helpers import (
 )
 
 # The restore tests' own 389-ds (one per module: a restore replaces whole backends) and stand-in server on
-# it, as this module's fixtures too: pytest finds a module's fixtures by its names.
+# it, and the drills' scratch directory, as this module's fixtures too: pytest finds a module's fixtures by
+# its names.
 directory = restore_tests.directory
 server = restore_tests.server
+drill_directory = restore_tests.drill_directory
 
 Run = Callable[..., tuple[int, str]]
 Run3 = Callable[..., tuple[int, str, str]]
@@ -310,7 +323,16 @@ def _subcommands() -> dict[str, argparse.ArgumentParser]:
 
 def test_every_help_has_examples_that_parse_and_says_what_the_exit_codes_mean() -> None:
     commands = _subcommands()
-    assert set(commands) == {"run", "backup-now", "list", "describe", "verify", "restore", "completion"}
+    assert set(commands) == {
+        "run",
+        "backup-now",
+        "list",
+        "describe",
+        "verify",
+        "restore",
+        "drill",
+        "completion",
+    }
     for name, sub in commands.items():
         text = sub.format_help()
         examples = text.split("\nexamples:\n", 1)[1].split("\n\n", 1)[0].replace("\\\n", " ")
@@ -369,6 +391,8 @@ def test_completion_scripts_offer_every_subcommand_and_option(tmp_path: Path, cl
     assert complete("restore", "--backend", "") == ["userRoot", "ipaca"]
     assert complete("restore", "--type", "") == ["Data", "Full"]
     assert complete("restore", "--no-w") == ["--no-wait"]
+    assert complete("drill", "--pod-t") == ["--pod-template"]
+    assert complete("drill", "--pod-template", str(tmp_path / "compl")) == [str(script)]
 
 
 def test_progress_is_live_on_a_terminal_and_plain_lines_otherwise() -> None:
@@ -998,3 +1022,185 @@ def test_restore_creates_an_idmrestore_prints_each_step_and_how_it_ended(
     )["spec"]
     assert spec["source"]["location"]["storage"]["s3"]["prefix"] == f"restore/{namespace}"
     assert spec["source"]["location"]["directory"] == archive_dir.split(f"restore/{namespace}/", 1)[1]
+
+
+def test_drill_templates_are_checked_before_anything_is_created_and_its_summary_says_what_it_proved(
+    tmp_path: Path, cli3: Run3
+) -> None:
+    # A Pod manifest as `kubectl get pod -o yaml` prints it: its labels and spec, not where it was scheduled.
+    pod = tmp_path / "pod.yaml"
+    spec = {
+        "nodeName": "node-1",
+        "containers": [{"name": "freeipa", "image": "freeipa"}],
+        "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "ipa-data"}}],
+    }
+    manifest = {"kind": "Pod", "metadata": {"name": "ipa", "uid": "1", "labels": {"a": "b"}}, "spec": spec}
+    pod.write_text(yaml.safe_dump({**manifest, "status": {"phase": "Running"}}))
+    del spec["nodeName"]
+    assert read_pod_template(str(pod), claim_replaces_data=True) == {
+        "metadata": {"labels": {"a": "b"}},
+        "spec": spec,
+    }
+    claim = tmp_path / "claim.yaml"
+    claim.write_text(
+        yaml.safe_dump({"kind": "PersistentVolumeClaim", "spec": {"accessModes": ["ReadWriteOnce"]}})
+    )
+    assert read_claim_template(str(claim)) == {"accessModes": ["ReadWriteOnce"]}
+    # Usage errors, one line and exit 2, before the cluster is asked anything (there is none here: it would
+    # be "no usable Kubernetes configuration", exit 3).
+    files = {
+        "not.yaml": "spec: [containers\n",
+        "list.yaml": "- containers: []\n",
+        "empty.yaml": "",
+        "no-containers.yaml": "metadata: {labels: {a: b}}\nspec: {volumes: []}\n",
+        "deployment.yaml": "kind: Deployment\nspec: {template: {spec: {containers: [{name: c}]}}}\n",
+    }
+    expected = {
+        "not.yaml": "is not YAML: line 2, column 1: expected ',' or ']', but got '<stream end>'",
+        "list.yaml": "holds a list, not one YAML mapping",
+        "empty.yaml": "holds nothing, not one YAML mapping",
+        "no-containers.yaml": "has no spec.containers: a PodTemplateSpec (metadata, spec) or a Pod manifest "
+        "is needed",
+        "deployment.yaml": "is a Deployment, not a Pod or a PodTemplateSpec: its spec.template is a "
+        "PodTemplateSpec",
+        "pod.yaml": "mounts data (claim ipa-data) read-write: the drill would restore into a volume it "
+        "shares, production's perhaps. Give --volume-claim-template (a claim of its own for the volume "
+        "named data), or take that volume out",
+    }
+    base = ["drill", "nightly", "--kubeconfig", os.devnull, "-n", "identity", "--ldap-url", "ldaps://ipa"]
+    base += ["--ldap-password-secret", "dm"]
+    for name, message in expected.items():
+        path = tmp_path / name
+        if name in files:
+            path.write_text(files[name])
+        code, stdout, stderr = cli3(*base, "--pod-template", str(path))
+        assert (code, stdout, stderr.splitlines()) == (
+            EXIT_USAGE,
+            "",
+            [f"error: --pod-template {path} {message}"],
+        )
+    code, _, stderr = cli3(*base, "--pod-template", str(pod), "--volume-claim-template", str(pod))
+    assert (code, stderr) == (
+        EXIT_USAGE,
+        f"error: --volume-claim-template {pod} is a Pod, not a PersistentVolumeClaim or its spec\n",
+    )
+    code, _, stderr = cli3(*base, "--pod-template", str(tmp_path / "missing.yaml"))
+    assert (code, stderr) == (
+        EXIT_ERROR,
+        f"error: cannot read --pod-template file {tmp_path}/missing.yaml: No such file or directory\n",
+    )
+    # What a drill proved, for people and as a document: no replication, the scratch server's fate instead.
+    obj: dict[str, Any] = {
+        "metadata": {"namespace": "identity", "name": "d"},
+        "spec": {"mode": "Drill", "source": {"backupRef": {"name": "nightly"}}},
+        "status": {
+            "phase": "Succeeded",
+            "target": {"pod": "d-drill", "host": "ipa.example.test"},
+            "check": {"entries": [{"backend": "userRoot", "expected": 146, "found": 146}]},
+            "drill": {"pod": "d-drill", "restoreSeconds": 754.2, "entries": 146},
+        },
+    }
+    document = restore_document(obj)
+    assert document["drill"] == {"pod": "d-drill", "restoreSeconds": 754.2, "entries": 146, "remaining": None}
+    for remaining, fate in (
+        ([], "deleted, nothing of it is left (pod, claim, NetworkPolicy)"),
+        (["pod/d-drill"], "still there: pod/d-drill"),
+    ):
+        document["drill"]["remaining"] = remaining
+        text = "\n".join(restore_text(document))
+        assert re.search(
+            rf"^Scratch server:\s+ipa.example.test \(pod d-drill\): {re.escape(fate)}$", text, re.M
+        )
+        assert re.search(
+            r"^Restore time:\s+the restore took 754.2 s \(12m34s\): your recovery time$", text, re.M
+        )
+        assert re.search(r"^Entries:\s+146 in the restored directory, every backend together$", text, re.M)
+        assert "Replication" not in text and "Target" not in text
+    failed = {**obj, "status": {"phase": "Failed", "reason": "DrillsDisabled"}}
+    text = "\n".join(restore_text(restore_document(failed)))
+    assert re.search(r"^Scratch server:\s+not created$", text, re.M), text
+    assert re.search(r"^Restore time:\s+not measured", text, re.M), text
+    assert restore_document({**obj, "spec": {"mode": "InPlace"}})["drill"] is None
+
+
+@pytest.fixture
+def drills_enabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Set before the operator starts (usefixtures come first): it runs drills only if told to."""
+    monkeypatch.setenv("IDM_BACKUP_ENABLE_DRILLS", "true")
+
+
+@pytest.mark.platform
+@pytest.mark.usefixtures("drills_enabled")
+def test_drill_restores_into_a_scratch_server_says_how_long_it_took_and_leaves_nothing(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    directory: Any,
+    drill_directory: Any,
+    server: Callable[..., str],
+    operator: OperatorProcess,
+    run_backup: Callable[..., dict[str, Any]],
+    tmp_path: Path,
+    cli3: Run3,
+) -> None:
+    server()
+    secret = restore_tests.DRILL_DM_SECRET
+    apply(
+        api,
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": secret},
+            "stringData": {"password": drill_directory.password},
+        },
+    )
+    backup = run_backup("nightly", restore_tests.data_backup(platform, directory, f"restore/{namespace}"))
+    assert backup["status"]["phase"] == "Succeeded", backup["status"]
+    (tmp_path / "drill-data").mkdir()
+    template = restore_tests.drill_spec(drill_directory, tmp_path / "drill-data", {})["drill"]["podTemplate"]
+    argv = ["drill", "nightly", "-n", namespace, "--key-secret", restore_tests.PRIVATE_KEY_SECRET]
+    argv += ["--ldap-url", drill_directory.uri, "--ldap-password-secret", secret, "--ready-timeout", "60"]
+
+    # A template that is none: refused, nothing created.
+    wrong = tmp_path / "deployment.yaml"
+    wrong.write_text(yaml.safe_dump({"kind": "Deployment", "spec": {"template": template}}))
+    code, stdout, stderr = cli3(*argv, "--pod-template", str(wrong))
+    assert (code, stdout) == (EXIT_USAGE, ""), stderr
+    assert stderr.startswith(f"error: --pod-template {wrong} is a Deployment, not a Pod"), stderr
+    assert list_restores(api, namespace) == []
+
+    # A whole Pod manifest as kubectl prints it; with its node, which would leave the scratch pod unscheduled.
+    pod = tmp_path / "pod.yaml"
+    manifest = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "ipa-hidden", **template["metadata"]}}
+    pod.write_text(yaml.safe_dump({**manifest, "spec": {**template["spec"], "nodeName": "gone"}}))
+    code, stdout, stderr = cli3(*argv, "--pod-template", str(pod), "--timeout", "120")
+    assert (code, stderr) == (EXIT_OK, ""), stdout + stderr
+    lines = stdout.splitlines()
+    created = re.fullmatch(
+        rf"idmrestore {namespace}/(nightly-drill-\d{{14}}) created: IdmBackup nightly into scratch pod "
+        r"(\S+-drill), walled off, deleted afterwards",
+        lines[0],
+    )
+    assert created, stdout
+    name, scratch = created.groups()
+    progress = [re.sub(r"^\[\s*[\dsmhd]+\] ", "", line) for line in lines if line.startswith("[")]
+    steps = [line.split(": ", 1)[1] for line in progress if re.match(r"(Pending|Running): ", line)]
+    pipeline = ["scratch server", "verify", "stage", "ipa-restore", "check", "clean-up"]
+    assert [step for step in steps if step in pipeline] == pipeline, stdout  # no re-hide, no replication
+    summary = "\n".join(lines[1 + len(progress) :])
+    status = client.CustomObjectsApi(api).get_namespaced_custom_object(
+        GROUP, VERSION, namespace, "idmrestores", name
+    )["status"]
+    assert status["drill"]["pod"] == scratch and status["drill"]["entries"] > 0, status
+    assert re.match(r"Phase:\s+Succeeded\nReason:\s+RestoreSucceeded\n", summary), summary
+    assert re.search(
+        rf"^Scratch server:\s+{restore_tests.HOST} \(pod {scratch}\): deleted, nothing of it is left",
+        summary,
+        re.M,
+    ), summary
+    seconds = status["drill"]["restoreSeconds"]
+    assert re.search(rf"^Restore time:\s+the restore took {seconds:g} s: your recovery time$", summary, re.M)
+    assert re.search(rf"^Entries:\s+{status['drill']['entries']} in the restored directory", summary, re.M)
+    assert "Replication" not in summary
+    assert restore_tests.scratch_objects(api, namespace) == []

@@ -6,6 +6,7 @@
 * ``describe backup|schedule NAME``: status, conditions, recent Events and, for a backup, its stored files;
 * ``verify``: whether a stored backup can be restored, checked end to end with the private key;
 * ``restore``: an IdmRestore of a backup (by IdmBackup, schedule or stored location), followed to its end;
+* ``drill``: the same IdmRestore in mode Drill: into a throwaway server, timed, and that server deleted;
 * ``completion bash|zsh``: a shell completion script, generated from this parser.
 
 Everything but ``run`` works from a laptop: Kubernetes through the kubeconfig (``--kubeconfig``,
@@ -31,7 +32,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
@@ -42,6 +43,7 @@ from kubernetes import client, config, watch
 
 from idm_backup_operator import __version__, logs, metrics
 from idm_backup_operator.api.names import (
+    DRILL_LABEL,
     GROUP,
     IDMBACKUP,
     IDMBACKUPS,
@@ -108,19 +110,21 @@ SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/
 # Exit status of every command but `run`. 1 is only ever "the backup is broken" or "the restore failed"; a
 # script that alerts on it alerts on backups and restores, and retries or pages someone else on 3.
 EXIT_OK = 0
-EXIT_BROKEN = 1  # verify: it cannot be restored; backup-now --wait: the backup failed; restore: it failed
+EXIT_BROKEN = 1  # verify: it cannot be restored; backup-now --wait: it failed; restore, drill: it failed
 EXIT_USAGE = 2  # the command line is wrong (argparse's own status for usage errors)
 EXIT_ERROR = 3  # could not do it, or could not check: API server, storage, a file, a missing resource
 EXIT_INTERRUPTED = 130
 EXIT_STATUS = f"""\
 exit status:
   {EXIT_OK}    done; verify: the backup can be restored; backup-now --wait: the backup succeeded;
-       restore: the restore succeeded
+       restore, drill: it succeeded
   {EXIT_BROKEN}    the backup is broken or the restore failed: verify: it cannot be restored;
-       backup-now --wait: it failed; restore: it failed (the reason is printed)
-  {EXIT_USAGE}    usage: the command line is wrong (restore: without --confirm)
+       backup-now --wait: it failed; restore, drill: it failed (the reason is printed)
+  {EXIT_USAGE}    usage: the command line is wrong (restore: without --confirm; drill: a template file
+       that is not one)
   {EXIT_ERROR}    could not do it or could not check: the API server or the storage is unreachable or
-       refuses, a resource or file is missing or unreadable, backup-now --wait or restore timed out
+       refuses, a resource or file is missing or unreadable, backup-now --wait, restore or drill timed
+       out
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
 Errors are one line on stderr, starting with "error: "."""
 
@@ -128,6 +132,7 @@ OUTPUT_FORMATS = ("table", "wide", "json", "yaml")
 RECENT_EVENTS = 20
 POLL_INTERVAL = 2.0  # seconds between two reads of a backup that backup-now --wait follows
 WATCH_SECONDS = 10  # restore: the longest watch request; then the restore is read again
+SCRATCH_GONE_SECONDS = 60  # drill: how long its end may wait for the scratch server to be deleted
 DEFAULT_KEY_SECRET_KEY = "private.asc"  # as IdmRestore's spec.decryption.secretKeySecretRef.key
 API_TIMEOUT = (10, 60)  # (connect, read) seconds of each API call made here
 
@@ -379,10 +384,11 @@ _BACKUP_FILES = re.compile(r"header|manifest\.json|ipa-(full|data)\.tar(\.gpg)?"
 _NOT_A_NAME = re.compile(r"[^a-z0-9.-]+")
 
 
-def restore_name(base: str, now: datetime.datetime) -> str:
-    """`<base>-restore-<YYYYMMDDhhmmss>` (UTC); a long base is cut and given a hash."""
+def restore_name(base: str, now: datetime.datetime, verb: str = "restore") -> str:
+    """`<base>-restore-<YYYYMMDDhhmmss>` (UTC), `<base>-drill-...` for a drill; a long base is cut and given
+    a hash."""
     base = _NOT_A_NAME.sub("-", base.lower()).strip("-.") or "idm"
-    return bounded_name(base, f"-restore-{now.astimezone(datetime.UTC):%Y%m%d%H%M%S}")
+    return bounded_name(base, f"-{verb}-{now.astimezone(datetime.UTC):%Y%m%d%H%M%S}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -469,8 +475,8 @@ def _check_restore_what(args: argparse.Namespace) -> None:
     given += ["--location"] if args.location else []
     if len(given) != 1:
         raise CommandError(
-            "restore what? Give one of BACKUP (an IdmBackup's name), --schedule NAME or --location URI"
-            + (f", not {' and '.join(given)}" if given else ""),
+            f"{args.command} what? Give one of BACKUP (an IdmBackup's name), --schedule NAME or "
+            "--location URI" + (f", not {' and '.join(given)}" if given else ""),
             EXIT_USAGE,
         )
     if not args.location:
@@ -536,12 +542,7 @@ def _restore_target(args: argparse.Namespace, base: Mapping[str, Any] | None) ->
         target["podName" if args.pod else "host"] = args.pod or args.host
     if args.container:
         target["container"] = args.container
-    ldap = dict(target.get("ldap") or {})
-    if args.ldap_url:
-        ldap["url"] = args.ldap_url
-    if args.ldap_password_secret:
-        ldap["passwordSecretRef"] = {"name": args.ldap_password_secret}
-    target["ldap"] = ldap
+    ldap = target["ldap"] = _ldap(args, target.get("ldap"))
     missing = [
         flag
         for flag, there in (
@@ -560,6 +561,18 @@ def _restore_target(args: argparse.Namespace, base: Mapping[str, Any] | None) ->
     return target
 
 
+def _ldap(args: argparse.Namespace, base: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The server's LDAP (a target's, a drill's): `base` with what --ldap-* say."""
+    ldap = dict(base or {})
+    if args.ldap_url:
+        ldap["url"] = args.ldap_url
+    if args.ldap_password_secret:
+        ldap["passwordSecretRef"] = {"name": args.ldap_password_secret}
+    if args.ldap_ca_secret:
+        ldap["caSecretRef"] = {"name": args.ldap_ca_secret}
+    return ldap
+
+
 def _target_text(target: Mapping[str, Any]) -> str:
     if target.get("podName"):
         return f"pod {target['podName']}"
@@ -568,14 +581,21 @@ def _target_text(target: Mapping[str, Any]) -> str:
     return "the pod its podSelector selects"
 
 
+def _decryption(args: argparse.Namespace) -> dict[str, Any]:
+    """spec.decryption, if a key Secret is given, as a part of the spec."""
+    if not args.key_secret:
+        if args.passphrase_secret or args.key_secret_key != DEFAULT_KEY_SECRET_KEY:
+            raise CommandError("--key-secret-key and --passphrase-secret go with --key-secret", EXIT_USAGE)
+        return {}
+    decryption: dict[str, Any] = {"secretKeySecretRef": {"name": args.key_secret, "key": args.key_secret_key}}
+    if args.passphrase_secret:
+        decryption["passphraseSecretRef"] = {"name": args.passphrase_secret}
+    return {"decryption": decryption}
+
+
 def _restore_spec(args: argparse.Namespace, source: _Source, target: dict[str, Any]) -> dict[str, Any]:
     spec: dict[str, Any] = {"source": source.spec, "target": target, "confirm": args.confirm}
-    if args.key_secret:
-        spec["decryption"] = {"secretKeySecretRef": {"name": args.key_secret, "key": args.key_secret_key}}
-        if args.passphrase_secret:
-            spec["decryption"]["passphraseSecretRef"] = {"name": args.passphrase_secret}
-    elif args.passphrase_secret or args.key_secret_key != DEFAULT_KEY_SECRET_KEY:
-        raise CommandError("--key-secret-key and --passphrase-secret go with --key-secret", EXIT_USAGE)
+    spec.update(_decryption(args))
     if args.type:
         spec["type"] = args.type
     if args.online:
@@ -637,14 +657,28 @@ def _restore(args: argparse.Namespace) -> int:
             f"a restore overwrites the live directory of {what}: if that is what you want, add {typed}",
             EXIT_USAGE,
         )
+    spec = _restore_spec(args, source, target)
+    return _create_and_follow(args, custom, namespace, source, spec, lambda _: f"into {_target_text(target)}")
+
+
+def _create_and_follow(
+    args: argparse.Namespace,
+    custom: Any,
+    namespace: str,
+    source: _Source,
+    spec: dict[str, Any],
+    into: Callable[[str], str],
+) -> int:
+    """What restore and drill share once the spec is made: create the IdmRestore, say so (`into` its name
+    says where it goes), follow it step by step and print how it ended. 0 if it succeeded, 1 if it failed."""
     custom = custom or client.CustomObjectsApi(_api(args))
     now = datetime.datetime.now(datetime.UTC)
-    name = args.name or restore_name(source.base_name, now)
+    name = args.name or restore_name(source.base_name, now, args.command)
     body = {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": IDMRESTORE,
         "metadata": {"name": name, "namespace": namespace},
-        "spec": _restore_spec(args, source, target),
+        "spec": spec,
     }
     try:
         created = custom.create_namespaced_custom_object(
@@ -658,7 +692,7 @@ def _restore(args: argparse.Namespace) -> int:
     stream = progress_stream(args.output)
     if stream is not None:
         print(
-            clean(f"idmrestore {namespace}/{name} created: {source.describe} into {_target_text(target)}"),
+            clean(f"idmrestore {namespace}/{name} created: {source.describe} {into(name)}"),
             file=stream,
             flush=True,
         )
@@ -666,6 +700,8 @@ def _restore(args: argparse.Namespace) -> int:
     if args.wait:
         obj = _follow_restore(custom, namespace, name, args.timeout, stream)
     document = restore_document(obj)
+    if args.wait and document["drill"] is not None:
+        document["drill"]["remaining"] = _scratch_remaining(custom.api_client, namespace, name, stream)
     if args.output in ("json", "yaml"):
         emit_document(document, args.output)
     elif args.wait:
@@ -694,6 +730,156 @@ def _follow_restore(custom: Any, namespace: str, name: str, timeout: float, stre
     raise CommandError(
         f"IdmRestore {namespace}/{name} did not finish within {timeout:g}s; it goes on: "
         f"kubectl describe idmrestore {name} -n {namespace}"
+    )
+
+
+def _scratch_remaining(api: client.ApiClient, namespace: str, name: str, stream: Any) -> list[str] | None:
+    """What is left of a finished drill's scratch server (its pod, claim and NetworkPolicy, by their label),
+    after waiting up to SCRATCH_GONE_SECONDS: the operator deletes them once the drill has ended, which
+    its status says a moment before. None if they cannot be listed; a warning on stderr says why."""
+    core, networking = client.CoreV1Api(api), client.NetworkingV1Api(api)
+    selector = f"{DRILL_LABEL}={name}"
+    deadline = time.monotonic() + SCRATCH_GONE_SECONDS
+    with Progress(stream) as progress:
+        while True:
+            try:
+                left = [
+                    f"{kind}/{item.metadata.name}"
+                    for kind, listing in (
+                        ("pod", core.list_namespaced_pod),
+                        ("persistentvolumeclaim", core.list_namespaced_persistent_volume_claim),
+                        ("networkpolicy", networking.list_namespaced_network_policy),
+                    )
+                    for item in listing(
+                        namespace, label_selector=selector, _request_timeout=API_TIMEOUT
+                    ).items
+                ]
+            except client.ApiException as err:
+                problem = _api_refusal(err)
+            except urllib3.exceptions.HTTPError as err:
+                problem = _unreachable(err)
+            else:
+                if not left or time.monotonic() >= deadline:
+                    return left
+                progress.step(f"waiting for the scratch server to be deleted: {', '.join(left)}")
+                progress.tick()
+                time.sleep(1)
+                continue
+            _error(f"cannot tell whether the scratch server of {name} is gone: {problem}", "warning")
+            return None
+
+
+_YAML_KINDS = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
+
+
+def _yaml_file(path: str, option: str) -> dict[str, Any]:
+    """The one YAML mapping in a file given to `option`; usage errors (2) say what is wrong with it."""
+    text = _read_file(path, f"{option} file").decode("utf-8", "replace")
+    try:
+        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(err, "problem", None) or err
+        raise CommandError(f"{option} {path} is not YAML: {where}{one_line(problem)}", EXIT_USAGE) from None
+    if len(documents) == 1 and isinstance(documents[0], dict):
+        return documents[0]
+    if not documents:
+        found = "nothing"
+    elif len(documents) > 1:
+        found = f"{len(documents)} YAML documents"
+    else:
+        found = _YAML_KINDS.get(type(documents[0]), "something else")
+    raise CommandError(f"{option} {path} holds {found}, not one YAML mapping", EXIT_USAGE)
+
+
+def read_pod_template(path: str, *, claim_replaces_data: bool) -> dict[str, Any]:
+    """--pod-template: a PodTemplateSpec (metadata, spec), or a whole Pod manifest, of which only the labels
+    and the spec are used (less spec.nodeName: where the scheduler put that pod). Refused (2) before anything
+    is created: what is no pod template, and a template mounting a claim the drill would share, production's
+    data perhaps (the claim template replaces the volume named data; a read-only claim is left alone)."""
+    document = _yaml_file(path, "--pod-template")
+    kind, spec, metadata = document.get("kind"), document.get("spec"), document.get("metadata") or {}
+    if kind not in (None, "Pod"):
+        hint = (
+            ": its spec.template is a PodTemplateSpec"
+            if isinstance(spec, dict) and "template" in spec
+            else ""
+        )
+        raise CommandError(
+            f"--pod-template {path} is a {kind}, not a Pod or a PodTemplateSpec{hint}", EXIT_USAGE
+        )
+    containers = spec.get("containers") if isinstance(spec, dict) else None
+    if not containers or not isinstance(containers, list) or not all(isinstance(c, dict) for c in containers):
+        raise CommandError(
+            f"--pod-template {path} has no spec.containers: a PodTemplateSpec (metadata, spec) or a Pod "
+            "manifest is needed",
+            EXIT_USAGE,
+        )
+    if not isinstance(metadata, dict):
+        raise CommandError(f"--pod-template {path}: its metadata is not a mapping", EXIT_USAGE)
+    assert isinstance(spec, dict)
+    if kind == "Pod":
+        # What makes the pod what it is; not its name, namespace, owners or status.
+        metadata = {"labels": metadata["labels"]} if metadata.get("labels") else {}
+        spec = {k: v for k, v in spec.items() if k != "nodeName"}
+    volumes = spec.get("volumes")
+    volumes = volumes if isinstance(volumes, list) else []
+    shared = [
+        f"{volume.get('name')} (claim {volume['persistentVolumeClaim'].get('claimName')})"
+        for volume in volumes
+        if isinstance(volume, dict)
+        and isinstance(volume.get("persistentVolumeClaim"), dict)
+        and not volume["persistentVolumeClaim"].get("readOnly")
+        and not (claim_replaces_data and volume.get("name") == "data")
+    ]
+    if shared:
+        raise CommandError(
+            f"--pod-template {path} mounts {', '.join(shared)} read-write: the drill would restore into a "
+            "volume it shares, production's perhaps. Give --volume-claim-template (a claim of its own for "
+            "the volume named data), or take that volume out",
+            EXIT_USAGE,
+        )
+    return {**({"metadata": metadata} if metadata else {}), "spec": spec}
+
+
+def read_claim_template(path: str) -> dict[str, Any]:
+    """--volume-claim-template: a PersistentVolumeClaim's spec, or a whole claim manifest (its spec)."""
+    document = _yaml_file(path, "--volume-claim-template")
+    kind = document.get("kind")
+    if kind is not None and kind != "PersistentVolumeClaim":
+        raise CommandError(
+            f"--volume-claim-template {path} is a {kind}, not a PersistentVolumeClaim or its spec", EXIT_USAGE
+        )
+    spec = document.get("spec") if kind else document
+    if not isinstance(spec, dict) or not {"accessModes", "resources"} & set(spec):
+        raise CommandError(
+            f"--volume-claim-template {path} has no claim spec: neither accessModes nor resources", EXIT_USAGE
+        )
+    return spec
+
+
+def _drill(args: argparse.Namespace) -> int:
+    _check_restore_what(args)
+    # The files first: a template that is none is said before anything is read or created.
+    claim = read_claim_template(args.volume_claim_template) if args.volume_claim_template else None
+    template = read_pod_template(args.pod_template, claim_replaces_data=claim is not None)
+    namespace = _namespace(args)
+    custom = None if args.location else client.CustomObjectsApi(_api(args))
+    source = _restore_source(args, custom, namespace)
+    drill: dict[str, Any] = {"podTemplate": template, "ldap": _ldap(args, None)}
+    if claim is not None:
+        drill["volumeClaimTemplate"] = claim
+    if args.ready_timeout is not None:
+        drill["readyTimeoutSeconds"] = args.ready_timeout
+    spec = {"mode": "Drill", "source": source.spec, **_decryption(args), "drill": drill}
+    return _create_and_follow(
+        args,
+        custom,
+        namespace,
+        source,
+        spec,
+        lambda name: f"into scratch pod {bounded_name(name, '-drill')}, walled off, deleted afterwards",
     )
 
 
@@ -1067,7 +1253,7 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value else default
 
 
-def _at_least(minimum: int) -> Any:
+def _at_least(minimum: int, maximum: int | None = None) -> Any:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -1075,6 +1261,8 @@ def _at_least(minimum: int) -> Any:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{value} is less than {minimum}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"{value} is more than {maximum}")
         return value
 
     return parse
@@ -1097,6 +1285,111 @@ def _add_storage_options(parser: argparse.ArgumentParser) -> None:
         "--pvc-root",
         default=os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT),
         help="where PVCs are mounted, for backups stored on a PVC (default: %(default)s)",
+    )
+
+
+def _add_restore_options(parser: argparse.ArgumentParser, verb: str, server: str) -> None:
+    """What restore and drill both take first: the backup, the cluster, the output and the key."""
+    what = parser.add_argument_group(f"what to {verb} (one of)")
+    what.add_argument("backup", nargs="?", metavar="BACKUP", help="an IdmBackup's name: its stored archive")
+    what.add_argument(
+        "--schedule", metavar="NAME", help="an IdmBackupSchedule: its latest Succeeded backup, when it starts"
+    )
+    what.add_argument(
+        "--location",
+        metavar="URI",
+        help="a stored backup directory: s3://bucket/prefix/<namespace>/<host>/<directory>/, "
+        "pvc://claim/subPath/<namespace>/<host>/<directory>/, or a path under --pvc-root",
+    )
+    _add_kube_options(parser, f"the IdmRestore's namespace, with its backup, Secrets and {server}")
+    parser.add_argument(
+        "-o",
+        "--output",
+        choices=("text", "json", "yaml"),
+        default="text",
+        help="how to print how it ended: text, or one JSON or YAML document on stdout, with progress on "
+        "stderr if that is a terminal (default: %(default)s)",
+    )
+    key = parser.add_argument_group("decryption")
+    key.add_argument("--key-secret", metavar="NAME", help="the Secret holding the ASCII-armored private key")
+    key.add_argument(
+        "--key-secret-key",
+        metavar="KEY",
+        default=DEFAULT_KEY_SECRET_KEY,
+        help="its key in the Secret (default: %(default)s)",
+    )
+    key.add_argument(
+        "--passphrase-secret", metavar="NAME", help="a Secret holding the key's passphrase (key: passphrase)"
+    )
+
+
+def _add_ldap_options(group: Any, *, required: bool) -> None:
+    group.add_argument(
+        "--ldap-url",
+        metavar="URL",
+        required=required,
+        help="its LDAP URL, e.g. ldaps://ipa-hidden.example.test" + (" (required)" if required else ""),
+    )
+    group.add_argument(
+        "--ldap-password-secret",
+        metavar="NAME",
+        required=required,
+        help="the Secret with the Directory Manager's password (key: password)"
+        + (" (required)" if required else ""),
+    )
+    group.add_argument(
+        "--ldap-ca-secret",
+        metavar="NAME",
+        help="a Secret with the CA that signed its LDAP certificate, /etc/ipa/ca.crt (key ca.crt; "
+        "default: the system's CAs)",
+    )
+
+
+def _add_following(group: Any, verb: str) -> None:
+    group.add_argument(
+        "--name", help=f"the IdmRestore's name (default: <backup, schedule or directory>-{verb}-<UTC time>)"
+    )
+    group.add_argument(
+        "--wait",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"follow the {verb} until it finished and print how; exit 1 if it failed (default: wait)",
+    )
+    group.add_argument(
+        "--timeout",
+        type=float,
+        default=7200,
+        metavar="SECONDS",
+        help=f"give up waiting after this many seconds (exit 3); the {verb} goes on (default: %(default)g)",
+    )
+
+
+def _add_location_storage(parser: argparse.ArgumentParser) -> None:
+    located = parser.add_argument_group("storage, for --location (the operator reads it, not this command)")
+    located.add_argument(
+        "--s3-endpoint", metavar="URL", help="S3 endpoint URL as the operator reaches it (default: AWS)"
+    )
+    located.add_argument(
+        "--s3-addressing",
+        choices=("default", "path", "virtual"),
+        default="default",
+        help="S3 addressing style (default: path with an endpoint, else virtual)",
+    )
+    located.add_argument("--s3-region", metavar="REGION", help="the bucket's region (default: us-east-1)")
+    located.add_argument(
+        "--s3-credentials-secret",
+        metavar="NAME",
+        help="the Secret with the access key (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY); default: the "
+        "operator's own identity, if its administrator allowed that",
+    )
+    located.add_argument(
+        "--s3-ca-secret", metavar="NAME", help="a Secret with the endpoint's CA (key ca.crt)"
+    )
+    located.add_argument(
+        "--pvc-root",
+        metavar="DIR",
+        default=os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT),
+        help="where the operator mounts PVCs, for a --location path (default: %(default)s)",
     )
 
 
@@ -1399,37 +1692,7 @@ def build_parser() -> argparse.ArgumentParser:
         "A restore overwrites the server's live directory: --confirm with its FQDN is required.\n"
         "Each step is printed as it starts (live on a terminal), then how the restore ended.",
     )
-    what = restore.add_argument_group("what to restore (one of)")
-    what.add_argument("backup", nargs="?", metavar="BACKUP", help="an IdmBackup's name: its stored archive")
-    what.add_argument(
-        "--schedule", metavar="NAME", help="an IdmBackupSchedule: its latest Succeeded backup, when it starts"
-    )
-    what.add_argument(
-        "--location",
-        metavar="URI",
-        help="a stored backup directory: s3://bucket/prefix/<namespace>/<host>/<directory>/, "
-        "pvc://claim/subPath/<namespace>/<host>/<directory>/, or a path under --pvc-root",
-    )
-    _add_kube_options(restore, "the IdmRestore's namespace, with its backup, Secrets and server")
-    restore.add_argument(
-        "-o",
-        "--output",
-        choices=("text", "json", "yaml"),
-        default="text",
-        help="how to print how it ended: text, or one JSON or YAML document on stdout, with progress on "
-        "stderr if that is a terminal (default: %(default)s)",
-    )
-    key = restore.add_argument_group("decryption")
-    key.add_argument("--key-secret", metavar="NAME", help="the Secret holding the ASCII-armored private key")
-    key.add_argument(
-        "--key-secret-key",
-        metavar="KEY",
-        default=DEFAULT_KEY_SECRET_KEY,
-        help="its key in the Secret (default: %(default)s)",
-    )
-    key.add_argument(
-        "--passphrase-secret", metavar="NAME", help="a Secret holding the key's passphrase (key: passphrase)"
-    )
+    _add_restore_options(restore, "restore", "server")
     into = restore.add_argument_group("the server to restore into (default: the backup's spec.target)")
     pod = into.add_mutually_exclusive_group()
     pod.add_argument("--pod", metavar="NAME", help="the FreeIPA server's pod")
@@ -1439,10 +1702,7 @@ def build_parser() -> argparse.ArgumentParser:
     into.add_argument(
         "--container", metavar="NAME", help="the container that runs FreeIPA (default: the pod's first)"
     )
-    into.add_argument("--ldap-url", metavar="URL", help="its LDAP URL, e.g. ldaps://ipa-hidden.example.test")
-    into.add_argument(
-        "--ldap-password-secret", metavar="NAME", help="the Secret with the Directory Manager's password"
-    )
+    _add_ldap_options(into, required=False)
     into.add_argument(
         "--confirm",
         metavar="FQDN",
@@ -1471,49 +1731,65 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow a Full restore into a pod whose /etc/ipa is a symlink (freeipa-container)",
     )
-    how.add_argument(
-        "--name", help="the IdmRestore's name (default: <backup, schedule or directory>-restore-<UTC time>)"
-    )
-    how.add_argument(
-        "--wait",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="follow the restore until it finished and print how; exit 1 if it failed (default: wait)",
-    )
-    how.add_argument(
-        "--timeout",
-        type=float,
-        default=7200,
-        metavar="SECONDS",
-        help="give up waiting after this many seconds (exit 3); the restore goes on (default: %(default)g)",
-    )
-    located = restore.add_argument_group("storage, for --location (the operator reads it, not this command)")
-    located.add_argument(
-        "--s3-endpoint", metavar="URL", help="S3 endpoint URL as the operator reaches it (default: AWS)"
-    )
-    located.add_argument(
-        "--s3-addressing",
-        choices=("default", "path", "virtual"),
-        default="default",
-        help="S3 addressing style (default: path with an endpoint, else virtual)",
-    )
-    located.add_argument("--s3-region", metavar="REGION", help="the bucket's region (default: us-east-1)")
-    located.add_argument(
-        "--s3-credentials-secret",
-        metavar="NAME",
-        help="the Secret with the access key (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY); default: the "
-        "operator's own identity, if its administrator allowed that",
-    )
-    located.add_argument(
-        "--s3-ca-secret", metavar="NAME", help="a Secret with the endpoint's CA (key ca.crt)"
-    )
-    located.add_argument(
-        "--pvc-root",
-        metavar="DIR",
-        default=os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT),
-        help="where the operator mounts PVCs, for a --location path (default: %(default)s)",
-    )
+    _add_following(how, "restore")
+    _add_location_storage(restore)
     restore.set_defaults(func=_restore)
+
+    drill = _command(
+        sub,
+        "drill",
+        "prove a backup restores: into a throwaway server, timed, then deleted",
+        """\
+  # a backup into a scratch copy of its server (pod.yaml: a Pod or a PodTemplateSpec with the same
+  # image, realm and host name), behind a deny-all-egress policy, and how long the restore took
+  idm-backup-operator drill nightly-202611260200 -n identity --key-secret restore-key \\
+      --pod-template pod.yaml --ldap-url ldaps://ipa-hidden.example.test \\
+      --ldap-password-secret drill-dm-password --ldap-ca-secret ipa-ca
+  # in a namespace of its own, from the bucket, on a scratch volume; the restore time for a script
+  idm-backup-operator drill -n idm-drills --key-secret restore-key \\
+      --location s3://idm-backups/prod/identity/ipa-hidden.example.test/ipa-data-2026-11-26-02-00-03/ \\
+      --s3-endpoint https://s3.example.com --s3-credentials-secret s3-credentials \\
+      --pod-template pod.yaml --volume-claim-template claim.yaml \\
+      --ldap-url ldaps://ipa-hidden.example.test --ldap-password-secret drill-dm-password \\
+      -o json | jq .drill.restoreSeconds
+  # the latest Succeeded backup of a schedule, created and left to the operator
+  idm-backup-operator drill --schedule nightly -n identity --key-secret restore-key \\
+      --pod-template pod.yaml --ldap-url ldaps://ipa-hidden.example.test \\
+      --ldap-password-secret drill-dm-password --no-wait""",
+        description="Create an IdmRestore in mode Drill: the operator creates a throwaway FreeIPA pod from\n"
+        "the template, behind a NetworkPolicy that denies all its egress, and restores the archive into it\n"
+        "with every gate and check of a restore; production is not touched. It records how long the restore\n"
+        "took (from staging to the end of the data check: the restore time a real recovery can expect) and\n"
+        "the entries found, then deletes the pod, its claim and its policy, whatever happened.\n"
+        "The operator must run drills (IDM_BACKUP_ENABLE_DRILLS=true), and refuses one whose scratch pod a\n"
+        "backup of the namespace could target: run drills in a namespace of their own.\n"
+        "Each step is printed as it starts (live on a terminal), then how the drill ended.",
+    )
+    _add_restore_options(drill, "drill", "the scratch server")
+    scratch = drill.add_argument_group("the scratch server (created for the drill, deleted after it)")
+    scratch.add_argument(
+        "--pod-template",
+        metavar="FILE",
+        required=True,
+        help="YAML: a PodTemplateSpec (metadata, spec), or a Pod manifest whose labels and spec are used; "
+        "like the production server's, with the same image, realm and host name (required)",
+    )
+    scratch.add_argument(
+        "--volume-claim-template",
+        metavar="FILE",
+        help="YAML: a PersistentVolumeClaim's spec (or manifest) for the pod's volume named data, created "
+        "and deleted with it",
+    )
+    _add_ldap_options(scratch, required=True)
+    scratch.add_argument(
+        "--ready-timeout",
+        type=_at_least(60, 86400),
+        metavar="SECONDS",
+        help="how long it may take to install itself and become Ready (default: 1800)",
+    )
+    _add_following(drill.add_argument_group("how"), "drill")
+    _add_location_storage(drill)
+    drill.set_defaults(func=_drill)
 
     completion = _command(
         sub,
@@ -1530,8 +1806,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _error(message: str) -> None:
-    print(f"error: {clean(one_line(message))}", file=sys.stderr, flush=True)
+def _error(message: str, label: str = "error") -> None:
+    print(f"{label}: {clean(one_line(message))}", file=sys.stderr, flush=True)
 
 
 def _quiet_logging(verbose: bool) -> None:

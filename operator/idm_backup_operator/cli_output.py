@@ -556,10 +556,13 @@ def verdict_document(verdict: verify.Verdict) -> dict[str, Any]:
 
 
 def restore_document(obj: Mapping[str, Any]) -> dict[str, Any]:
-    """An IdmRestore as `restore -o json` prints it: the same keys whatever its status holds."""
+    """An IdmRestore as `restore -o json` (and `drill`) prints it: the same keys whatever its status holds;
+    `drill` is null for an in-place restore. Its `remaining` is for the command to fill in: what is left of
+    the scratch server once the drill ended (an empty list: nothing), null when not known."""
     meta, spec, status = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
     source, target = status.get("source") or {}, status.get("target") or {}
     ran, check = status.get("ipaRestore") or {}, status.get("check") or {}
+    drill = status.get("drill") or {}
     return {
         "kind": IDMRESTORE,
         "namespace": meta["namespace"],
@@ -606,6 +609,14 @@ def restore_document(obj: Mapping[str, Any]) -> dict[str, Any]:
             }
             for m in status.get("replication") or []
         ],
+        "drill": None
+        if spec.get("mode") != "Drill"
+        else {
+            "pod": drill.get("pod"),
+            "restoreSeconds": drill.get("restoreSeconds"),
+            "entries": drill.get("entries"),
+            "remaining": None,
+        },
         "conditions": condition_list(status),
     }
 
@@ -631,7 +642,8 @@ def _requested(source: Mapping[str, Any]) -> str | None:
 
 def restore_text(d: Mapping[str, Any]) -> list[str]:
     """How a restore ended, for people: what was restored into which server, what ipa-restore said, what
-    the check over LDAP found, and what the other masters need now."""
+    the check over LDAP found, and what the other masters need now; for a drill, instead of the last, the
+    scratch server's fate, how long the restore took and the entries it found."""
     source, target, ran = d["source"], d["target"], d["ipaRestore"]
     header = source["header"]
     if source["uri"]:
@@ -669,24 +681,64 @@ def restore_text(d: Mapping[str, Any]) -> list[str]:
     elif d["phase"] == Phase.SUCCEEDED:
         plan = ["no other master to re-initialize"]
     took = [("Took", short_duration(d["durationSeconds"]))] if d["durationSeconds"] is not None else []
+    if d["drill"] is None:
+        into = [("Target", server)]
+        results = [("Replication", "\n".join(plan))]
+    else:
+        into = [("Scratch server", _scratch_text(d["drill"], server))]
+        results = _drill_results(d["drill"])
     return render_fields(
         [
             ("Phase", d["phase"]),
             ("Reason", d["reason"]),
             ("Message", d["message"]),
             ("Source", restored_from),
-            ("Target", server),
+            *into,
             ("ipa-restore", ipa_restore),
             ("Entries checked", entries),
-            ("Replication", "\n".join(plan)),
+            *results,
             *took,
         ]
     )
 
 
+def _scratch_text(drill: Mapping[str, Any], server: str) -> str:
+    if not drill["pod"]:
+        return "not created"
+    text = server or f"pod {drill['pod']}"
+    if drill["remaining"] is None:
+        return f"{text}; whether it is deleted was not checked"
+    if not drill["remaining"]:
+        return f"{text}: deleted, nothing of it is left (pod, claim, NetworkPolicy)"
+    return (
+        f"{text}: still there: {', '.join(drill['remaining'])}\n"
+        "(owned by the IdmRestore: deleting it deletes them)"
+    )
+
+
+def _drill_results(drill: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    seconds, entries = drill["restoreSeconds"], drill["entries"]
+    if seconds is None:
+        took = "not measured: the restore did not get through its data check"
+    else:
+        longer = f" ({short_duration(seconds)})" if seconds >= 60 else ""
+        took = f"the restore took {seconds:g} s{longer}: your recovery time"
+    found = None if entries is None else f"{entries} in the restored directory, every backend together"
+    return [("Restore time", took), ("Entries", found)]
+
+
 # -- completion -----------------------------------------------------------------------------------------
 
-_FILE_OPTIONS = {"kubeconfig", "key", "passphrase_file", "s3_ca", "webhook_cert_dir", "pvc_root"}
+_FILE_OPTIONS = {
+    "kubeconfig",
+    "key",
+    "passphrase_file",
+    "s3_ca",
+    "webhook_cert_dir",
+    "pvc_root",
+    "pod_template",
+    "volume_claim_template",
+}
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
