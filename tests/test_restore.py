@@ -601,6 +601,14 @@ def test_a_drill_proves_the_archive_restores_without_touching_production_and_lea
     client.CustomObjectsApi(api).delete_namespaced_custom_object(
         GROUP, VERSION, namespace, "idmbackupschedules", "yearly"
     )
+    # Nor may the scratch pod mount a claim that outlives it read-write: a restore would overwrite it.
+    sharing = drill_spec(drill_directory, tmp_path / "drill-data", source)
+    sharing["drill"]["podTemplate"]["spec"]["volumes"] = [
+        {"name": "data", "persistentVolumeClaim": {"claimName": "ipa-hidden-data"}}
+    ]
+    shared = run_restore(api, namespace, operator, "shared", sharing)
+    assert shared["status"]["reason"] == "DrillWouldTouchProduction", shared["status"]
+    assert "claim ipa-hidden-data read-write" in shared["status"]["message"]
 
     create_restore(api, namespace, "drill", drill_spec(drill_directory, tmp_path / "drill-data", source))
     # While it runs, the scratch pod is walled off: a policy denying all egress selects it.

@@ -131,6 +131,13 @@ def _drill(
         raise RestoreFailed(
             "ScratchServerFailed", f"cannot list the namespace's backups: {err.reason}"
         ) from None
+    if shared := scratch.shared_claims():
+        raise RestoreFailed(
+            "DrillWouldTouchProduction",
+            f"the scratch pod would mount claim {', '.join(shared)} read-write, and a restore into it would "
+            "overwrite what is there: give the drill a volume of its own (volumeClaimTemplate, for the "
+            "volume named data)",
+        )
     if targeting:
         raise RestoreFailed(
             "DrillWouldTouchProduction",

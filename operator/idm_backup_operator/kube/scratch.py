@@ -86,6 +86,18 @@ class ScratchServer:
                 found.append(f"{what} (podSelector)")
         return found
 
+    def shared_claims(self) -> list[str]:
+        """Claims the template would mount read-write that outlive the drill: production's data volume,
+        perhaps, which a restore into the scratch pod would then overwrite. The volume named data that
+        volumeClaimTemplate replaces is the drill's own."""
+        shared = []
+        for volume in (self.template.get("spec") or {}).get("volumes") or []:
+            claim = volume.get("persistentVolumeClaim")
+            replaced = self.claim_template is not None and volume.get("name") == DATA_VOLUME
+            if claim and not claim.get("readOnly") and not replaced:
+                shared.append(str(claim.get("claimName")))
+        return shared
+
     def _owned(self, name: str) -> dict[str, Any]:
         return {
             "name": name,
