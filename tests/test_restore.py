@@ -720,3 +720,54 @@ def test_deleting_a_running_restore_cancels_it_and_cleans_up(
     assert services_running(api, namespace, POD)
     # Cancelled before ipa-restore: the directory kept what changed after the backup.
     assert exists(directory, MALLORY) and not exists(directory, BOB)
+
+
+def test_replication_reinitialize_runs_each_masters_commands_in_its_pod_and_names_the_ones_that_failed(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    directory: DirectoryServer,
+    server: Callable[..., str],
+    operator: OperatorProcess,
+    run_backup: Callable[..., dict[str, Any]],
+) -> None:
+    server()
+    others = ("ipa-ca", "ipa-kra", "ipa-partial", "ipa-visible")
+    for short in others:
+        server(f"{short}.example.test", short, labels={"role": "replica"})
+    backup = run_backup("nightly", data_backup(platform, directory, f"restore/{namespace}"))
+    assert backup["status"]["phase"] == "Succeeded", backup["status"]
+    source = {"backupRef": {"name": "nightly"}}
+    replication = {"mode": "Reinitialize", "podSelector": {"matchLabels": {"role": "replica"}}}
+
+    status = run_restore(
+        api, namespace, operator, "all", restore_spec(directory, source, replication=replication)
+    )["status"]
+    assert status["phase"] == "Succeeded", status
+    for master in status["replication"]:
+        short = master["host"].split(".")[0]
+        assert [(r["command"], r["pod"], r["exitCode"]) for r in master["results"]] == [
+            (f"ipa-replica-manage re-initialize --from {HOST}", short, 0),
+            (f"ipa-csreplica-manage re-initialize --from {HOST}", short, 0),
+        ], master
+    assert "ReplicasReinitialized" in events(api, namespace, "all")
+
+    wait_for("ipa-kra ready again", lambda: pod_ready(api, namespace, "ipa-kra"))
+    set_fault(api, namespace, "ipa-kra", "reinit-fail")
+    status = run_restore(
+        api, namespace, operator, "one", restore_spec(directory, source, replication=replication)
+    )["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "ReinitializeFailed", status
+    assert "re-initializing ipa-kra.example.test failed" in status["message"]
+    results = {m["host"].split(".")[0]: m["results"] for m in status["replication"]}
+    assert results["ipa-kra"] == [
+        {
+            "command": f"ipa-replica-manage re-initialize --from {HOST}",
+            "pod": "ipa-kra",
+            "exitCode": 1,
+            "message": "Update failed! Status: [-1 Total update abortedLDAP error: "
+            "Can't contact LDAP server]",
+        }
+    ]
+    # The masters after it are still re-initialized.
+    assert all(r["exitCode"] == 0 for short in ("ipa-partial", "ipa-visible") for r in results[short])

@@ -114,16 +114,19 @@ def parse_ldap(ldap: Mapping[str, Any]) -> LdapTarget:
     )
 
 
+def _selector(selector: Mapping[str, Any] | None) -> LabelSelector | None:
+    if selector is None:
+        return None
+    return LabelSelector(
+        match_labels=dict(selector.get("matchLabels") or {}),
+        match_expressions=tuple(selector.get("matchExpressions") or ()),
+    )
+
+
 def parse_target(data: Mapping[str, Any]) -> Target:
-    selector = data.get("podSelector")
     return Target(
         pod_name=data.get("podName"),
-        pod_selector=None
-        if selector is None
-        else LabelSelector(
-            match_labels=dict(selector.get("matchLabels") or {}),
-            match_expressions=tuple(selector.get("matchExpressions") or ()),
-        ),
+        pod_selector=_selector(data.get("podSelector")),
         host=data.get("host"),
         container=data.get("container"),
         require_hidden_replica=data.get("requireHiddenReplica", True),
@@ -219,12 +222,15 @@ class RestoreSpec:
     confirm: str | None  # None for a drill
     deadline_seconds: int
     drill: DrillSpec | None = None
+    # replication Reinitialize: the other masters' pods, where the operator re-initializes them itself.
+    reinitialize_pods: LabelSelector | None = None
 
 
 def parse_restore_spec(spec: Mapping[str, Any]) -> RestoreSpec:
     source = spec["source"]
     location = source.get("location") or {}
     decryption = spec.get("decryption") or {}
+    replication = spec.get("replication") or {}
     return RestoreSpec(
         source=RestoreSource(
             backup=(source.get("backupRef") or {}).get("name"),
@@ -245,6 +251,9 @@ def parse_restore_spec(spec: Mapping[str, Any]) -> RestoreSpec:
         confirm=spec.get("confirm") if spec.get("mode") != "Drill" else None,
         deadline_seconds=spec.get("activeDeadlineSeconds", 7200),
         drill=_drill(spec["drill"]) if spec.get("mode") == "Drill" else None,
+        reinitialize_pods=_selector(replication.get("podSelector"))
+        if replication.get("mode") == "Reinitialize"
+        else None,
     )
 
 

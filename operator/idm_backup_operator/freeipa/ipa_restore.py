@@ -73,13 +73,18 @@ class RestoreOptions:
         return argv
 
 
+def password_line(password: str) -> bytes:
+    """The Directory Manager password as the line a FreeIPA tool's prompt reads."""
+    if "\n" in password or "\r" in password:
+        raise ValueError("the Directory Manager password contains a line break")
+    return f"{password}\n".encode()
+
+
 def answers(password: str) -> bytes:
     """What ipa-restore reads on stdin, in its order: the Directory Manager password, then "yes" to the
     version prompt (asked only when versions differ, which the operator allowed if it got this far) and to
     "Restoring data will overwrite existing live data. Continue to restore?". Unread lines are harmless."""
-    if "\n" in password or "\r" in password:
-        raise ValueError("the Directory Manager password contains a line break")
-    return f"{password}\nyes\nyes\n".encode()
+    return password_line(password) + b"yes\nyes\n"
 
 
 @dataclass
@@ -180,7 +185,11 @@ class MasterToReinitialize:
     host: str
     ca: bool
     agreements_disabled: bool
-    commands: tuple[str, ...]
+    argvs: tuple[tuple[str, ...], ...]  # run on `host`, in this order; each prompts for the DM password
+
+    @property
+    def commands(self) -> tuple[str, ...]:
+        return tuple(" ".join(argv) for argv in self.argvs)
 
     def as_status(self) -> dict[str, object]:
         return {
@@ -221,9 +230,9 @@ def replication_plan(
     plan = []
     for host in topology_order(restored, list(masters_with_ca), segments):
         ca = masters_with_ca[host]
-        commands = [f"ipa-replica-manage re-initialize --from {restored}"]
+        argvs = [("ipa-replica-manage", "re-initialize", "--from", restored)]
         if ca:
-            commands.append(f"ipa-csreplica-manage re-initialize --from {restored}")
+            argvs.append(("ipa-csreplica-manage", "re-initialize", "--from", restored))
         disabled = outcome.replication_disabled and host not in outcome.unreachable
-        plan.append(MasterToReinitialize(host, ca, disabled, tuple(commands)))
+        plan.append(MasterToReinitialize(host, ca, disabled, tuple(argvs)))
     return plan

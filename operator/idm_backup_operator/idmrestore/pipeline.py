@@ -24,7 +24,7 @@ import datetime
 import logging
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -63,6 +63,8 @@ VERSION_COMMAND = ["python3", "-c", "from ipapython import version; print(versio
 # Room left on the volume after staging and extraction, for the logs and the LDIF copies 389-ds imports.
 SPACE_MARGIN = 64 << 20
 INTERRUPTED = "OperatorRestarted"
+# One re-initialization copies a whole directory to another master: minutes for a large one.
+REINITIALIZE_TIMEOUT = 3600
 # The steps during which the staging directory exists and is this restore's own.
 STAGED_STEPS = ("stage", "ipa-restore", "check", "re-hide", "replication", "clean-up")
 
@@ -278,7 +280,7 @@ class _Restore:
             else:
                 # A scratch server has no clients to hide from and no masters that matter.
                 self.rehide(settings, server, was_hidden)
-                self.plan_replication(server, masters, segments, outcome)
+                self.plan_replication(server, masters, segments, outcome, settings.password)
         finally:
             # Unless the lock was lost: the server is then another process's to act on.
             if not self.lock.lost.is_set():
@@ -616,9 +618,10 @@ class _Restore:
         return False
 
     @staticmethod
-    def _answers(password: str) -> bytes:
+    def _stdin(make: Callable[[str], bytes], password: str) -> Iterator[bytes]:
+        """A tool's stdin, made from the password (which must fit on one line)."""
         try:
-            return ipa_restore.answers(password)
+            return iter([make(password)])
         except ValueError as err:
             raise RestoreFailed("InvalidPassword", str(err)) from None
 
@@ -635,7 +638,7 @@ class _Restore:
                 result = self.services.execs.feed(
                     self.pod,
                     argv,
-                    iter([self._answers(password)]),
+                    self._stdin(ipa_restore.answers, password),
                     timeout=self.remaining(),
                     on_stderr_line=lines.append,
                 )
@@ -737,18 +740,77 @@ class _Restore:
         masters: dict[str, bool],
         segments: list[tuple[str, str]],
         outcome: RestoreOutcome,
+        password: str,
     ) -> None:
         self.step("replication")
         plan = ipa_restore.replication_plan(server.host.lower(), masters, segments, outcome)
-        self.report.update(replication=[m.as_status() for m in plan])
-        if plan:
-            self.report.event(
-                "ReinitializeReplicas",
-                f"every other master must be re-initialized from {server.host}, in this order: "
-                + ", ".join(m.host for m in plan)
-                + " (status.replication has the commands)",
-                warning=True,
+        entries = [m.as_status() for m in plan]
+        if self.spec.reinitialize_pods is None or not plan:
+            self.report.update(replication=entries)
+            if plan:
+                self.report.event(
+                    "ReinitializeReplicas",
+                    f"every other master must be re-initialized from {server.host}, in this order: "
+                    + ", ".join(m.host for m in plan)
+                    + " (status.replication has the commands)",
+                    warning=True,
+                )
+            return
+        failed = self.reinitialize(plan, entries, password)
+        self.report.update(replication=entries)
+        if failed:
+            raise RestoreFailed(
+                "ReinitializeFailed",
+                f"{server.host} was restored, but re-initializing {', '.join(failed)} failed: until each is "
+                "re-initialized its agreements stay disabled (status.replication has each command's result)",
             )
+        self.report.event("ReplicasReinitialized", f"re-initialized {', '.join(m.host for m in plan)}")
+
+    def reinitialize(
+        self, plan: list[ipa_restore.MasterToReinitialize], entries: list[dict[str, object]], password: str
+    ) -> list[str]:
+        """Run each master's commands in its pod, nearest master first; the masters that failed. A master
+        whose command failed is left there: the next ones may depend on it, but are still tried."""
+        assert self.spec.reinitialize_pods is not None
+        try:
+            pods = references.pods_by_host(
+                self.services.core, self.resource.namespace, self.spec.reinitialize_pods
+            )
+        except ApiError as err:
+            pods, listing = {}, f"cannot list replication.podSelector's pods: {err.reason}"
+        else:
+            listing = ""
+        failed = []
+        for master, entry in zip(plan, entries, strict=True):
+            results: list[dict[str, object]] = []
+            entry["results"] = results
+            pod = pods.get(master.host)
+            for argv in master.argvs:
+                command = " ".join(argv)
+                if pod is None:
+                    why = listing or f"no ready pod of replication.podSelector serves {master.host}"
+                    results.append({"command": command, "message": why})
+                    break
+                self.report.event("RestoreStep", f"replication: {command} in pod {pod.name}")
+                try:
+                    result = self.services.execs.feed(
+                        pod,
+                        list(argv),
+                        self._stdin(ipa_restore.password_line, password),
+                        timeout=min(REINITIALIZE_TIMEOUT, self.remaining()),
+                    )
+                except (ExecError, ApiError) as err:
+                    results.append({"command": command, "pod": pod.name, "message": str(err)})
+                    break
+                said = result.stderr.strip().splitlines()[-1:] or ["done"]
+                results.append(
+                    {"command": command, "pod": pod.name, "exitCode": result.exit_code, "message": said[0]}
+                )
+                if result.exit_code != 0:
+                    break
+            if not results or results[-1].get("exitCode") != 0:
+                failed.append(master.host)
+        return failed
 
 
 # -- after an operator restart -----------------------------------------------------------------------------

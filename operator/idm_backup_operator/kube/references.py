@@ -96,18 +96,35 @@ def _selector_string(selector: LabelSelector) -> str:
     return ",".join(parts)
 
 
-def _serves_host(pod: Any, host: str) -> bool:
+def _host_of(pod: Any) -> str | None:
+    """The FQDN a FreeIPA pod serves: its IPA_SERVER_HOSTNAME, or freeipa-container's --hostname."""
     for container in pod.spec.containers:
-        if any(
-            e.name == HOSTNAME_ENV and (e.value or "").lower() == host.lower() for e in container.env or ()
-        ):
-            return True
+        for env in container.env or ():
+            if env.name == HOSTNAME_ENV and env.value:
+                return str(env.value)
         args = [*(container.command or ()), *(container.args or ())]
-        if f"--hostname={host}" in args or any(
-            a == "--hostname" and b == host for a, b in itertools.pairwise(args)
-        ):
-            return True
-    return False
+        for arg, following in itertools.pairwise([*args, ""]):
+            if arg.startswith("--hostname="):
+                return str(arg.split("=", 1)[1])
+            if arg == "--hostname" and following:
+                return str(following)
+    return None
+
+
+def _serves_host(pod: Any, host: str) -> bool:
+    return (_host_of(pod) or "").lower() == host.lower()
+
+
+def pods_by_host(core: client.CoreV1Api, namespace: str, selector: LabelSelector) -> dict[str, PodRef]:
+    """The ready pods the selector matches, by the FQDN (lower case) each serves."""
+    pods = core.list_namespaced_pod(
+        namespace, label_selector=_selector_string(selector), _request_timeout=CALL_TIMEOUT
+    ).items
+    return {
+        host.lower(): PodRef(namespace, pod.metadata.name, pod.spec.containers[0].name)
+        for pod in pods
+        if (host := _host_of(pod)) and _is_ready(pod) and pod.metadata.deletion_timestamp is None
+    }
 
 
 def _is_ready(pod: Any) -> bool:
