@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from idm_backup_operator.api.names import NAME_LIMIT
 from idm_backup_operator.idmbackupschedule import clock, drills
-from idm_backup_operator.kube.backups import IdmBackups
+from idm_backup_operator.kube.backups import DrillRestores, IdmBackups
 from idm_backup_operator.kube.errors import ApiError
 from testbed import processes, stack
 from testbed.deploy import OperatorProcess
@@ -287,7 +287,7 @@ def a_schedule(status: dict[str, Any] | None = None) -> dict[str, Any]:
 
 def one_pass(custom: FakeCustom, schedule: dict[str, Any], now: datetime.datetime) -> FakeReport:
     report = FakeReport()
-    drills.reconcile_drills(drills.DrillRestores(custom), IdmBackups(custom), schedule, report, now)  # type: ignore[arg-type]
+    drills.reconcile_drills(DrillRestores(custom), IdmBackups(custom), schedule, report, now)  # type: ignore[arg-type]
     return report
 
 

@@ -24,7 +24,7 @@ from idm_backup_operator.api.names import (
 )
 from idm_backup_operator.api.phase import is_finished
 from idm_backup_operator.idmbackupschedule import drills, reconcile
-from idm_backup_operator.kube.backups import IdmBackups
+from idm_backup_operator.kube.backups import DrillRestores, IdmBackups
 from idm_backup_operator.kube.reporting import StatusReporter
 
 # Even with nothing due, look again this often: it bounds how long a missed wake-up (a lost watch
@@ -69,7 +69,7 @@ def _record(body: kopf.Body, memo: kopf.Memo, tick: reconcile.Tick | reconcile.I
     next_time = reconcile.record(memo.services, _backups(memo), schedule, report, now, tick)
     if isinstance(tick, reconcile.Invalid):
         return next_time
-    restores = drills.DrillRestores(memo.services.custom)
+    restores = DrillRestores(memo.services.custom)
     next_drill = drills.reconcile_drills(restores, _backups(memo), schedule, report, now)
     return next_time if next_drill is None else min(next_time, next_drill)
 

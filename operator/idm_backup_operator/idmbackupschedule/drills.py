@@ -26,7 +26,7 @@ import logging
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 from idm_backup_operator.api.identity import ResourceIdentity
@@ -34,7 +34,6 @@ from idm_backup_operator.api.names import (
     GROUP,
     IDMBACKUPSCHEDULE,
     IDMRESTORE,
-    IDMRESTORES,
     SCHEDULE_LABEL,
     TICK_ANNOTATION,
     VERSION,
@@ -43,7 +42,7 @@ from idm_backup_operator.api.names import (
 from idm_backup_operator.api.phase import Phase, is_finished
 from idm_backup_operator.api.times import format_time, parse_time
 from idm_backup_operator.idmbackupschedule import clock
-from idm_backup_operator.kube.backups import IdmBackups
+from idm_backup_operator.kube.backups import DrillRestores, IdmBackups, NameTaken, Refused
 from idm_backup_operator.kube.errors import ApiError, api_message
 from idm_backup_operator.kube.services import Reporter
 
@@ -53,7 +52,6 @@ Pick = Literal["Latest", "Random"]
 # How many finished drills of a schedule stay as IdmRestores; older ones are deleted.
 KEEP = 3
 CONDITION = "RestoreVerified"
-CALL_TIMEOUT = 30
 
 
 # -- the spec --------------------------------------------------------------------------------------------
@@ -319,71 +317,6 @@ def drill_body(
 # -- the cluster ---------------------------------------------------------------------------------------------
 
 
-class CustomObjects(Protocol):
-    """The part of the Kubernetes client's CustomObjectsApi used here (Services.custom)."""
-
-    def list_namespaced_custom_object(self, *args: Any, **kwargs: Any) -> Any: ...
-    def create_namespaced_custom_object(self, *args: Any, **kwargs: Any) -> Any: ...
-    def get_namespaced_custom_object(self, *args: Any, **kwargs: Any) -> Any: ...
-    def delete_namespaced_custom_object(self, *args: Any, **kwargs: Any) -> Any: ...
-
-
-class NameTaken(Exception):
-    """An IdmRestore of the drill's name exists and is not this schedule's."""
-
-
-class DrillRestores:
-    """The IdmRestores a schedule's drills are: listed (its own, by label and owner uid), created, deleted."""
-
-    def __init__(self, custom: CustomObjects) -> None:
-        self._custom = custom
-
-    def owned_by(self, schedule: ResourceIdentity) -> list[Mapping[str, Any]]:
-        items = self._custom.list_namespaced_custom_object(
-            GROUP,
-            VERSION,
-            schedule.namespace,
-            IDMRESTORES,
-            label_selector=f"{SCHEDULE_LABEL}={schedule.name}",
-            _request_timeout=CALL_TIMEOUT,
-        )["items"]
-        return [
-            item
-            for item in items
-            if any(ref.get("uid") == schedule.uid for ref in item["metadata"].get("ownerReferences") or [])
-        ]
-
-    def create(self, body: Mapping[str, Any]) -> bool:
-        """False if this schedule made it already (a retried tick); raises NameTaken, and ApiError."""
-        meta = body["metadata"]
-        try:
-            self._custom.create_namespaced_custom_object(
-                GROUP, VERSION, meta["namespace"], IDMRESTORES, body, _request_timeout=CALL_TIMEOUT
-            )
-        except ApiError as err:
-            if err.status != 409:
-                raise
-            existing = self._custom.get_namespaced_custom_object(
-                GROUP, VERSION, meta["namespace"], IDMRESTORES, meta["name"], _request_timeout=CALL_TIMEOUT
-            )
-            owners = {ref["uid"] for ref in meta["ownerReferences"]}
-            if owners & {ref.get("uid") for ref in existing["metadata"].get("ownerReferences") or []}:
-                return False
-            raise NameTaken(
-                f"IdmRestore {meta['namespace']}/{meta['name']} exists and is not this schedule's"
-            ) from None
-        return True
-
-    def delete(self, namespace: str, name: str) -> None:
-        try:
-            self._custom.delete_namespaced_custom_object(
-                GROUP, VERSION, namespace, IDMRESTORES, name, _request_timeout=CALL_TIMEOUT
-            )
-        except ApiError as err:
-            if err.status != 404:
-                raise
-
-
 def reconcile_drills(
     restores: DrillRestores,
     backups: IdmBackups,
@@ -466,11 +399,12 @@ def reconcile_drills(
                 except NameTaken as err:
                     fields["lastDrillSkip"] = {"time": format_time(decision.due), "message": str(err)}
                     report.event("DrillNameTaken", str(err), warning=True)
-                except ApiError as err:
-                    if err.status not in (400, 403, 422):
+                except (Refused, ApiError) as err:
+                    if isinstance(err, ApiError) and err.status not in (400, 403):
                         raise
                     # Refused (schema, webhook, RBAC): recorded once for the tick rather than retried.
-                    message = f"the drill for {at} was refused: {api_message(err)}"
+                    why = str(err) if isinstance(err, Refused) else api_message(err)
+                    message = f"the drill for {at} was refused: {why}"
                     fields["lastDrillSkip"] = {"time": format_time(decision.due), "message": message}
                     report.event("DrillRefused", message, warning=True)
 

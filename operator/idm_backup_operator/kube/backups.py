@@ -13,7 +13,16 @@ from typing import Any
 from kubernetes import client
 
 from idm_backup_operator.api.identity import ResourceIdentity
-from idm_backup_operator.api.names import GROUP, IDMBACKUPS, IDMBACKUPSCHEDULES, SCHEDULE_LABEL, VERSION
+from idm_backup_operator.api.names import (
+    GROUP,
+    IDMBACKUP,
+    IDMBACKUPS,
+    IDMBACKUPSCHEDULES,
+    IDMRESTORE,
+    IDMRESTORES,
+    SCHEDULE_LABEL,
+    VERSION,
+)
 from idm_backup_operator.api.phase import Phase
 from idm_backup_operator.api.spec import PvcStorage, S3Storage, Target, parse_storage, parse_target
 from idm_backup_operator.kube.errors import api_message
@@ -34,9 +43,81 @@ class NotFound(Exception):
     """The object named does not exist (or the operator may not read it)."""
 
 
-class IdmBackups:
+class ScheduleChildren:
+    """Objects of one kind that schedules make (`plural`): listed by owner, created once, deleted."""
+
+    def __init__(self, custom: client.CustomObjectsApi, plural: str, kind: str) -> None:
+        self._custom, self._plural, self._kind = custom, plural, kind
+
+    def owned_by(self, schedule: ResourceIdentity) -> list[Mapping[str, Any]]:
+        items = self._custom.list_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            schedule.namespace,
+            self._plural,
+            label_selector=f"{SCHEDULE_LABEL}={schedule.name}",
+            _request_timeout=CALL_TIMEOUT,
+        )["items"]
+        return [
+            item
+            for item in items
+            if any(ref.get("uid") == schedule.uid for ref in item["metadata"].get("ownerReferences") or [])
+        ]
+
+    def create(self, body: Mapping[str, Any]) -> bool:
+        """False if the schedule made it already (a retry after a crash): never a second one. Raises
+        Refused, and NameTaken when the name is another's: an object made by hand under a tick's name must
+        not pass for the tick's own, which would then never run."""
+        try:
+            self._custom.create_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                body["metadata"]["namespace"],
+                self._plural,
+                body,
+                _request_timeout=CALL_TIMEOUT,
+            )
+        except client.ApiException as err:
+            if err.status == 409:
+                return self._ours_already(body)
+            if err.status == 422:
+                raise Refused(api_message(err)) from None
+            raise
+        return True
+
+    def _ours_already(self, body: Mapping[str, Any]) -> bool:
+        meta = body["metadata"]
+        owners = {ref["uid"] for ref in meta.get("ownerReferences") or []}
+        existing = self._custom.get_namespaced_custom_object(
+            GROUP, VERSION, meta["namespace"], self._plural, meta["name"], _request_timeout=CALL_TIMEOUT
+        )
+        if owners & {ref.get("uid") for ref in existing["metadata"].get("ownerReferences") or []}:
+            return False
+        raise NameTaken(f"{self._kind} {meta['namespace']}/{meta['name']} exists and is not this schedule's")
+
+    def delete(self, namespace: str, name: str) -> None:
+        """Gone already is as good as deleted."""
+        try:
+            self._custom.delete_namespaced_custom_object(
+                GROUP, VERSION, namespace, self._plural, name, _request_timeout=CALL_TIMEOUT
+            )
+        except client.ApiException as err:
+            if err.status != 404:
+                raise
+
+
+class DrillRestores(ScheduleChildren):
+    """The IdmRestores a schedule's drills are."""
+
     def __init__(self, custom: client.CustomObjectsApi) -> None:
-        self._custom = custom
+        super().__init__(custom, IDMRESTORES, IDMRESTORE)
+
+
+class IdmBackups(ScheduleChildren):
+    """A schedule's IdmBackups, and what restores and the start-up sweep ask about backups."""
+
+    def __init__(self, custom: client.CustomObjectsApi) -> None:
+        super().__init__(custom, IDMBACKUPS, IDMBACKUP)
 
     def _get(self, namespace: str, plural: str, name: str) -> Mapping[str, Any]:
         try:
@@ -102,49 +183,3 @@ class IdmBackups:
         owned = self.owned_by(ResourceIdentity(namespace, schedule_name, meta["uid"]))
         done = [b for b in owned if (b.get("status") or {}).get("phase") == Phase.SUCCEEDED]
         return max(done, key=lambda b: b["status"].get("completionTime") or "", default=None)
-
-    def owned_by(self, schedule: ResourceIdentity) -> list[Mapping[str, Any]]:
-        items = self._custom.list_namespaced_custom_object(
-            GROUP,
-            VERSION,
-            schedule.namespace,
-            IDMBACKUPS,
-            label_selector=f"{SCHEDULE_LABEL}={schedule.name}",
-            _request_timeout=CALL_TIMEOUT,
-        )["items"]
-        return [
-            item
-            for item in items
-            if any(ref.get("uid") == schedule.uid for ref in item["metadata"].get("ownerReferences") or [])
-        ]
-
-    def create(self, body: Mapping[str, Any]) -> bool:
-        """False if the schedule made it already (a retry after a crash): never a second one. Raises
-        Refused, and NameTaken when the name is another's: a backup made by hand under a tick's name must
-        not pass for the tick's own, which would then never run."""
-        try:
-            self._custom.create_namespaced_custom_object(
-                GROUP, VERSION, body["metadata"]["namespace"], IDMBACKUPS, body, _request_timeout=CALL_TIMEOUT
-            )
-        except client.ApiException as err:
-            if err.status == 409:
-                return self._ours_already(body)
-            if err.status == 422:
-                raise Refused(api_message(err)) from None
-            raise
-        return True
-
-    def _ours_already(self, body: Mapping[str, Any]) -> bool:
-        meta = body["metadata"]
-        owners = {ref["uid"] for ref in meta.get("ownerReferences") or []}
-        existing = self._custom.get_namespaced_custom_object(
-            GROUP, VERSION, meta["namespace"], IDMBACKUPS, meta["name"], _request_timeout=CALL_TIMEOUT
-        )
-        if owners & {ref.get("uid") for ref in existing["metadata"].get("ownerReferences") or []}:
-            return False
-        raise NameTaken(f"IdmBackup {meta['namespace']}/{meta['name']} exists and is not this schedule's")
-
-    def delete(self, namespace: str, name: str) -> None:
-        self._custom.delete_namespaced_custom_object(
-            GROUP, VERSION, namespace, IDMBACKUPS, name, _request_timeout=CALL_TIMEOUT
-        )
