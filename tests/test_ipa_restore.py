@@ -39,6 +39,14 @@ def test_argv_never_carries_the_password_and_names_one_backend_only_when_one_is_
     assert "--data" not in full and "-p" not in full and "-U" not in full
 
 
+def test_tmpdir_becomes_ipa_restores_tmpdir_and_must_be_absolute() -> None:
+    options = RestoreOptions(tmpdir="/data/tmp")
+    assert options.argv(DIRECTORY)[:3] == ["env", "TMPDIR=/data/tmp", "ipa-restore"]
+    assert options.extraction_dir == "/data/tmp" and RestoreOptions().extraction_dir == "/tmp"
+    with pytest.raises(ValueError, match="absolute"):
+        RestoreOptions(tmpdir="data/tmp")
+
+
 def test_answers_are_the_password_then_confirmations() -> None:
     assert answers("Secret123") == b"Secret123\nyes\nyes\n"
     with pytest.raises(ValueError, match="line break"):

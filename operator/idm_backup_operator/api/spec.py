@@ -244,6 +244,7 @@ def parse_restore_spec(spec: Mapping[str, Any]) -> RestoreSpec:
             type=RestoreType.FULL if spec.get("type") == "Full" else RestoreType.DATA,
             online=spec.get("online", False),
             backends=tuple(spec.get("backends") or ()),
+            tmpdir=spec.get("tmpDir"),
         ),
         allow_symlinked_config=spec.get("allowSymlinkedConfig", False),
         allow_version_mismatch=spec.get("allowVersionMismatch", False),

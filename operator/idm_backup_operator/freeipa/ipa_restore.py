@@ -57,11 +57,22 @@ class RestoreOptions:
     type: RestoreType = RestoreType.DATA
     online: bool = False
     backends: tuple[str, ...] = ()  # empty: every backend the archive holds
+    tmpdir: str | None = None  # where ipa-restore extracts the archive (TMPDIR); None: the pod's, /tmp
+
+    def __post_init__(self) -> None:
+        if self.tmpdir is not None and (
+            not self.tmpdir.startswith("/") or any(c in self.tmpdir for c in "\0\n")
+        ):
+            raise ValueError(f"tmpDir must be an absolute path, not {self.tmpdir!r}")
+
+    @property
+    def extraction_dir(self) -> str:
+        return self.tmpdir or "/tmp"
 
     def argv(self, directory: BackupDirectory) -> list[str]:
         """No -p and no -U: the password and the confirmations go to stdin (`answers`), never into argv,
         where any process of the pod could read them."""
-        argv = ["ipa-restore"]
+        argv = ["env", f"TMPDIR={self.tmpdir}", "ipa-restore"] if self.tmpdir else ["ipa-restore"]
         if self.type is RestoreType.DATA:
             argv.append("--data")
         if self.online:

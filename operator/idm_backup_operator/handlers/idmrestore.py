@@ -80,6 +80,9 @@ def _run(
     except KeyError as err:
         restore_status.set_failed(report, started, "InvalidSpec", f"invalid spec: {err} is missing")
         return
+    except ValueError as err:
+        restore_status.set_failed(report, started, "InvalidSpec", f"invalid spec: {err}")
+        return
     try:
         if status.get("phase") == Phase.RUNNING:
             # Only a previous operator process leaves a restore Running: it ends Failed, cleaned up.

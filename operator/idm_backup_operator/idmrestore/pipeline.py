@@ -63,6 +63,9 @@ VERSION_COMMAND = ["python3", "-c", "from ipapython import version; print(versio
 # Room left on the volume after staging and extraction, for the logs and the LDIF copies 389-ds imports.
 SPACE_MARGIN = 64 << 20
 INTERRUPTED = "OperatorRestarted"
+# Writes exactly $1 bytes of stdin to $2 and prints their sha256; fails unless the closed file has them
+# all (tee reports a full disk on stderr, and the size test catches what it wrote short).
+STAGE_SCRIPT = 'head -c "$1" | tee "$2" | sha256sum && test "$(stat -c %s "$2")" = "$1"'
 # One re-initialization copies a whole directory to another master: minutes for a large one.
 REINITIALIZE_TIMEOUT = 3600
 # The steps during which the staging directory exists and is this restore's own.
@@ -216,8 +219,10 @@ class _Restore:
         self.report.update(step=step)
         self.report.event("RestoreStep", f"{step}: {event}" if event else step)
 
-    def stop_if_told(self) -> None:
-        if self.report.cancelled():
+    def stop_if_told(self, *, last_chance: bool = False) -> None:
+        """Raise if the restore must stop. `last_chance`: before ipa-restore, which nothing may interrupt,
+        the API server is asked now whether the IdmRestore still exists."""
+        if self.report.cancelled(fresh=last_chance):
             raise RestoreFailed(
                 "Cancelled", "the IdmRestore was deleted: stopped, and the staged files removed"
             )
@@ -266,7 +271,7 @@ class _Restore:
         self.make_staging_directory(backup_dir)
         try:
             self.stage(source, backup_dir, verdict, secret_key, passphrase)
-            self.stop_if_told()
+            self.stop_if_told(last_chance=True)
             outcome = self.run_ipa_restore(backup_dir, settings.password)
             self.check(settings, server, verdict, backends, outcome)
             if self.drill:
@@ -484,20 +489,39 @@ class _Restore:
         return wanted
 
     def check_space(self, verdict: Verdict) -> None:
+        """Room for the staged archive in /var/lib/ipa/backup and for its extraction in ipa-restore's
+        TMPDIR (tmpDir, else /tmp): one need on each file system, or both on one when they share it."""
         archive = ((verdict.manifest or {}).get("files") or {}).get("archive") or {}
-        plaintext = int((archive.get("plaintext") or {}).get("size") or archive.get("size") or 0)
-        needed = plaintext + verdict.unpacked_bytes + SPACE_MARGIN
-        df = self.exec(["df", "-P", "-B1", str(freeipa.IPA_BACKUP_DIR)])
+        staged = int((archive.get("plaintext") or {}).get("size") or archive.get("size") or 0)
+        extraction = self.spec.options.extraction_dir
+        df = self.exec(["df", "-P", "-B1", str(freeipa.IPA_BACKUP_DIR), extraction])
         try:
-            available = int(df.stdout.decode().splitlines()[-1].split()[3])
-        except (IndexError, ValueError):
-            raise RestoreFailed("ExecFailed", f"cannot read the free space in pod {self.pod.name}") from None
-        if available < needed:
+            rows = [line.split() for line in df.stdout.decode().splitlines()[1:]]
+            (backup_fs, backup_free), (tmp_fs, tmp_free) = [(row[-1], int(row[3])) for row in rows[-2:]]
+        except (ValueError, IndexError):
+            raise RestoreFailed(
+                "ExecFailed",
+                f"cannot read the free space of {freeipa.IPA_BACKUP_DIR} and {extraction} in pod "
+                f"{self.pod.name}: {df.stderr.strip() or 'no df output'}",
+            ) from None
+        needs = {backup_fs: staged + SPACE_MARGIN}
+        needs[tmp_fs] = needs.get(tmp_fs, SPACE_MARGIN) + verdict.unpacked_bytes
+        free = {backup_fs: backup_free, tmp_fs: tmp_free}
+        short = [fs for fs, need in needs.items() if free[fs] < need]
+        if short:
             raise RestoreFailed(
                 "InsufficientSpace",
-                f"{freeipa.IPA_BACKUP_DIR} in pod {self.pod.name} has {human_size(available)} free; the "
-                f"staged archive ({human_size(plaintext)}) and its extraction "
-                f"({human_size(verdict.unpacked_bytes)}) need {human_size(needed)}",
+                f"in pod {self.pod.name}, the staged archive ({human_size(staged)}, in "
+                f"{freeipa.IPA_BACKUP_DIR}) and its extraction ({human_size(verdict.unpacked_bytes)}, in "
+                f"{extraction}) need "
+                + "; ".join(
+                    f"{human_size(needs[fs])} on {fs}, which has {human_size(free[fs])} free" for fs in short
+                )
+                + (
+                    ""
+                    if self.spec.options.tmpdir
+                    else "; set tmpDir to extract elsewhere (/data/tmp in freeipa-container)"
+                ),
             )
 
     def read_directory(
@@ -574,8 +598,10 @@ class _Restore:
         path: PurePosixPath,
         expected: dict[str, Any],
     ) -> None:
-        """Stream one file into the pod (decrypting it on the way when a key is given), then prove in the
-        pod that it is what ipa-backup made: its sha256 there against the manifest's."""
+        """Stream one file into the pod (decrypting it on the way when a key is given) and prove in the pod
+        that it is what ipa-backup made: the bytes written are hashed there as they are written (tee into
+        sha256sum, on another core, instead of a second read of the file afterwards), and the file's size
+        is checked once it is closed."""
         size = int(expected["size"])
         tally = Tally()
         try:
@@ -588,10 +614,11 @@ class _Restore:
                     chunks = chunks_of(reader)
                 result = self.services.execs.feed(
                     self.pod,
-                    ["sh", "-c", 'head -c "$1" > "$2"', "sh", str(size), str(path)],
+                    ["sh", "-c", STAGE_SCRIPT, "sh", str(size), str(path)],
                     tallied(chunks, tally),
                     timeout=self.remaining(),
                     should_stop=self._should_stop,
+                    keep_stdout=1024,
                 )
         except (encryption.GpgError, encryption.KeyMaterialError, StorageError) as err:
             raise RestoreFailed("StagingFailed", f"streaming {path.name} into the pod: {err}") from None
@@ -601,8 +628,7 @@ class _Restore:
             said = result.stderr.strip().splitlines()[-1:] or [f"exit code {result.exit_code}"]
             reason = "InsufficientSpace" if "No space left" in said[0] else "StagingFailed"
             raise RestoreFailed(reason, f"writing {path} in pod {self.pod.name} failed: {said[0]}")
-        in_pod = self.exec(["sha256sum", str(path)], timeout=self.remaining())
-        digest = in_pod.stdout.decode("utf-8", "replace").split(" ", 1)[0]
+        digest = result.stdout.decode("utf-8", "replace").split(" ", 1)[0]
         if tally.size != size or digest != expected.get("sha256"):
             raise RestoreFailed(
                 "StagingFailed",

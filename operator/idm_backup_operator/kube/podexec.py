@@ -103,6 +103,8 @@ class Session:
         self._stderr_kept = 0
         self._stderr_dropped = 0
         self._error_channel = b""
+        self.keep_stdout = 0
+        self.stdout = bytearray()
 
     def _pump(self, wait: float = _POLL_SECONDS) -> bytes:
         """Wait up to `wait` seconds for the next frame; return stdout bytes it carried (possibly none)."""
@@ -159,7 +161,7 @@ class Session:
         """Write to the command's stdin; False when the command is gone (it exited, or closed its stdin), so
         the caller stops sending and asks `finish` how it ended. What it printed meanwhile is read first:
         a command writing to a full stderr pipe would otherwise never read its stdin again."""
-        self._pump(wait=0)
+        self.take_stdout(self._pump(wait=0))
         if not self._ws.is_open():
             return False
         try:
@@ -167,6 +169,12 @@ class Session:
         except (WebSocketException, OSError):
             return False
         return True
+
+    def take_stdout(self, data: bytes) -> None:
+        """Stdout that arrives while stdin is fed: kept up to `keep_stdout` bytes (a checksum, a verdict)."""
+        room = self.keep_stdout - len(self.stdout)
+        if data and room > 0:
+            self.stdout += data[:room]
 
     def stdout_chunks(self) -> Iterator[bytes]:
         while self._ws.is_open():
@@ -301,19 +309,23 @@ class PodExec:
         timeout: float | None = None,
         on_stderr_line: Callable[[str], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        keep_stdout: int = 0,
     ) -> ExecResult:
-        """Run the command with `chunks` on its stdin, in constant memory; stdout is discarded. The command
-        must know where its input ends (`head -c N`, a prompt it reads): exec over the v4 protocol cannot
-        close stdin. Sending stops early when the command exits (a full disk, a refusal): its status and
-        stderr say why."""
+        """Run the command with `chunks` on its stdin, in constant memory; the first `keep_stdout` bytes of
+        its stdout are kept, the rest discarded. The command must know where its input ends (`head -c N`, a
+        prompt it reads): exec over the v4 protocol cannot close stdin. Sending stops early when the command
+        exits (a full disk, a refusal): its status and stderr say why."""
         session = self.open(
             pod, argv, timeout=timeout, on_stderr_line=on_stderr_line, stdin=True, should_stop=should_stop
         )
+        session.keep_stdout = keep_stdout
         try:
             for chunk in chunks:
                 if not session.send(chunk):
                     break
-            return session.finish()
+            for rest in session.stdout_chunks():
+                session.take_stdout(rest)
+            return session.result(bytes(session.stdout))
         finally:
             session.close()
 

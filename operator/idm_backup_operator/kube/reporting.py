@@ -114,9 +114,10 @@ class StatusReporter:
             return
         self._note(obj)
 
-    def cancelled(self) -> bool:
-        """Whether the resource was deleted (or is being deleted); asks the API server now and then."""
-        if not self._deleted and time.monotonic() >= self._next_check:
+    def cancelled(self, *, fresh: bool = False) -> bool:
+        """Whether the resource was deleted (or is being deleted); asks the API server now and then, or now
+        when `fresh` (before a step that cannot be taken back)."""
+        if not self._deleted and (fresh or time.monotonic() >= self._next_check):
             self._next_check = time.monotonic() + CANCEL_CHECK_SECONDS
             try:
                 self._note(
