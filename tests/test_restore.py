@@ -771,3 +771,32 @@ def test_replication_reinitialize_runs_each_masters_commands_in_its_pod_and_name
     ]
     # The masters after it are still re-initialized.
     assert all(r["exitCode"] == 0 for short in ("ipa-partial", "ipa-visible") for r in results[short])
+
+
+def test_a_full_restore_that_enables_the_hidden_replica_is_hidden_again(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    directory: DirectoryServer,
+    server: Callable[..., str],
+    operator: OperatorProcess,
+    run_backup: Callable[..., dict[str, Any]],
+) -> None:
+    server()
+    full = run_backup("full", {**data_backup(platform, directory, f"restore/{namespace}"), "type": "Full"})
+    assert full["status"]["phase"] == "Succeeded", full["status"]
+    change_after_backup(directory)
+    spec = restore_spec(directory, {"backupRef": {"name": "full"}}, type="Full", allowSymlinkedConfig=True)
+    status = run_restore(api, namespace, operator, "full", spec)["status"]
+    assert status["phase"] == "Succeeded", status
+    assert "--data" not in status["ipaRestore"]["command"]
+    assert exists(directory, BOB) and not exists(directory, MALLORY)
+    # ipa-restore enabled the restored server (FreeIPA PR #6192); the operator hid it again.
+    hidden = {c["type"]: c for c in status["conditions"]}["ReplicaHidden"]
+    assert (
+        hidden["status"] == "True"
+        and "ipa-restore enabled ipa-hidden.example.test; hidden again" in hidden["message"]
+    )
+    assert host_states(directory) == {"hiddenService"}
+    assert "ReplicaHidden" in events(api, namespace, "full")
+    assert services_running(api, namespace, POD)
