@@ -1042,7 +1042,10 @@ def test_restore_findings_check_the_source_the_key_and_who_may_read_what(
     )
     assert drill.errors == [
         "spec.drill.podTemplate: alice may not read Secret ns/admin, so no restore they create may use it "
-        "(RBAC: get on secrets)"
+        "(RBAC: get on secrets)",
+        # Nor create the pod herself (the fake authorizer grants no verb but get on named Secrets).
+        "spec.drill.podTemplate: alice may not create pods in namespace ns, so no drill they create may have "
+        "the operator create one for them (RBAC: create on pods)",
     ]
     # Without a requester (the operator's own request) nobody is asked about; the references still count.
     auth.asked.clear()

@@ -68,6 +68,8 @@ INTERRUPTED = "OperatorRestarted"
 STAGE_SCRIPT = 'head -c "$1" | tee "$2" | sha256sum && test "$(stat -c %s "$2")" = "$1"'
 # One re-initialization copies a whole directory to another master: minutes for a large one.
 REINITIALIZE_TIMEOUT = 3600
+# How long a master's pod may take to be found ready before its re-initialization counts as failed.
+MASTER_POD_PATIENCE = 120
 # The steps during which the staging directory exists and is this restore's own.
 STAGED_STEPS = ("stage", "ipa-restore", "check", "re-hide", "replication", "clean-up")
 
@@ -792,29 +794,37 @@ class _Restore:
             )
         self.report.event("ReplicasReinitialized", f"re-initialized {', '.join(m.host for m in plan)}")
 
+    def _master_pod(self, host: str) -> tuple[PodRef | None, str]:
+        """The ready pod of replication.podSelector that serves `host`, waited for a while: a master's pod
+        may be between two readiness probes, or restarting. The pod, or why there is none."""
+        assert self.spec.reinitialize_pods is not None
+        until = min(time.monotonic() + MASTER_POD_PATIENCE, self.deadline)
+        while True:
+            try:
+                pods = references.pods_by_host(
+                    self.services.core, self.resource.namespace, self.spec.reinitialize_pods
+                )
+                why = f"no ready pod of replication.podSelector serves {host}"
+            except ApiError as err:
+                pods, why = {}, f"cannot list replication.podSelector's pods: {err.reason}"
+            if host in pods or time.monotonic() >= until:
+                return pods.get(host), why
+            time.sleep(2)
+
     def reinitialize(
         self, plan: list[ipa_restore.MasterToReinitialize], entries: list[dict[str, object]], password: str
     ) -> list[str]:
         """Run each master's commands in its pod, nearest master first; the masters that failed. A master
         whose command failed is left there: the next ones may depend on it, but are still tried."""
         assert self.spec.reinitialize_pods is not None
-        try:
-            pods = references.pods_by_host(
-                self.services.core, self.resource.namespace, self.spec.reinitialize_pods
-            )
-        except ApiError as err:
-            pods, listing = {}, f"cannot list replication.podSelector's pods: {err.reason}"
-        else:
-            listing = ""
         failed = []
         for master, entry in zip(plan, entries, strict=True):
             results: list[dict[str, object]] = []
             entry["results"] = results
-            pod = pods.get(master.host)
+            pod, why = self._master_pod(master.host)
             for argv in master.argvs:
                 command = " ".join(argv)
                 if pod is None:
-                    why = listing or f"no ready pod of replication.podSelector serves {master.host}"
                     results.append({"command": command, "message": why})
                     break
                 self.report.event("RestoreStep", f"replication: {command} in pod {pod.name}")
