@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 from typing import Any
 
@@ -13,7 +14,13 @@ from idm_backup_operator.api.names import GROUP, IDMRESTORE, IDMRESTORES, VERSIO
 from idm_backup_operator.api.phase import Phase, is_finished
 from idm_backup_operator.api.spec import parse_restore_spec
 from idm_backup_operator.api.times import parse_time
-from idm_backup_operator.handlers.idmbackup import WAIT_RETRY_SECONDS, condition_true, write_again
+from idm_backup_operator.handlers.idmbackup import (
+    NOT_READY_PATIENCE,
+    WAIT_RETRY_SECONDS,
+    WAIT_STEPS,
+    condition_true,
+    write_again,
+)
 from idm_backup_operator.idmrestore import pipeline
 from idm_backup_operator.idmrestore import status as restore_status
 from idm_backup_operator.kube.reporting import StatusNotWritten, StatusReporter
@@ -92,10 +99,20 @@ def _run(
                 report.update(phase=Phase.PENDING.value, step="pre-flight checks", message="")
             pipeline.restore(resource, spec, memo.services, report)
     except pipeline.MustWait as wait:
-        report.update(phase=Phase.PENDING.value, step="waiting for the server's lock", message=str(wait))
+        created = parse_time(body.metadata.get("creationTimestamp"))
+        if (
+            wait.reason == "TargetNotReady"
+            and created
+            and datetime.datetime.now(datetime.UTC) - created > NOT_READY_PATIENCE
+        ):
+            restore_status.set_failed(
+                report, started, "TargetUnavailable", f"{wait} for more than {NOT_READY_PATIENCE}"
+            )
+            return
+        report.update(phase=Phase.PENDING.value, step=WAIT_STEPS[wait.reason], message=str(wait))
         if not condition_true(status, "Waiting"):
             report.event("RestoreWaiting", str(wait))
-        report.condition("Waiting", True, "TargetBusy", str(wait))
+        report.condition("Waiting", True, wait.reason, str(wait))
         raise kopf.TemporaryError(str(wait), delay=WAIT_RETRY_SECONDS) from None
     except pipeline.RestoreFailed as failed:
         restore_status.set_failed(report, started, failed.reason, failed.message)

@@ -82,7 +82,12 @@ class RestoreFailed(Exception):
 
 
 class MustWait(Exception):
-    """The server's lock is held (a backup or another restore): nothing was changed; tried again later."""
+    """Nothing was changed, and the restore is tried again later: the server's lock is held (a backup or
+    another restore), or its pod is not ready (e.g. IPA restarting after the previous one)."""
+
+    def __init__(self, message: str, reason: str = "TargetBusy") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def lock_holder(resource: ResourceIdentity) -> str:
@@ -109,6 +114,8 @@ def restore(resource: ResourceIdentity, spec: RestoreSpec, services: Services, r
     assert spec.target is not None
     try:
         pod = references.find_target_pod(services.core, resource.namespace, spec.target)
+    except references.PodNotReady as err:
+        raise MustWait(str(err), "TargetNotReady") from None
     except references.ResolveError as err:
         raise RestoreFailed("TargetUnavailable", str(err)) from None
     with (
