@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +31,8 @@ import ldap.modlist
 import ldif
 import pytest
 
+from idm_backup_operator.freeipa.directory import await_online
+from idm_backup_operator.freeipa.topology import LdapConnectionSettings
 from tests.test_standin import REALM, SERVERID, Pod, backed_up_to, free_port, read_member, services_running
 
 pytestmark = [
@@ -139,6 +142,10 @@ def consistent(pod: Pod, directory: Any, backups: dict[str, str]) -> Iterator[No
 
 
 # -- helpers -------------------------------------------------------------------------------------------
+
+
+def settings(directory: Any) -> LdapConnectionSettings:
+    return LdapConnectionSettings(directory.uri, directory.bind_dn, directory.password, timeout=5)
 
 
 def fault(pod: Pod, name: str) -> None:
@@ -593,9 +600,13 @@ def import_ldif(directory: Any, path: Path, backend: str) -> None:
         ),
     )
     deadline = time.monotonic() + 60
-    while not conn.search_s(dn, ldap.SCOPE_BASE, attrlist=["nsTaskExitCode"])[0][1].get("nsTaskExitCode"):
+    task = ["nsTaskExitCode", "nsTaskLog"]
+    while not (done := conn.search_s(dn, ldap.SCOPE_BASE, attrlist=task)[0][1]).get("nsTaskExitCode"):
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    assert done["nsTaskExitCode"] == [b"0"], done.get("nsTaskLog")
+    # 389-ds finishes the task before it enables the backend again: wait as the operator does.
+    assert await_online(settings(directory), SUFFIX if backend == "userRoot" else "o=ipaca", 30)
 
 
 def test_fault_ldif2db(pod: Pod, directory: Any, backups: dict[str, str], tmp_path: Path) -> None:
@@ -712,3 +723,32 @@ def test_encrypted_backup(pod: Pod, directory: Any, backups: dict[str, str]) -> 
     finally:
         subprocess.run(["gpgconf", "--homedir", str(gnupg), "--kill", "all"], check=False)
         shutil.rmtree(gnupg, ignore_errors=True)
+
+
+def set_state(directory: Any, suffix: str, state: bytes) -> None:
+    """What 389-ds does to a backend while it imports it: its mapping-tree node disabled, then enabled."""
+    directory.connect().modify_s(
+        f'cn="{suffix}",cn=mapping tree,cn=config', [(ldap.MOD_REPLACE, "nsslapd-state", [state])]
+    )
+
+
+def test_a_disabled_backend_is_waited_for_and_reported_when_it_stays_so(directory: Any) -> None:
+    set_state(directory, "o=ipaca", b"disabled")
+    try:
+        # Refused as the first searches after an online import are: OPERATIONS_ERROR.
+        with pytest.raises(ldap.OPERATIONS_ERROR):
+            directory.connect().search_s("o=ipaca", ldap.SCOPE_BASE)
+        started = time.monotonic()
+        assert not await_online(settings(directory), "o=ipaca", 1)
+        assert 1 <= time.monotonic() - started < 5
+        enable = threading.Timer(1, set_state, (directory, "o=ipaca", b"backend"))
+        enable.start()
+        started = time.monotonic()
+        assert await_online(settings(directory), "o=ipaca", 30)
+        enable.join()
+        assert 1 <= time.monotonic() - started < 10
+        # A backend that is enabled answers at once, the suffix entry there or not.
+        assert await_online(settings(directory), SUFFIX, 0)
+        assert await_online(settings(directory), "o=nothing-here", 0)
+    finally:
+        set_state(directory, "o=ipaca", b"backend")

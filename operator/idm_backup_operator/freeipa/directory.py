@@ -9,6 +9,7 @@ cn=masters.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import ldap
@@ -30,6 +31,29 @@ _SEGMENT_ATTRS = ["ipaReplTopoSegmentLeftNode", "ipaReplTopoSegmentRightNode"]
 def backend_suffix(backend: str, basedn: str) -> str:
     """userRoot holds the IPA tree; ipaca holds Dogtag's o=ipaca."""
     return "o=ipaca" if backend == "ipaca" else basedn
+
+
+def await_online(settings: LdapConnectionSettings, suffix: str, patience: float) -> bool:
+    """Wait until the backend holding `suffix` answers; False if it still did not after `patience` seconds.
+
+    389-ds marks an import task finished (nsTaskExitCode) before it reopens the backend's database and
+    enables its mapping-tree node (bdb_import_all_done), and until then answers every operation under the
+    suffix with OPERATIONS_ERROR ("Operation attempted on a disabled node"). So the first searches after
+    an online import can fail although the import worked; after a failed import the node stays disabled.
+    """
+    deadline = time.monotonic() + patience
+    with bound(settings) as conn:
+        while True:
+            try:
+                conn.search_ext_s(suffix, ldap.SCOPE_BASE, _EVERY_ENTRY, ["1.1"], timeout=settings.timeout)
+                return True
+            except ldap.NO_SUCH_OBJECT:
+                # Enabled but empty: counting reports that in its own terms.
+                return True
+            except ldap.OPERATIONS_ERROR:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.2)
 
 
 def count_entries(settings: LdapConnectionSettings, suffix: str) -> int:

@@ -70,6 +70,9 @@ STAGE_SCRIPT = 'head -c "$1" | tee "$2" | sha256sum && test "$(stat -c %s "$2")"
 REINITIALIZE_TIMEOUT = 3600
 # How long a master's pod may take to be found ready before its re-initialization counts as failed.
 MASTER_POD_PATIENCE = 120
+# 389-ds enables a backend again within moments of finishing its import; one still disabled after this
+# long was left so by a failed import.
+BACKEND_ONLINE_PATIENCE = 30
 # The steps during which the staging directory exists and is this restore's own.
 STAGED_STEPS = ("stage", "ipa-restore", "check", "re-hide", "replication", "clean-up")
 
@@ -715,6 +718,20 @@ class _Restore:
         basedn = self.ldap.base_dn or server.basedn
         counts = []
         try:
+            offline = [
+                backend
+                for backend in backends
+                if not directory.await_online(
+                    settings, directory.backend_suffix(backend, basedn), BACKEND_ONLINE_PATIENCE
+                )
+            ]
+            if offline:
+                raise RestoreFailed(
+                    "BackendOffline",
+                    f"389-ds still refuses operations on the {', '.join(offline)} backend "
+                    f"{BACKEND_ONLINE_PATIENCE} s after ipa-restore: it leaves a backend disabled after a "
+                    "failed import (see /var/log/iparestore.log and the directory server's errors log)",
+                )
             for backend in backends:
                 found = directory.count_entries(settings, directory.backend_suffix(backend, basedn))
                 counts.append({"backend": backend, "expected": verdict.ldif_entries[backend], "found": found})
