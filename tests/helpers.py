@@ -85,6 +85,18 @@ def create_schedule(api: client.ApiClient, namespace: str, name: str, spec: dict
     return created
 
 
+def get_schedule(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
+    obj: dict[str, Any] = client.CustomObjectsApi(api).get_namespaced_custom_object(
+        GROUP, VERSION, namespace, SCHEDULES, name
+    )
+    return obj
+
+
+def condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The object's condition of that type; {} when it has none."""
+    return next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == kind), {})
+
+
 def create_backup(api: client.ApiClient, namespace: str, name: str, spec: dict[str, Any]) -> None:
     body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "IdmBackup", "metadata": {"name": name}, "spec": spec}
     client.CustomObjectsApi(api).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)

@@ -69,8 +69,9 @@ NAMESPACED_RULES = {
     ("", "events"): {"create"},
 }
 # The servers' locks, in the release namespace only (whatever the scope): locking.TargetLock reads,
-# creates, replaces and deletes a Lease by name, and never lists or watches.
-LOCK_RULES = {("coordination.k8s.io", "leases"): {"get", "create", "update", "delete"}}
+# creates, replaces and deletes a Lease by name, lists them for a schedule's Paused condition, and never
+# watches.
+LOCK_RULES = {("coordination.k8s.io", "leases"): {"get", "list", "create", "update", "delete"}}
 LEASES = "leases.coordination.k8s.io"
 # Where Lease rights would reach the cluster's own: the control plane's leader election, the nodes'
 # heartbeats.
@@ -129,7 +130,8 @@ DENIED_IN_SERVED_NAMESPACE = [
     ("deletecollection", "idmrestores.idm-backup.io"),
     ("update", "idmrestores.idm-backup.io"),
     ("update", "idmrestores.idm-backup.io/status"),
-    ("list", LEASES),
+    # The release namespace is served too here, and the locks there are listed (leases_denied covers
+    # the other namespaces).
     ("watch", LEASES),
     ("patch", LEASES),
     ("deletecollection", LEASES),

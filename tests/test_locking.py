@@ -9,6 +9,7 @@ namespaces are locked apart, and two backups of such servers run at the same tim
 from __future__ import annotations
 
 import base64
+import datetime
 import functools
 import random
 import re
@@ -249,6 +250,15 @@ def test_same_named_pods_of_two_namespaces_are_locked_apart_in_the_lock_namespac
         assert lease.metadata.annotations[locking.TARGET_POD_ANNOTATION] == f"{server.namespace}/ipa-hidden"
     # Nothing next to the pods.
     assert _locks(api, team_a) == [] and _locks(api, team_b) == []
+    # Who holds each server of a namespace (what a schedule's Paused condition reads); a Lease whose
+    # holder stopped renewing it is nobody's.
+    assert locking.holders(coordination, team_a, locks=locks) == {"ipa-hidden": "IdmBackup team-a/first"}
+    stale = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=locking.LEASE_SECONDS + 1)
+    coordination.patch_namespaced_lease(lease_name(b), locks, {"spec": {"renewTime": stale.isoformat()}})
+    assert locking.holders(coordination, team_b, locks=locks) == {}
+    coordination.patch_namespaced_lease(
+        lease_name(b), locks, {"spec": {"renewTime": datetime.datetime.now(datetime.UTC).isoformat()}}
+    )
     # What a person sees: which server each lock is for, and who holds it.
     kubectl = stack.binaries()["kubectl"]
     shown = subprocess.run(

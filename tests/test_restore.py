@@ -29,10 +29,12 @@ from tests.helpers import (
     VERSION,
     apply,
     backup_spec,
+    condition,
     create_backup,
     create_schedule,
     events,
     get_backup,
+    get_schedule,
     leases,
     pod_exec,
     pod_ready,
@@ -190,6 +192,10 @@ def host_states(directory: DirectoryServer, host: str = HOST) -> set[str]:
     return {
         v.decode() for _, attrs in found for v in attrs.get("ipaConfigString", []) if v.decode() in states
     }
+
+
+def paused_condition(api: client.ApiClient, namespace: str, schedule: str) -> dict[str, Any]:
+    return condition(get_schedule(api, namespace, schedule), "Paused")
 
 
 def staged_files(api: client.ApiClient, namespace: str, pod: str = POD) -> str:
@@ -379,6 +385,11 @@ def test_a_restore_and_a_backup_of_one_server_never_overlap_and_a_killed_operato
     server(payload_bytes=300 << 20)
     backup = run_backup("big", data_backup(platform, directory, f"restore/{namespace}"), timeout=300)
     assert backup["status"]["phase"] == "Succeeded", backup["status"]
+    # A schedule of the same server, whose cron does not fire during the test.
+    template = data_backup(platform, directory, f"restore/{namespace}")
+    create_schedule(api, namespace, "yearly", {"schedule": "0 3 1 1 *", "template": {"spec": template}})
+    wait_for("the schedule's first pass", lambda: condition(get_schedule(api, namespace, "yearly"), "Ready"))
+    assert paused_condition(api, namespace, "yearly") == {}
     create_restore(api, namespace, "killed", restore_spec(directory, {"backupRef": {"name": "big"}}))
     wait_for(
         "the restore to stage",
@@ -394,6 +405,13 @@ def test_a_restore_and_a_backup_of_one_server_never_overlap_and_a_killed_operato
         timeout=60,
     )
     assert "IdmRestore" in waiting and "killed" in waiting, waiting
+    # The schedule says it is paused, and by which restore.
+    paused = wait_for(
+        "the schedule to say it is paused",
+        lambda: (c := paused_condition(api, namespace, "yearly")).get("status") == "True" and c,
+        timeout=30,
+    )
+    assert paused["reason"] == "RestoreInProgress" and f"IdmRestore {namespace}/killed" in paused["message"]
     operator.kill()
     assert staged_files(api, namespace) != ""
     operator.start()
@@ -405,6 +423,13 @@ def test_a_restore_and_a_backup_of_one_server_never_overlap_and_a_killed_operato
     assert status["reason"] == "OperatorRestarted" and "stage" in status["message"], status
     assert staged_files(api, namespace) == ""
     assert services_running(api, namespace, POD)
+    # The recovery gave the lock back: the schedule says so without waiting for its next pass.
+    resumed = wait_for(
+        "the schedule to resume",
+        lambda: (c := paused_condition(api, namespace, "yearly")).get("status") == "False" and c,
+        timeout=30,
+    )
+    assert resumed["reason"] == "NoRestore", resumed
     # The backup that waited runs once the restore let go of the server.
     done = wait_for(
         "the waiting backup",

@@ -26,18 +26,12 @@ from tests.helpers import (
     create_schedule,
     events,
     get_backup,
+    get_schedule,
     s3_keys,
     s3_storage,
     wait_finished,
     wait_for,
 )
-
-
-def get_schedule(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
-    obj: dict[str, Any] = client.CustomObjectsApi(api).get_namespaced_custom_object(
-        GROUP, VERSION, namespace, SCHEDULES, name
-    )
-    return obj
 
 
 def children(api: client.ApiClient, namespace: str, schedule: str) -> list[dict[str, Any]]:

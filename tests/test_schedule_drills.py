@@ -25,11 +25,12 @@ from testbed.deploy import OperatorProcess
 from testbed.ldap_server import DirectoryServer
 from tests.helpers import (
     GROUP,
-    SCHEDULES,
     VERSION,
     apply,
+    condition,
     create_schedule,
     events,
+    get_schedule,
     wait_for,
 )
 from tests.test_restore import (  # noqa: F401 (fixtures)
@@ -359,17 +360,6 @@ def test_a_pass_records_finished_drills_and_deletes_all_but_the_last_three() -> 
 # -- on the platform ---------------------------------------------------------------------------------------
 
 WRONG_DM_SECRET = "drill-wrong-password"
-
-
-def get_schedule(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
-    obj: dict[str, Any] = client.CustomObjectsApi(api).get_namespaced_custom_object(
-        GROUP, VERSION, namespace, SCHEDULES, name
-    )
-    return obj
-
-
-def condition(schedule: dict[str, Any], kind: str) -> dict[str, Any]:
-    return next((c for c in schedule.get("status", {}).get("conditions", []) if c["type"] == kind), {})
 
 
 def scrape(port: int) -> dict[tuple[str, str], float]:

@@ -23,7 +23,7 @@ from idm_backup_operator.api.names import (
     VERSION,
 )
 from idm_backup_operator.api.phase import is_finished
-from idm_backup_operator.idmbackupschedule import drills, reconcile
+from idm_backup_operator.idmbackupschedule import drills, pause, reconcile
 from idm_backup_operator.kube.backups import DrillRestores, IdmBackups
 from idm_backup_operator.kube.reporting import StatusReporter
 
@@ -37,11 +37,23 @@ PASS_THREADS = 32
 RECORD_SPREAD_SECONDS = 20
 
 
-def _wakeups(memo: kopf.Memo) -> dict[str, asyncio.Event]:
+def _wakeups(memo: kopf.Memo) -> dict[tuple[str, str], asyncio.Event]:
     # Created at start-up in the operator-wide memo: each object's memo is a shallow copy of it, so
-    # all of them share this one dict.
-    wakeups: dict[str, asyncio.Event] = memo.schedule_wakeups
+    # all of them share this one dict. Keyed by (namespace, uid): a restore wakes its namespace's.
+    wakeups: dict[tuple[str, str], asyncio.Event] = memo.schedule_wakeups
     return wakeups
+
+
+def wake_namespace(memo: kopf.Memo, namespace: str) -> None:
+    """Every schedule of the namespace looks again now: a restore there took or gave back a server's
+    lock. Called from the restore's thread; the events belong to the loop, so the loop sets them."""
+
+    def wake() -> None:
+        for (schedule_namespace, _), event in list(_wakeups(memo).items()):
+            if schedule_namespace == namespace:
+                event.set()
+
+    memo.schedule_loop.call_soon_threadsafe(wake)
 
 
 def _backups(memo: kopf.Memo) -> IdmBackups:
@@ -69,6 +81,7 @@ def _record(body: kopf.Body, memo: kopf.Memo, tick: reconcile.Tick | reconcile.I
     next_time = reconcile.record(memo.services, _backups(memo), schedule, report, now, tick)
     if isinstance(tick, reconcile.Invalid):
         return next_time
+    pause.report_pause(memo.services, schedule, report)
     restores = DrillRestores(memo.services.custom)
     next_drill = drills.reconcile_drills(restores, _backups(memo), schedule, report, now)
     return next_time if next_drill is None else min(next_time, next_drill)
@@ -81,10 +94,11 @@ def _spread(uid: str) -> float:
 
 
 @kopf.on.startup()
-async def size_the_pass_threads(**_: Any) -> None:
+async def size_the_pass_threads(memo: kopf.Memo, **_: Any) -> None:
     # Passes run in the loop's default executor (asyncio.to_thread), which has only a handful of
     # threads; passes mostly wait on the API server, and a minute's ticks must not queue behind them.
-    asyncio.get_running_loop().set_default_executor(
+    memo.schedule_loop = asyncio.get_running_loop()
+    memo.schedule_loop.set_default_executor(
         concurrent.futures.ThreadPoolExecutor(max_workers=PASS_THREADS, thread_name_prefix="schedule-pass")
     )
 
@@ -94,7 +108,8 @@ async def follow_schedule(
     stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any
 ) -> None:
     uid = body.metadata.uid or ""
-    wakeup = _wakeups(memo).setdefault(uid, asyncio.Event())
+    key = (body.metadata.namespace or "", uid)
+    wakeup = _wakeups(memo).setdefault(key, asyncio.Event())
     try:
         while not stopped:
             wakeup.clear()
@@ -111,7 +126,7 @@ async def follow_schedule(
                 delay = 10.0
             await _sleep(min(max(delay, 0.0), MAX_SLEEP_SECONDS), wakeup, stopped)
     finally:
-        _wakeups(memo).pop(uid, None)
+        _wakeups(memo).pop(key, None)
 
 
 async def _sleep(seconds: float, wakeup: asyncio.Event, stopped: kopf.DaemonStopped) -> None:
@@ -127,7 +142,8 @@ def _wake_owner(body: kopf.Body, memo: kopf.Memo) -> None:
     if not is_finished(body.status.get("phase")) and body.metadata.get("deletionTimestamp") is None:
         return
     for owner in body.metadata.get("ownerReferences") or []:
-        if owner.get("kind") == IDMBACKUPSCHEDULE and (event := _wakeups(memo).get(owner.get("uid"))):
+        key = (body.metadata.namespace or "", owner.get("uid") or "")
+        if owner.get("kind") == IDMBACKUPSCHEDULE and (event := _wakeups(memo).get(key)):
             event.set()
 
 
@@ -153,5 +169,5 @@ async def schedule_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     Only a spec the task has not seen yet counts: its own status patches must not wake it in a loop.
     """
     unseen = body.metadata.get("generation") != body.status.get("observedGeneration")
-    if unseen and (event := _wakeups(memo).get(body.metadata.uid or "")):
+    if unseen and (event := _wakeups(memo).get((body.metadata.namespace or "", body.metadata.uid or ""))):
         event.set()

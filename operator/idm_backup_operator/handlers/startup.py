@@ -7,6 +7,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
+import functools
 import logging
 import os
 import shutil
@@ -25,6 +26,7 @@ from idm_backup_operator.api.names import (
     KOPF_ANNOTATION_PREFIX,
     VERSION,
 )
+from idm_backup_operator.handlers import idmbackupschedule as schedules
 from idm_backup_operator.idmbackup import leftovers
 from idm_backup_operator.kube import locking, webhookcert
 from idm_backup_operator.kube.podexec import PodExec
@@ -124,7 +126,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         raise kopf.PermanentError(str(err)) from None
     api = api_client()
     memo.api = api
-    memo.schedule_wakeups = {}  # schedule uid -> asyncio.Event, set when one of its backups ends
+    # (namespace, schedule uid) -> asyncio.Event, set when one of its backups ends or a restore there
+    # takes or gives back a server's lock.
+    memo.schedule_wakeups = {}
     # uids of the backups this process has finished; a few dozen bytes per backup ever taken.
     memo.backups_finished = set()
     # uid -> the final status of a backup this process ended but could not record; written again.
@@ -143,6 +147,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         pvc_root=Path(os.environ.get(PVC_ROOT_ENV, DEFAULT_PVC_ROOT)),
         ambient_s3_credentials=bool(memo.get("ambient_s3_credentials")),
         drills_enabled=bool(memo.get("drills_enabled")) or os.environ.get(DRILLS_ENV, "").lower() in _YES,
+        locks_changed=functools.partial(schedules.wake_namespace, memo),
     )
     start_metrics(memo, api)
     memo.metrics.registry.register(metrics.SlotMetrics(slots))

@@ -30,6 +30,7 @@ from typing import Any
 
 from idm_backup_operator import freeipa
 from idm_backup_operator.api.identity import ResourceIdentity
+from idm_backup_operator.api.names import IDMRESTORE
 from idm_backup_operator.api.phase import Phase
 from idm_backup_operator.api.spec import DrillSpec, LdapTarget, RestoreSpec
 from idm_backup_operator.api.times import format_time
@@ -94,7 +95,8 @@ class MustWait(Exception):
 
 
 def lock_holder(resource: ResourceIdentity) -> str:
-    return f"IdmRestore {resource.namespace}/{resource.name} ({resource.uid})"
+    # idmbackupschedule.pause tells a restore's lock from a backup's by this first word.
+    return f"{IDMRESTORE} {resource.namespace}/{resource.name} ({resource.uid})"
 
 
 @contextlib.contextmanager
@@ -104,10 +106,12 @@ def _holding_lock(services: Services, pod: PodRef, resource: ResourceIdentity) -
     if busy is not None:
         raise MustWait(f"waiting for {busy.holder} to finish: one backup or restore per server at a time")
     lock.keep_renewed()
+    services.locks_changed(pod.namespace)
     try:
         yield lock
     finally:
         lock.release()
+        services.locks_changed(pod.namespace)
 
 
 def restore(resource: ResourceIdentity, spec: RestoreSpec, services: Services, report: Reporter) -> None:

@@ -144,6 +144,32 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
+def _expired(spec: client.V1LeaseSpec) -> bool:
+    renewed = spec.renew_time or spec.acquire_time
+    return renewed is None or (_now() - renewed).total_seconds() > (
+        spec.lease_duration_seconds or LEASE_SECONDS
+    )
+
+
+def holders(
+    coordination: client.CoordinationV1Api, namespace: str, *, locks: str | None = None
+) -> dict[str, str]:
+    """Who holds the lock of each server of `namespace` now, by pod name; expired Leases are nobody's.
+    The locks are in `locks`, by default the configured namespace."""
+    leases = coordination.list_namespaced_lease(
+        locks or lock_namespace(),
+        label_selector=f"{TARGET_NAMESPACE_LABEL}={namespace}",
+        _request_timeout=CALL_TIMEOUT,
+    ).items
+    held = {}
+    for lease in leases:
+        target = (lease.metadata.annotations or {}).get(TARGET_POD_ANNOTATION, "")
+        lease_namespace, _, pod = target.partition("/")
+        if lease_namespace == namespace and lease.spec.holder_identity and not _expired(lease.spec):
+            held[pod] = lease.spec.holder_identity
+    return held
+
+
 class _Lost(Exception):
     """Another holder, or no Lease at all: this holder no longer has the lock, for certain."""
 
@@ -204,11 +230,7 @@ class TargetLock:
                 raise
         current = self._api.read_namespaced_lease(name, ns, _request_timeout=CALL_TIMEOUT)
         spec = current.spec
-        renewed = spec.renew_time or spec.acquire_time
-        expired = renewed is None or (_now() - renewed).total_seconds() > (
-            spec.lease_duration_seconds or LEASE_SECONDS
-        )
-        if spec.holder_identity not in (None, "", self._holder) and not expired:
+        if spec.holder_identity not in (None, "", self._holder) and not _expired(spec):
             return Busy(holder=spec.holder_identity)
         try:
             self._api.replace_namespaced_lease(

@@ -133,33 +133,50 @@ def _is_ready(pod: Any) -> bool:
     )
 
 
+def _candidates(core: client.CoreV1Api, namespace: str, target: Target) -> list[Any]:
+    """The pods the target matches, ready or not: by name, by its selector, or by the host they serve."""
+    if target.pod_name:
+        return [core.read_namespaced_pod(target.pod_name, namespace, _request_timeout=CALL_TIMEOUT)]
+    if target.pod_selector is not None:
+        selector = _selector_string(target.pod_selector)
+        return list(
+            core.list_namespaced_pod(namespace, label_selector=selector, _request_timeout=CALL_TIMEOUT).items
+        )
+    assert target.host is not None
+    listed = core.list_namespaced_pod(namespace, _request_timeout=CALL_TIMEOUT).items
+    return [p for p in listed if _serves_host(p, target.host)]
+
+
+def matching_pod_names(core: client.CoreV1Api, namespace: str, target: Target) -> set[str]:
+    """Names of the pods the target could designate now; none when its pod does not exist."""
+    try:
+        return {pod.metadata.name for pod in _candidates(core, namespace, target)}
+    except client.ApiException as err:
+        if err.status == 404:
+            return set()
+        raise
+
+
 def find_target_pod(core: client.CoreV1Api, namespace: str, target: Target) -> PodRef:
     """The one pod the target designates; it must exist, run and be ready."""
-    if target.pod_name:
-        try:
-            pods = [core.read_namespaced_pod(target.pod_name, namespace, _request_timeout=CALL_TIMEOUT)]
-        except client.ApiException as err:
-            raise ResolveError(f"target pod {namespace}/{target.pod_name} {_api_reason(err)}") from None
-    elif target.pod_selector is not None:
-        selector = _selector_string(target.pod_selector)
-        pods = core.list_namespaced_pod(
-            namespace, label_selector=selector, _request_timeout=CALL_TIMEOUT
-        ).items
-        if len(pods) != 1:
-            matched = ", ".join(p.metadata.name for p in pods) or "none"
+    try:
+        pods = _candidates(core, namespace, target)
+    except client.ApiException as err:
+        if not target.pod_name:
+            raise
+        raise ResolveError(f"target pod {namespace}/{target.pod_name} {_api_reason(err)}") from None
+    if len(pods) != 1:
+        # Only a selector or a host can match other than one pod: a pod read by name is there.
+        matched = ", ".join(p.metadata.name for p in pods) or "none"
+        if target.pod_selector is not None:
+            selector = _selector_string(target.pod_selector)
             raise ResolveError(
                 f"podSelector {selector!r} must match exactly one pod in {namespace}, matched: {matched}"
             )
-    else:
-        assert target.host is not None
-        listed = core.list_namespaced_pod(namespace, _request_timeout=CALL_TIMEOUT).items
-        pods = [p for p in listed if _serves_host(p, target.host)]
-        if len(pods) != 1:
-            matched = ", ".join(p.metadata.name for p in pods) or "none"
-            raise ResolveError(
-                f"host {target.host} must be served by exactly one pod in {namespace} "
-                f"(container env {HOSTNAME_ENV}), found: {matched}"
-            )
+        raise ResolveError(
+            f"host {target.host} must be served by exactly one pod in {namespace} "
+            f"(container env {HOSTNAME_ENV}), found: {matched}"
+        )
     pod = pods[0]
     if pod.metadata.deletion_timestamp is not None:
         raise ResolveError(f"target pod {namespace}/{pod.metadata.name} is being deleted")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -48,6 +48,9 @@ class Services:
     drills_enabled: bool = False
     # Set when the operator shuts down (SIGTERM): running backups wind down, services started again.
     stopping: threading.Event = field(default_factory=threading.Event)
+    # Called from a job's thread with a served namespace when a restore takes or gives back a server's
+    # lock there, so that the schedules it pauses say so at once.
+    locks_changed: Callable[[str], None] = lambda namespace: None
 
     @property
     def custom(self) -> client.CustomObjectsApi:
