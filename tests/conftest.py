@@ -11,7 +11,6 @@ import base64
 import os
 import re
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,6 +29,7 @@ from tests.helpers import (
     Backup,
     apply,
     create_backup,
+    create_test_namespace,
     pod_ready,
     wait_finished,
     wait_for,
@@ -65,20 +65,10 @@ def namespace(api: client.ApiClient, request: pytest.FixtureRequest) -> Iterator
     # characters, or the kubelet refuses to start it, as a real one does.
     base = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower().removeprefix("test_"))[:16].strip("-")
     name = f"{base}-{uuid.uuid4().hex[:6]}"
-    core = client.CoreV1Api(api)
-    core.create_namespace({"metadata": {"name": name, "labels": {"idm-backup.io/test": "true"}}})
-    # The controller-manager creates the namespace's default ServiceAccount asynchronously; pods are
-    # refused until it exists.
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            core.read_namespaced_service_account("default", name)
-            break
-        except client.ApiException:
-            time.sleep(0.2)
+    create_test_namespace(api, name)
     yield name
     drop_finalizers(api, name)  # the test's operator is gone by now
-    core.delete_namespace(name, propagation_policy="Background")
+    client.CoreV1Api(api).delete_namespace(name, propagation_policy="Background")
 
 
 @pytest.fixture

@@ -223,3 +223,16 @@ def render(helm: Callable[..., str], *args: str, namespace: str = "ops") -> list
 
 def of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [d for d in docs if d["kind"] == kind]
+
+
+def create_test_namespace(api: client.ApiClient, name: str) -> None:
+    """A namespace labelled as the tests', once pods may be created in it."""
+    core = client.CoreV1Api(api)
+    core.create_namespace({"metadata": {"name": name, "labels": {"idm-backup.io/test": "true"}}})
+    # The controller-manager creates the namespace's default ServiceAccount asynchronously; pods are
+    # refused until it exists.
+    wait_for(
+        f"namespace {name}'s default ServiceAccount",
+        lambda: any(sa.metadata.name == "default" for sa in core.list_namespaced_service_account(name).items),
+        timeout=30,
+    )

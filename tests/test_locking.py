@@ -36,6 +36,7 @@ from tests.helpers import (
     S3_SECRET,
     apply,
     backup_spec,
+    create_test_namespace,
     get_backup,
     pod_exec,
     pod_ready,
@@ -212,7 +213,7 @@ def new_namespace(api: client.ApiClient) -> Iterator[Callable[[str], str]]:
 
     def create(prefix: str) -> str:
         name = f"{prefix}-{uuid.uuid4().hex[:6]}"
-        core.create_namespace({"metadata": {"name": name, "labels": {"idm-backup.io/test": "true"}}})
+        create_test_namespace(api, name)
         made.append(name)
         return name
 
