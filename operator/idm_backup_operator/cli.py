@@ -91,7 +91,7 @@ from idm_backup_operator.handlers.startup import (
     configure_logging,
 )
 from idm_backup_operator.idmbackupschedule import reconcile
-from idm_backup_operator.kube import locking, references
+from idm_backup_operator.kube import locking, references, scratch
 from idm_backup_operator.kube.backups import IdmBackups, NotFound, Refused
 from idm_backup_operator.slots import (
     DEFAULT_MEMORY_MIB,
@@ -823,15 +823,9 @@ def read_pod_template(path: str, *, claim_replaces_data: bool) -> dict[str, Any]
         # What makes the pod what it is; not its name, namespace, owners or status.
         metadata = {"labels": metadata["labels"]} if metadata.get("labels") else {}
         spec = {k: v for k, v in spec.items() if k != "nodeName"}
-    volumes = spec.get("volumes")
-    volumes = volumes if isinstance(volumes, list) else []
     shared = [
-        f"{volume.get('name')} (claim {volume['persistentVolumeClaim'].get('claimName')})"
-        for volume in volumes
-        if isinstance(volume, dict)
-        and isinstance(volume.get("persistentVolumeClaim"), dict)
-        and not volume["persistentVolumeClaim"].get("readOnly")
-        and not (claim_replaces_data and volume.get("name") == "data")
+        f"{volume} (claim {claim})"
+        for volume, claim in scratch.shared_claims({"spec": spec}, claim_replaces_data=claim_replaces_data)
     ]
     if shared:
         raise CommandError(
@@ -926,14 +920,14 @@ def _list_storage(args: argparse.Namespace) -> int:
             "--storage needs a location (s3://bucket/prefix or a directory) or --schedule", EXIT_USAGE
         )
     # The scratch directory holds a CA file the store may read on each connection, and goes after.
-    with tempfile.TemporaryDirectory(prefix="idm-backup-cli-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="idm-backup-cli-") as ca_dir:
         if args.storage:
             try:
                 store = verify.open_location(args.storage, _s3_options(args))
             except verify.LocationError as err:
                 raise CommandError(str(err), EXIT_USAGE) from None
         else:
-            store = _schedule_store(args, Path(scratch))
+            store = _schedule_store(args, Path(ca_dir))
         found = [stored_summary(backup) for backup in verify.list_stored(store)]
     location = args.storage or store.uri("")
     if args.output in ("json", "yaml"):

@@ -41,6 +41,23 @@ class ScratchError(Exception):
     """The scratch server cannot be made or did not come up; the message says why."""
 
 
+def shared_claims(template: Mapping[str, Any], *, claim_replaces_data: bool) -> list[tuple[str, str]]:
+    """(volume, claim) the pod template would mount read-write that outlive the drill: production's data
+    volume, perhaps, which a restore into the scratch pod would then overwrite. The volume named data
+    that a volumeClaimTemplate replaces is the drill's own. Tolerant of a template not yet validated
+    (the CLI checks a file with it)."""
+    spec = template.get("spec")
+    volumes = spec.get("volumes") if isinstance(spec, Mapping) else None
+    shared = []
+    for volume in volumes if isinstance(volumes, list) else []:
+        claim = volume.get("persistentVolumeClaim") if isinstance(volume, Mapping) else None
+        if not isinstance(claim, Mapping) or claim.get("readOnly"):
+            continue
+        if not (claim_replaces_data and volume.get("name") == DATA_VOLUME):
+            shared.append((str(volume.get("name")), str(claim.get("claimName"))))
+    return shared
+
+
 @dataclass(frozen=True)
 class ScratchServer:
     core: client.CoreV1Api
@@ -87,16 +104,10 @@ class ScratchServer:
         return found
 
     def shared_claims(self) -> list[str]:
-        """Claims the template would mount read-write that outlive the drill: production's data volume,
-        perhaps, which a restore into the scratch pod would then overwrite. The volume named data that
-        volumeClaimTemplate replaces is the drill's own."""
-        shared = []
-        for volume in (self.template.get("spec") or {}).get("volumes") or []:
-            claim = volume.get("persistentVolumeClaim")
-            replaced = self.claim_template is not None and volume.get("name") == DATA_VOLUME
-            if claim and not claim.get("readOnly") and not replaced:
-                shared.append(str(claim.get("claimName")))
-        return shared
+        return [
+            claim
+            for _, claim in shared_claims(self.template, claim_replaces_data=self.claim_template is not None)
+        ]
 
     def _owned(self, name: str) -> dict[str, Any]:
         return {
