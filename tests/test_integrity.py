@@ -423,6 +423,31 @@ def test_an_unreadable_topology_fails_topology_unavailable_before_anything_stops
         f"cannot check the FreeIPA topology: cannot reach the LDAP server {unreachable} ("
     ), status["message"]
     assert "ipaBackup" not in status
+
+    # A listener of someone else's (here on 127.0.0.2, not the pod's address): the operator refuses the
+    # URL before it reads the password, and never connects, so nothing can be captured.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.2", 0))
+        listener.listen()
+        listener.settimeout(0)
+        elsewhere = f"ldap://127.0.0.2:{listener.getsockname()[1]}"
+        spec = backup_spec(
+            platform,
+            s3_storage(platform, prefix),
+            type="Full",
+            target={
+                "ldap": {"url": elsewhere, "passwordSecretRef": {"name": freeipa_pod.DM_PASSWORD_SECRET}}
+            },
+        )
+        status = failed(run_backup("elsewhere", spec), "TopologyUnavailable")
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    assert status["message"] == (
+        f"cannot check the FreeIPA topology: ldap.url {elsewhere!r} is not the directory of the server "
+        "backed up or restored: 127.0.0.2 (127.0.0.2) is neither ipa-hidden.example.test, the server's "
+        "FQDN in its /etc/ipa/default.conf, nor an address of its pod (127.0.0.1). The operator binds only "
+        "to the target's own directory"
+    ), status["message"]
     nothing_stored(s3, platform, prefix)
     assert backup_dirs(api, namespace, pod) == []
     assert services_running(api, namespace, pod)

@@ -16,6 +16,7 @@ from idm_backup_operator.freeipa.topology import (
     Topology,
     TopologyError,
     check_roles,
+    foreign_ldap_host,
     masters_dn,
     read_topology,
 )
@@ -340,3 +341,69 @@ def test_not_a_freeipa_base_dn_on_389ds(directory: Any, suffix: str) -> None:
         f"cn=masters,cn=ipa,cn=etc,{suffix} does not exist on {directory.uri}: "
         f"not a FreeIPA directory, or {suffix!r} is not its base DN"
     )
+
+
+# -- whose directory a URL reaches --------------------------------------------------------------------
+
+RESOLVED = {
+    "ipa-hidden-headless.identity.svc": {"10.1.2.3"},
+    "ipa-svc.identity.svc": {"10.96.0.7"},
+    "dual.example.test": {"10.1.2.3", "192.0.2.9"},
+    "192.0.2.1": {"192.0.2.1"},
+    "10.1.2.3": {"10.1.2.3"},
+}
+
+
+def resolve(host: str) -> set[str]:
+    return RESOLVED.get(host, set())
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "ldaps://ipa-hidden.example.test",
+        "ldap://IPA-Hidden.Example.Test:389",  # host names are compared without case
+        "ldap://10.1.2.3:389",
+        "ldap://ipa-hidden-headless.identity.svc",  # a headless Service names the pod's address
+        "ldapi://%2Frun%2Fslapd-EXAMPLE-TEST.socket",
+        "ldap://ipa-hidden.example.test ldaps://10.1.2.3",
+    ],
+)
+def test_the_targets_own_directory_is_accepted(uri: str) -> None:
+    assert foreign_ldap_host(uri, "ipa-hidden.example.test", {"10.1.2.3"}, resolve) is None
+
+
+@pytest.mark.parametrize(
+    ("uri", "why"),
+    [
+        (
+            "ldap://192.0.2.1:389",
+            "192.0.2.1 (192.0.2.1) is neither ipa-hidden.example.test, the server's FQDN in its "
+            "/etc/ipa/default.conf, nor an address of its pod (10.1.2.3)",
+        ),
+        # A Service's cluster IP could send the bind anywhere its endpoints are.
+        (
+            "ldap://ipa-svc.identity.svc",
+            "ipa-svc.identity.svc (10.96.0.7) is neither ipa-hidden.example.test, the server's FQDN in its "
+            "/etc/ipa/default.conf, nor an address of its pod (10.1.2.3)",
+        ),
+        # Every address a name resolves to must be the pod's: libldap may try any of them.
+        (
+            "ldap://dual.example.test",
+            "dual.example.test (10.1.2.3, 192.0.2.9) is neither ipa-hidden.example.test, the server's FQDN "
+            "in its /etc/ipa/default.conf, nor an address of its pod (10.1.2.3)",
+        ),
+        (
+            "ldap://nowhere.example.test",
+            "nowhere.example.test does not resolve: name the server, ipa-hidden.example.test",
+        ),
+        # The second of a list of URLs is tried when the first fails.
+        (
+            "ldaps://ipa-hidden.example.test,ldap://nowhere.example.test",
+            "nowhere.example.test does not resolve: name the server, ipa-hidden.example.test",
+        ),
+        ("ldap:///", "ldap:/// names no host: name the server, ipa-hidden.example.test"),
+    ],
+)
+def test_any_other_directory_is_refused_with_the_reason(uri: str, why: str) -> None:
+    assert foreign_ldap_host(uri, "ipa-hidden.example.test", {"10.1.2.3"}, resolve) == why

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import enum
-from collections.abc import Iterable, Iterator, Mapping
+import re
+import socket
+import urllib.parse
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -224,6 +227,45 @@ class LdapConnectionSettings:
     starttls: bool = False
     # Seconds for the TCP connect and for each LDAP operation.
     timeout: float = 10.0
+
+
+def _resolve(host: str) -> set[str]:
+    try:
+        return {str(info[4][0]) for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
+    except (OSError, UnicodeError):
+        return set()
+
+
+def foreign_ldap_host(
+    uri: str, server_host: str, addresses: Iterable[str], resolve: Callable[[str], set[str]] = _resolve
+) -> str | None:
+    """Why `uri` may not be the target's own directory, or None when it is.
+
+    The operator binds with a password a user names, and trusts what the directory says about hidden
+    replicas and roles: so it binds only to the server it acts on. A URL's host must be that server's
+    FQDN (from its /etc/ipa/default.conf, which the pod itself says), or a name or address every one of
+    whose addresses is the pod's own. libldap takes several URLs separated by spaces or commas and tries
+    each: every one must pass. ldapi:// is a socket in the operator's own container.
+    """
+    addresses = set(addresses)
+    for url in filter(None, re.split(r"[\s,]+", uri)):
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme.lower() == "ldapi":
+            continue
+        host = (parsed.hostname or "").lower()
+        if host and host == server_host.lower():
+            continue
+        if not host:
+            return f"{url} names no host: name the server, {server_host}"
+        found = resolve(host)
+        if not found:
+            return f"{host} does not resolve: name the server, {server_host}"
+        if not found <= addresses:
+            return (
+                f"{host} ({', '.join(sorted(found))}) is neither {server_host}, the server's FQDN in its "
+                f"/etc/ipa/default.conf, nor an address of its pod ({', '.join(sorted(addresses)) or 'none'})"
+            )
+    return None
 
 
 def read_topology(settings: LdapConnectionSettings, suffix: str) -> Topology:

@@ -281,7 +281,7 @@ class _Backup:
         self.report.update(step="pre-flight: reading the topology from LDAP")
         try:
             settings = references.ldap_settings(
-                self.services.core, self.resource.namespace, target.ldap, self.scratch
+                self.services.core, self.pod, server.host, target.ldap, self.scratch
             )
             topology = read_topology(settings, target.ldap.base_dn or server.basedn)
             replica = topology.server(server.host)

@@ -24,7 +24,7 @@ from idm_backup_operator.api.spec import (
     Target,
 )
 from idm_backup_operator.archive.encryption import Recipients, load_recipients
-from idm_backup_operator.freeipa.topology import LdapConnectionSettings
+from idm_backup_operator.freeipa.topology import LdapConnectionSettings, foreign_ldap_host
 from idm_backup_operator.kube.podexec import PodRef
 from idm_backup_operator.storage import PVCStore, S3Config, S3Store, StorageError, Store, claim_mount
 
@@ -311,8 +311,21 @@ def load_public_keys(core: client.CoreV1Api, namespace: str, encryption: Encrypt
 
 
 def ldap_settings(
-    core: client.CoreV1Api, namespace: str, ldap: LdapTarget, scratch: Path
+    core: client.CoreV1Api, pod: PodRef, server_host: str, ldap: LdapTarget, scratch: Path
 ) -> LdapConnectionSettings:
+    """How to bind to the directory of the server `pod` runs (`server_host`, from its default.conf).
+    A URL that leads elsewhere is refused before the password Secret is even read."""
+    namespace = pod.namespace
+    try:
+        status = core.read_namespaced_pod(pod.name, namespace, _request_timeout=CALL_TIMEOUT).status
+    except client.ApiException as err:
+        raise ResolveError(f"pod {namespace}/{pod.name} {_api_reason(err)}") from None
+    addresses = {ip.ip for ip in status.pod_ips or ()} | ({status.pod_ip} if status.pod_ip else set())
+    if (foreign := foreign_ldap_host(ldap.url, server_host, addresses)) is not None:
+        raise ResolveError(
+            f"ldap.url {ldap.url!r} is not the directory of the server backed up or restored: {foreign}. "
+            "The operator binds only to the target's own directory"
+        )
     raw = read_secret_key(core, namespace, ldap.password)
     logs.register_secret(raw)
     password = _text(raw, namespace, ldap.password.name, ldap.password.key)
