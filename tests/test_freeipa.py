@@ -3,6 +3,7 @@ from pathlib import PurePosixPath
 
 import pytest
 
+from idm_backup_operator import freeipa
 from idm_backup_operator.freeipa import (
     BackupOptions,
     BackupOutcome,
@@ -507,3 +508,27 @@ def test_ipactl_unknown(text: str, exit_code: int | None) -> None:
     status = parse_ipactl_status(text, exit_code)
     assert status.verdict is IpaServicesVerdict.UNKNOWN
     assert status.summary.startswith("IPA service status unknown")
+
+
+def test_a_failed_upgrade_on_start_is_named_with_its_log() -> None:
+    # ipactl start's stderr when the ipa-server-upgrade it runs first fails (ipactl.py, version_check).
+    stderr = (
+        "IPA version error: data needs to be upgraded (expected version '4.12.2-2.fc41', current version "
+        "'4.12.2-1.fc41')\n"
+        "Automatically running upgrade, for details see /data/var/log/ipaupgrade.log\n"
+        "Be patient, this may take a few minutes.\n"
+        "Automatic upgrade failed: IPA server upgrade failed: Inspect /var/log/ipaupgrade.log and run "
+        "command ipa-server-upgrade manually.\n"
+        "\n"
+        "See the upgrade log for more details and/or run /usr/sbin/ipa-server-upgrade again\n"
+        "Aborting ipactl\n"
+    )
+    assert freeipa.upgrade_failure(stderr) == (
+        "ipactl start: IPA version error: data needs to be upgraded (expected version '4.12.2-2.fc41', "
+        "current version '4.12.2-1.fc41'); Automatic upgrade failed: IPA server upgrade failed: Inspect "
+        "/var/log/ipaupgrade.log and run command ipa-server-upgrade manually. (see "
+        "/data/var/log/ipaupgrade.log in the pod)"
+    )
+    # A start that upgraded and went on, or failed for another reason, is not an upgrade failure.
+    assert freeipa.upgrade_failure(stderr.replace("Automatic upgrade failed", "Upgraded")) is None
+    assert freeipa.upgrade_failure("Failed to start Directory Service\nAborting ipactl\n") is None

@@ -43,6 +43,7 @@ from idm_backup_operator.freeipa.server import (
     parse_default_conf,
     parse_ipactl_status,
     serverid,
+    upgrade_failure,
 )
 
 __all__ = [
@@ -80,4 +81,5 @@ __all__ = [
     "parse_ipactl_status",
     "read_ini_section",
     "serverid",
+    "upgrade_failure",
 ]

@@ -157,3 +157,21 @@ def parse_ipactl_status(output: str, exit_code: int | None) -> IpactlStatus:
         elif line:
             messages.append(line)
     return IpactlStatus(exit_code=exit_code, services=services, messages=tuple(messages))
+
+
+def upgrade_failure(ipactl_stderr: str) -> str | None:
+    """What `ipactl start` said when the upgrade it ran first failed, with the log to read; None otherwise.
+
+    After an image update `ipactl start` runs ipa-server-upgrade before anything (ipactl.py,
+    version_check); when that fails nothing is started, and why is only on ipactl's stderr and in the
+    upgrade log, which `ipactl status` never names. The log's path is taken from ipactl's own line
+    (freeipa-container keeps it under /data).
+    """
+    lines = [line.strip() for line in ipactl_stderr.splitlines()]
+    if not any(line.startswith("Automatic upgrade failed:") for line in lines):
+        return None
+    said = [line for line in lines if line.startswith(("IPA version error:", "Automatic upgrade failed:"))]
+    upgrade_log = next(
+        (line.rsplit(" ", 1)[1] for line in lines if line.startswith("Automatically running upgrade,")), ""
+    )
+    return "ipactl start: " + "; ".join(said) + (f" (see {upgrade_log} in the pod)" if upgrade_log else "")

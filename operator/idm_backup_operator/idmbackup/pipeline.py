@@ -663,7 +663,11 @@ def _through_outages(call: Callable[[], ExecResult], patience: float = OUTAGE_PA
             delay = min(delay * 2, 15.0)
 
 
-def check_services(execs: PodExec, pod: PodRef, report: Reporter, *, started_by: str) -> bool:
+def check_services(
+    execs: PodExec, pod: PodRef, report: Reporter, *, started_by: str, cause: str = ""
+) -> bool:
+    """`ipactl status` into the ServicesRunning condition; `cause`, what the start before it said went
+    wrong, is added to the message when the services are down."""
     try:
         result = _through_outages(lambda: execs.run(pod, list(freeipa.IPACTL_STATUS), timeout=120))
     except (ExecError, ApiError) as err:
@@ -677,7 +681,7 @@ def check_services(execs: PodExec, pod: PodRef, report: Reporter, *, started_by:
         "ServicesRunning",
         running,
         f"StartedBy{started_by.title().replace('-', '').replace(' ', '')}" if running else "ServicesDown",
-        status.summary,
+        f"{status.summary}; {cause}" if cause and not running else status.summary,
     )
     return running
 
@@ -685,11 +689,16 @@ def check_services(execs: PodExec, pod: PodRef, report: Reporter, *, started_by:
 def restart_services(execs: PodExec, pod: PodRef, report: Reporter) -> bool:
     """ipa-backup leaves IPA stopped when it fails: start it again and say whether it came back."""
     report.update(step="starting IPA services again (ipactl start)")
+    cause = ""
     try:
-        _through_outages(lambda: execs.run(pod, list(freeipa.IPACTL_START), timeout=SERVICE_START_TIMEOUT))
+        started = _through_outages(
+            lambda: execs.run(pod, list(freeipa.IPACTL_START), timeout=SERVICE_START_TIMEOUT)
+        )
     except (ExecError, ApiError) as err:
         log.warning("ipactl start in %s: %s", pod, err)
-    running = check_services(execs, pod, report, started_by="operator")
+    else:
+        cause = freeipa.upgrade_failure(started.stderr) or ""
+    running = check_services(execs, pod, report, started_by="operator", cause=cause)
     if running:
         report.event("ServicesRestarted", f"IPA services in pod {pod.name} are running again")
     else:

@@ -1,5 +1,5 @@
-"""TEST STAND-IN for FreeIPA -- NOT FreeIPA. Shared code of the stand-in's ipactl, ipa-backup, ipa-restore
-and init.
+"""TEST STAND-IN for FreeIPA -- NOT FreeIPA. Shared code of the stand-in's ipactl, ipa-backup, ipa-restore,
+ipa-server-upgrade and init.
 
 Part of the idm-backup-operator test platform (testbed/images/freeipa-standin). It reproduces the
 observable behaviour of FreeIPA 4.12 tools (messages, exit codes, files) on top of a real 389-ds
@@ -283,3 +283,126 @@ def set_service_failed(state: ServiceState, name: str) -> None:
 
 def service_failed(name: str) -> bool:
     return ServiceState.read().get(name) == "failed"
+
+
+# -- additions for the version check of ipactl and ipa-server-upgrade -----------------------------------
+
+SYSUPGRADE_STATE = "/var/lib/ipa/sysupgrade/sysupgrade.state"  # paths.STATEFILE_DIR + sysupgrade.state
+IPAUPGRADE_LOG = "/var/log/ipaupgrade.log"  # paths.IPAUPGRADE_LOG
+IPA_SERVER_UPGRADE = "/usr/sbin/ipa-server-upgrade"  # paths.IPA_SERVER_UPGRADE
+# installutils.get_current_platform(): freeipa-container's images run ipaplatform "fedora_container",
+# stored without the suffix.
+PLATFORM = "fedora"
+# The build the image's installer recorded: its own, whatever fault is set now.
+INSTALLED_VENDOR_VERSION = f"{_ipa_version.DEFAULT_VERSION}-{_ipa_version.DEFAULT_BUILD}"
+DEFAULT_UPGRADE_SECONDS = 3.0
+
+
+class UpgradeVersionError(Exception):
+    pass
+
+
+class UpgradePlatformError(UpgradeVersionError):
+    pass
+
+
+class UpgradeDataOlderVersionError(UpgradeVersionError):
+    pass
+
+
+class UpgradeDataNewerVersionError(UpgradeVersionError):
+    pass
+
+
+class UpgradeMissingVersionError(UpgradeVersionError):
+    pass
+
+
+def _read_sysupgrade() -> configparser.RawConfigParser:
+    parser = configparser.RawConfigParser()
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # StateFile keeps keys' case
+    parser.read(SYSUPGRADE_STATE)
+    return parser
+
+
+def get_upgrade_state(module: str, state: str) -> str | None:
+    """sysupgrade.get_upgrade_state."""
+    parser = _read_sysupgrade()
+    return parser.get(module, state) if parser.has_option(module, state) else None
+
+
+def set_upgrade_state(module: str, state: str, value: str) -> None:
+    """sysupgrade.set_upgrade_state: the StateFile rewritten whole."""
+    parser = _read_sysupgrade()
+    if not parser.has_section(module):
+        parser.add_section(module)
+    parser.set(module, state, value)
+    os.makedirs(os.path.dirname(SYSUPGRADE_STATE), exist_ok=True)
+    tmp = SYSUPGRADE_STATE + ".tmp"
+    with open(tmp, "w") as f:
+        parser.write(f)
+    os.rename(tmp, SYSUPGRADE_STATE)
+
+
+def store_version(vendor_version: str | None = None) -> None:
+    """installutils.store_version: the data version and platform an upgrade (or install) leaves."""
+    set_upgrade_state("ipa", "data_version", vendor_version or _ipa_version.VENDOR_VERSION)
+    set_upgrade_state("ipa", "platform", PLATFORM)
+
+
+Segments = list[tuple[int, int | str]]
+
+
+def _segments(text: str) -> Segments:
+    """rpm's version comparison, reduced to what VENDOR_VERSIONs hold: digit runs compare as numbers and
+    win over letter runs, which compare as strings; separators are ignored."""
+    out: Segments = []
+    run = ""
+    for c in text + ".":
+        if run and (c.isdigit() != run[-1].isdigit() or not c.isalnum()):
+            out.append((1, int(run)) if run.isdigit() else (0, run))
+            run = ""
+        if c.isalnum():
+            run += c
+    return out
+
+
+def parse_ipa_version(vendor_version: str) -> tuple[Segments, Segments]:
+    """tasks.parse_ipa_version on Fedora: version and release, compared as rpm's labelCompare does."""
+    version, _, release = vendor_version.partition("-")
+    return _segments(version), _segments(release)
+
+
+def check_version() -> None:
+    """installutils.check_version: the software (VENDOR_VERSION) against the data's recorded version."""
+    if not _read_sysupgrade().has_section("ipa"):
+        # ipa-server-install records both at its end; ipa-standin-init, which plays it, does not: the
+        # first check records what it would have, so an installation starts at the image's own build.
+        store_version(INSTALLED_VENDOR_VERSION)
+    state_platform = get_upgrade_state("ipa", "platform")
+    if state_platform is None:
+        raise UpgradeMissingVersionError("no platform stored")
+    if state_platform != PLATFORM:
+        raise UpgradePlatformError(f"platform mismatch (expected '{state_platform}', current '{PLATFORM}')")
+    data_version = get_upgrade_state("ipa", "data_version")
+    if data_version is None:
+        raise UpgradeMissingVersionError("no data_version stored")
+    current = _ipa_version.VENDOR_VERSION
+    parsed_data, parsed_ipa = parse_ipa_version(data_version), parse_ipa_version(current)
+    if parsed_data < parsed_ipa:
+        raise UpgradeDataOlderVersionError(
+            f"data needs to be upgraded (expected version '{current}', current version '{data_version}')"
+        )
+    if parsed_data > parsed_ipa:
+        raise UpgradeDataNewerVersionError(
+            f"data are in newer version than IPA (data version '{data_version}', IPA version '{current}')"
+        )
+
+
+def upgrade_seconds() -> float:
+    """How long the stand-in's ipa-server-upgrade takes: the fault's `=<seconds>`, else 3 s (minutes
+    for the real one)."""
+    name, _, value = fault().partition("=")
+    if name in ("upgrade", "upgrade-fail") and value.strip():
+        return float(value)
+    return DEFAULT_UPGRADE_SECONDS
