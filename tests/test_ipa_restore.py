@@ -127,11 +127,18 @@ cn: Alice
 
 dn: cn=users,cn=accounts,dc=example,dc=test
 objectClass: nsContainer
+
+dn: cn=repl keep alive 4,dc=example,dc=test
+objectClass: top
+objectClass: ldapsubentry
+objectClass: extensibleObject
+cn: repl keep alive 4
+keepalivetimestamp: 20261128172500Z
 """
 )
 
 
-def test_ldif_entries_leave_out_the_ruv_and_tombstones_and_survive_long_lines() -> None:
+def test_ldif_entries_leave_out_the_ruv_tombstones_and_keep_alive_and_survive_long_lines() -> None:
     assert count_ldif_entries(io.BytesIO(LDIF)) == 3
     assert count_ldif_entries(io.BytesIO(b"version: 1\n")) == 0
 

@@ -25,6 +25,8 @@ from idm_backup_operator.freeipa.topology import (
 
 # Subentries (password policies, CoS templates) are in the LDIF but only found when asked for by name.
 _EVERY_ENTRY = "(|(objectClass=*)(objectClass=ldapSubEntry))"
+# ... except replication keep-alive entries, which 389-ds adds on its own (ipa_restore.KEEP_ALIVE_RDN).
+_COUNTED = f"(&{_EVERY_ENTRY}(!(cn=repl keep alive*)))"
 _SEGMENT_ATTRS = ["ipaReplTopoSegmentLeftNode", "ipaReplTopoSegmentRightNode"]
 
 
@@ -57,11 +59,12 @@ def await_online(settings: LdapConnectionSettings, suffix: str, patience: float)
 
 
 def count_entries(settings: LdapConnectionSettings, suffix: str) -> int:
-    """Entries under `suffix`, the suffix itself included; 0 when the suffix does not exist."""
+    """Entries under `suffix`, the suffix itself included, but not replication keep-alive entries; 0 when
+    the suffix does not exist."""
     try:
         with bound(settings) as conn:
             # "1.1": no attributes, so the count costs the server as little as it can.
-            msgid = conn.search_ext(suffix, ldap.SCOPE_SUBTREE, _EVERY_ENTRY, ["1.1"])
+            msgid = conn.search_ext(suffix, ldap.SCOPE_SUBTREE, _COUNTED, ["1.1"])
             count = 0
             while True:
                 kind, data, _, _ = conn.result3(msgid, all=0, timeout=settings.timeout)

@@ -45,6 +45,9 @@ _UNREACHABLE = re.compile(r"Unable to disable agreement on (\S+?):")
 DISABLING = "Disabling all replication."
 # 389-ds's replica update vector lives in this tombstone; ipa-restore strips it before importing.
 RUV_RDN = b"nsuniqueid=ffffffff-ffffffff-ffffffff-ffffffff"
+# 389-ds's replication plugin adds `cn=repl keep alive <replica id>,<suffix>` to a replicated backend
+# whenever it likes, before or after a backup: neither side of a count can rely on it.
+KEEP_ALIVE_RDN = b"cn=repl keep alive"
 
 
 class RestoreType(enum.Enum):
@@ -156,7 +159,8 @@ _MAX_LINE = 1 << 16
 
 def count_ldif_entries(stream: IO[bytes]) -> int:
     """Entries a restore of this LDIF brings back and a search finds: neither the RUV tombstone (stripped
-    by ipa-restore) nor replication tombstones (hidden from searches). Reads in bounded lines, so that a
+    by ipa-restore) nor replication tombstones (hidden from searches), nor replication keep-alive entries
+    (directory.count_entries leaves them out too). Reads in bounded lines, so that a
     long base64 value costs no more memory than any other."""
     count = 0
     in_entry = skip = False
@@ -172,7 +176,7 @@ def count_ldif_entries(stream: IO[bytes]) -> int:
             in_entry = skip = False
         elif line[:3].lower() == b"dn:":
             in_entry = True
-            skip = line[3:].lstrip(b": ").lower().startswith(RUV_RDN)
+            skip = line[3:].lstrip(b": ").lower().startswith((RUV_RDN, KEEP_ALIVE_RDN))
         elif in_entry and line.lower().replace(b" ", b"") == b"objectclass:nstombstone":
             skip = True
     if in_entry and not skip:
