@@ -532,3 +532,12 @@ def test_a_failed_upgrade_on_start_is_named_with_its_log() -> None:
     # A start that upgraded and went on, or failed for another reason, is not an upgrade failure.
     assert freeipa.upgrade_failure(stderr.replace("Automatic upgrade failed", "Upgraded")) is None
     assert freeipa.upgrade_failure("Failed to start Directory Service\nAborting ipactl\n") is None
+
+
+def test_the_server_config_says_which_pod_lacks_a_usable_default_conf() -> None:
+    conf = b"[global]\nhost = ipa-hidden.example.test\nrealm = EXAMPLE.TEST\nbasedn = dc=example,dc=test\n"
+    assert freeipa.server_config(0, conf, "ipa-0").host == "ipa-hidden.example.test"
+    with pytest.raises(freeipa.DefaultConfError, match=r"^pod ipa-0 has no readable /etc/ipa/default.conf"):
+        freeipa.server_config(1, b"", "ipa-0")
+    with pytest.raises(freeipa.DefaultConfError, match=r"^/etc/ipa/default.conf in pod ipa-0: "):
+        freeipa.server_config(0, b"[global]\n", "ipa-0")

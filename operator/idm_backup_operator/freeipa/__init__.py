@@ -34,6 +34,7 @@ from idm_backup_operator.freeipa.ipa_backup import (
 from idm_backup_operator.freeipa.server import (
     IPACTL_START,
     IPACTL_STATUS,
+    READ_DEFAULT_CONF,
     SOCKET_ACTIVATED_SERVICES,
     DefaultConfError,
     IpactlStatus,
@@ -42,6 +43,7 @@ from idm_backup_operator.freeipa.server import (
     ServiceRunState,
     parse_default_conf,
     parse_ipactl_status,
+    server_config,
     serverid,
     upgrade_failure,
 )
@@ -56,6 +58,7 @@ __all__ = [
     "IPA_BACKUP_DIR",
     "IPA_BACKUP_LOG",
     "MAX_HEADER_BYTES",
+    "READ_DEFAULT_CONF",
     "SOCKET_ACTIVATED_SERVICES",
     "BackupDirectory",
     "BackupHeader",
@@ -80,6 +83,7 @@ __all__ = [
     "parse_header",
     "parse_ipactl_status",
     "read_ini_section",
+    "server_config",
     "serverid",
     "upgrade_failure",
 ]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from idm_backup_operator.freeipa.ipa_backup import describe_exit_code, read_ini_section
 
+READ_DEFAULT_CONF = ("cat", "/etc/ipa/default.conf")
 IPACTL_START = ("ipactl", "start")
 IPACTL_STATUS = ("ipactl", "status")
 
@@ -77,6 +78,18 @@ def parse_default_conf(text: str) -> IpaServerConfig:
         server=value("server"),
         ldap_uri=value("ldap_uri"),
     )
+
+
+def server_config(exit_code: int, content: bytes, pod: str) -> IpaServerConfig:
+    """The server's identity from READ_DEFAULT_CONF run in its pod; DefaultConfError says why not."""
+    if exit_code != 0:
+        raise DefaultConfError(
+            f"pod {pod} has no readable /etc/ipa/default.conf: IPA is not configured there"
+        )
+    try:
+        return parse_default_conf(content.decode("utf-8", "replace"))
+    except DefaultConfError as err:
+        raise DefaultConfError(f"/etc/ipa/default.conf in pod {pod}: {err}") from None
 
 
 class ServiceRunState(enum.Enum):

@@ -246,18 +246,11 @@ class _Backup:
         return store
 
     def preflight_server(self) -> IpaServerConfig:
-        conf = self.exec(["cat", "/etc/ipa/default.conf"], timeout=60)
-        if conf.exit_code != 0:
-            raise BackupFailed(
-                "NotConfigured",
-                f"pod {self.pod.name} has no readable /etc/ipa/default.conf: IPA is not configured there",
-            )
+        conf = self.exec(list(freeipa.READ_DEFAULT_CONF), timeout=60)
         try:
-            server = freeipa.parse_default_conf(conf.stdout.decode("utf-8", "replace"))
+            server = freeipa.server_config(conf.exit_code, conf.stdout, self.pod.name)
         except freeipa.DefaultConfError as err:
-            raise BackupFailed(
-                "NotConfigured", f"/etc/ipa/default.conf in pod {self.pod.name}: {err}"
-            ) from None
+            raise BackupFailed("NotConfigured", str(err)) from None
         self.report.update(target={"host": server.host, "realm": server.realm})
         target = self.spec.target
         if target.require_hidden_replica or not self.spec.options.disable_role_check:

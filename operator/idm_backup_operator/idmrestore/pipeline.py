@@ -312,18 +312,11 @@ class _Restore:
     # -- gates: nothing on the server changes until all of these passed ------------------------------------
 
     def server_config(self) -> IpaServerConfig:
-        conf = self.exec(["cat", "/etc/ipa/default.conf"])
-        if conf.exit_code != 0:
-            raise RestoreFailed(
-                "NotConfigured",
-                f"pod {self.pod.name} has no readable /etc/ipa/default.conf: IPA is not configured",
-            )
+        conf = self.exec(list(freeipa.READ_DEFAULT_CONF))
         try:
-            server = freeipa.parse_default_conf(conf.stdout.decode("utf-8", "replace"))
+            server = freeipa.server_config(conf.exit_code, conf.stdout, self.pod.name)
         except freeipa.DefaultConfError as err:
-            raise RestoreFailed(
-                "NotConfigured", f"/etc/ipa/default.conf in pod {self.pod.name}: {err}"
-            ) from None
+            raise RestoreFailed("NotConfigured", str(err)) from None
         self.report.update(target={"host": server.host})
         return server
 
