@@ -535,7 +535,7 @@ def test_a_failed_upgrade_on_start_is_named_with_its_log() -> None:
 
 
 def test_the_server_config_says_which_pod_lacks_a_usable_default_conf() -> None:
-    conf = b"[global]\nhost = ipa-hidden.example.test\nrealm = EXAMPLE.TEST\nbasedn = dc=example,dc=test\n"
+    conf = b"[global]\nhost = ipa-hidden.example.test\ndomain = example.test\nrealm = EXAMPLE.TEST\n"
     assert freeipa.server_config(0, conf, "ipa-0").host == "ipa-hidden.example.test"
     with pytest.raises(freeipa.DefaultConfError, match=r"^pod ipa-0 has no readable /etc/ipa/default.conf"):
         freeipa.server_config(1, b"", "ipa-0")
