@@ -128,6 +128,11 @@ cn: Alice
 dn: cn=users,cn=accounts,dc=example,dc=test
 objectClass: nsContainer
 
+dn: nsuniqueid=0c1a6a02-8d5b11f1-a4f0e7b3-5c1d2e3f,uid=gone,cn=users,cn=accounts,dc=example,dc=test
+objectClass;vucsn-6b0b0bd0000100010000: top
+objectClass;vucsn-6b0b0bd0000100010000: nsTombstone
+nsParentUniqueId: 0c1a6a01-8d5b11f1-a4f0e7b3-5c1d2e3f
+
 dn: cn=repl keep alive 4,dc=example,dc=test
 objectClass: top
 objectClass: ldapsubentry

@@ -157,6 +157,17 @@ def parse_restore_output(lines: Iterable[str], exit_code: int | None) -> Restore
 _MAX_LINE = 1 << 16
 
 
+def _is_tombstone_class(line: bytes) -> bool:
+    """`objectClass: nsTombstone`, also with the state a replica export adds as attribute options
+    (`objectClass;vucsn-<csn>: nsTombstone`)."""
+    name, colon, value = line.partition(b":")
+    return (
+        bool(colon)
+        and name.split(b";")[0].strip().lower() == b"objectclass"
+        and (value.strip().lower() == b"nstombstone")
+    )
+
+
 def count_ldif_entries(stream: IO[bytes]) -> int:
     """Entries a restore of this LDIF brings back and a search finds: neither the RUV tombstone (stripped
     by ipa-restore) nor replication tombstones (hidden from searches), nor replication keep-alive entries
@@ -177,7 +188,7 @@ def count_ldif_entries(stream: IO[bytes]) -> int:
         elif line[:3].lower() == b"dn:":
             in_entry = True
             skip = line[3:].lstrip(b": ").lower().startswith((RUV_RDN, KEEP_ALIVE_RDN))
-        elif in_entry and line.lower().replace(b" ", b"") == b"objectclass:nstombstone":
+        elif in_entry and _is_tombstone_class(line):
             skip = True
     if in_entry and not skip:
         count += 1
