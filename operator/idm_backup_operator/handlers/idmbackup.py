@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import kopf
@@ -153,6 +154,45 @@ def write_again(report: StatusReporter, unwritten: dict[str, dict[str, Any]], ui
     del unwritten[uid]
 
 
+def keep_unwritten(
+    run: Callable[[], None], memo: kopf.Memo, uid: str, logger: logging.Logger | logging.LoggerAdapter[Any]
+) -> None:
+    """Run a backup or restore once. Its outcome stands even when its record fails, even after retries:
+    taking it for an interrupted run on kopf's next call would misreport it, so the very status is kept
+    and written again (write_again)."""
+    try:
+        run()
+    except StatusNotWritten as lost:
+        logger.error(f"{lost}; writing it again in {WAIT_RETRY_SECONDS} s")
+        memo.unwritten_outcomes[uid] = lost.status
+        raise kopf.TemporaryError(str(lost), delay=WAIT_RETRY_SECONDS) from None
+
+
+def wait_again(
+    report: StatusReporter,
+    body: kopf.Body,
+    reason: str,
+    message: str,
+    *,
+    event: str,
+    fail: Callable[[str, str], None],
+    keep_phase: bool = False,
+) -> None:
+    """Nothing was changed and the run must wait (the server's lock, its pod): Pending with the reason
+    (`keep_phase`: a recovery stays Running, its step saying where the run stopped), and kopf calls again
+    in WAIT_RETRY_SECONDS. A pod not ready for longer than NOT_READY_PATIENCE ends it TargetUnavailable."""
+    created = parse_time(body.metadata.get("creationTimestamp"))
+    if reason == "TargetNotReady" and created and _now() - created > NOT_READY_PATIENCE:
+        fail("TargetUnavailable", f"{message} for more than {NOT_READY_PATIENCE}")
+        return
+    where = {} if keep_phase else {"phase": Phase.PENDING.value, "step": WAIT_STEPS[reason]}
+    report.update(**where, message=message)
+    if not condition_true(body.status, "Waiting"):
+        report.event(event, message)
+    report.condition("Waiting", True, reason, message)
+    raise kopf.TemporaryError(message, delay=WAIT_RETRY_SECONDS)
+
+
 def _take_or_recover(
     resource: ResourceIdentity,
     body: kopf.Body,
@@ -160,14 +200,7 @@ def _take_or_recover(
     logger: logging.Logger | logging.LoggerAdapter[Any],
 ) -> None:
     report = _reporter(memo, resource, body)
-    try:
-        _run(resource, body, memo, report, logger)
-    except StatusNotWritten as lost:
-        # The outcome stands; only its record failed, even after retries. Taking it for an interrupted
-        # backup on kopf's next call would misreport it, so the very status is kept and written again.
-        logger.error(f"{lost}; writing it again in {WAIT_RETRY_SECONDS} s")
-        memo.unwritten_outcomes[resource.uid] = lost.status
-        raise kopf.TemporaryError(str(lost), delay=WAIT_RETRY_SECONDS) from None
+    keep_unwritten(lambda: _run(resource, body, memo, report, logger), memo, resource.uid, logger)
 
 
 def _run(
@@ -199,19 +232,15 @@ def _run(
                 report.update(phase=Phase.PENDING.value, step="pre-flight checks", message="")
             pipeline.take_backup(resource, parsed, memo.services, report)
     except pipeline.MustWait as wait:
-        created = parse_time(body.metadata.get("creationTimestamp"))
-        if wait.reason == "TargetNotReady" and created and _now() - created > NOT_READY_PATIENCE:
-            _fail(report, status, "TargetUnavailable", f"{wait} for more than {NOT_READY_PATIENCE}")
-            return
-        # A recovery that waits stays Running: its step says where the interrupted backup stopped.
-        where = (
-            {} if phase == Phase.RUNNING else {"phase": Phase.PENDING.value, "step": WAIT_STEPS[wait.reason]}
+        wait_again(
+            report,
+            body,
+            wait.reason,
+            str(wait),
+            event="BackupWaiting",
+            fail=lambda reason, message: _fail(report, status, reason, message),
+            keep_phase=phase == Phase.RUNNING,
         )
-        report.update(**where, message=str(wait))
-        if not condition_true(status, "Waiting"):
-            report.event("BackupWaiting", str(wait))
-        report.condition("Waiting", True, wait.reason, str(wait))
-        raise kopf.TemporaryError(str(wait), delay=WAIT_RETRY_SECONDS) from None
     except pipeline.BackupFailed as failed:
         if failed.reason == pipeline.SHUTDOWN:
             _requeue(report, failed.message)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
 from typing import Any
 
@@ -14,16 +13,10 @@ from idm_backup_operator.api.names import GROUP, IDMRESTORE, IDMRESTORES, VERSIO
 from idm_backup_operator.api.phase import Phase, is_finished
 from idm_backup_operator.api.spec import parse_restore_spec
 from idm_backup_operator.api.times import parse_time
-from idm_backup_operator.handlers.idmbackup import (
-    NOT_READY_PATIENCE,
-    WAIT_RETRY_SECONDS,
-    WAIT_STEPS,
-    condition_true,
-    write_again,
-)
+from idm_backup_operator.handlers.idmbackup import keep_unwritten, wait_again, write_again
 from idm_backup_operator.idmrestore import pipeline
 from idm_backup_operator.idmrestore import status as restore_status
-from idm_backup_operator.kube.reporting import StatusNotWritten, StatusReporter
+from idm_backup_operator.kube.reporting import StatusReporter
 
 
 @kopf.on.create(GROUP, VERSION, IDMRESTORES)
@@ -65,12 +58,7 @@ def _run_once(
     report: StatusReporter,
     logger: logging.Logger | logging.LoggerAdapter[Any],
 ) -> None:
-    try:
-        _run(resource, body, memo, report, logger)
-    except StatusNotWritten as lost:
-        # The outcome stands; only its record failed: kept and written again, never run again.
-        memo.unwritten_outcomes[resource.uid] = lost.status
-        raise kopf.TemporaryError(str(lost), delay=WAIT_RETRY_SECONDS) from None
+    keep_unwritten(lambda: _run(resource, body, memo, report, logger), memo, resource.uid, logger)
 
 
 def _run(
@@ -99,21 +87,14 @@ def _run(
                 report.update(phase=Phase.PENDING.value, step="pre-flight checks", message="")
             pipeline.restore(resource, spec, memo.services, report)
     except pipeline.MustWait as wait:
-        created = parse_time(body.metadata.get("creationTimestamp"))
-        if (
-            wait.reason == "TargetNotReady"
-            and created
-            and datetime.datetime.now(datetime.UTC) - created > NOT_READY_PATIENCE
-        ):
-            restore_status.set_failed(
-                report, started, "TargetUnavailable", f"{wait} for more than {NOT_READY_PATIENCE}"
-            )
-            return
-        report.update(phase=Phase.PENDING.value, step=WAIT_STEPS[wait.reason], message=str(wait))
-        if not condition_true(status, "Waiting"):
-            report.event("RestoreWaiting", str(wait))
-        report.condition("Waiting", True, wait.reason, str(wait))
-        raise kopf.TemporaryError(str(wait), delay=WAIT_RETRY_SECONDS) from None
+        wait_again(
+            report,
+            body,
+            wait.reason,
+            str(wait),
+            event="RestoreWaiting",
+            fail=lambda reason, message: restore_status.set_failed(report, started, reason, message),
+        )
     except pipeline.RestoreFailed as failed:
         restore_status.set_failed(report, started, failed.reason, failed.message)
     except Exception as err:
