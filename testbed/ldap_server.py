@@ -14,6 +14,10 @@ Directory contents after :meth:`DirectoryServer.load_topology` (suffix ``dc=exam
 ``example.test``, realm ``EXAMPLE.TEST``; see also testbed/ldap/README.md):
 
 * backends ``userRoot`` (the suffix) and ``ipaca`` (``o=ipaca``), like a real IPA server with a CA;
+* replication configured on both suffixes as on an IPA master (a supplier replica with its changelog, no
+  agreements): each backend holds its RUV tombstone
+  (``nsuniqueid=ffffffff-ffffffff-ffffffff-ffffffff,<suffix>``) and deleted entries leave tombstones,
+  which a replica export (``db2ldif -r``, ``nsExportReplica``) writes out; normal searches do not see them;
 * the FreeIPA schema subset in testbed/ldap/60ipa-standin.ldif (real OIDs and definitions);
 * users admin, alice, bob, carol under ``cn=users,cn=accounts``; groups admins, ipausers, engineering;
   a couple of Dogtag entries under ``o=ipaca`` (testbed/ldap/base.ldif);
@@ -86,6 +90,9 @@ START_ORDER = {
     "DNSSEC": 100,
     "DNSKeySync": 110,
 }
+
+# Replica IDs must differ among the servers replicating a suffix; this directory replicates with none.
+REPLICA_IDS = {"userRoot": 1, "ipaca": 2}
 
 ALL_ROLES = ("KDC", "KPASSWD", "DNS", "HTTP", "KEYS", "CA", "KRA", "ADTRUST", "EXTID", "OTPD", "DNSKeySync")
 MASTER_ONLY = ("KDC", "KPASSWD", "HTTP", "KEYS", "OTPD")
@@ -162,6 +169,7 @@ class DirectoryServer:
                 )
         self._wait_for_bind(timeout=60)
         self._ensure_backends()
+        self._ensure_replication()
 
     def stop(self) -> None:
         """Stop this instance's ns-slapd: the pid from its pid file, checked against its command line."""
@@ -370,6 +378,32 @@ class DirectoryServer:
                     },
                 )
                 _add_if_missing(conn, suffix, entry)
+        finally:
+            conn.unbind_s()
+
+    def _ensure_replication(self) -> None:
+        # ipa-backup exports with replication data and ipa-restore strips the RUV before importing: only a
+        # replicated backend has the RUV tombstone that makes the difference. 389-ds 2.x keeps the changelog
+        # in the backend and adds its entry (cn=changelog,cn=<backend>,cn=ldbm database,...) itself when a
+        # supplier replica is added; 1.4.3 and older needed cn=changelog5,cn=config first.
+        conn = self.connect()
+        try:
+            for replica_id, suffix in (
+                (REPLICA_IDS["userRoot"], self.suffix),
+                (REPLICA_IDS["ipaca"], "o=ipaca"),
+            ):
+                _add_if_missing(
+                    conn,
+                    f'cn=replica,cn="{suffix}",cn=mapping tree,cn=config',
+                    {
+                        "objectClass": [b"top", b"nsds5Replica", b"extensibleObject"],
+                        "cn": [b"replica"],
+                        "nsDS5ReplicaRoot": [suffix.encode()],
+                        "nsDS5ReplicaId": [str(replica_id).encode()],
+                        "nsDS5ReplicaType": [b"3"],  # read-write supplier
+                        "nsDS5Flags": [b"1"],  # keeps a changelog
+                    },
+                )
         finally:
             conn.unbind_s()
 

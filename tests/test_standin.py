@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import ldap
+import ldap.filter
+import ldap.modlist
+import ldif
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -698,3 +701,214 @@ def test_faults_in_the_backup_directory_left_by_a_successful_run(
         text = (bdir / "header").read_text()
         assert len(text) == 40 and text.startswith("[ipa]\ntype = DATA\ntime = ")
         assert "host" not in text and "version" not in text
+
+
+# -- ipa-backup: 389-ds's own replica export ---------------------------------------------------------
+
+RUV_UNIQUEID = "ffffffff-ffffffff-ffffffff-ffffffff"
+BACKENDS = (("userRoot", "dc=example,dc=test"), ("ipaca", "o=ipaca"))
+
+
+def ldif_records(archive: Path, backend: str) -> list[tuple[str, dict[str, list[bytes]]]]:
+    """The archived LDIF of a backend by attribute type: a replica export writes replication state as
+    attribute options (objectClass;vucsn-<csn>: ...) and the RUV's names in lowercase."""
+    parser = ldif.LDIFRecordList(io.BytesIO(read_member(archive, f"./{SERVERID}-{backend}.ldif")))
+    parser.parse()
+    records = []
+    for dn, attrs in parser.all_records:
+        types: dict[str, list[bytes]] = {}
+        for name, values in attrs.items():
+            types.setdefault(name.split(";", 1)[0].lower(), []).extend(values)
+        records.append((dn, types))
+    return records
+
+
+def is_tombstone(attrs: dict[str, list[bytes]]) -> bool:
+    return b"nstombstone" in {v.lower() for v in attrs.get("objectclass", [])}
+
+
+def generation(ruv: list[bytes]) -> bytes:
+    (value,) = [v for v in ruv if v.startswith(b"{replicageneration} ")]
+    return value
+
+
+def directory_ruv(conn: Any, suffix: str) -> list[bytes]:
+    """The nsds50ruv of the suffix's one RUV tombstone, as 389-ds answers a search for it."""
+    ((_dn, attrs),) = conn.search_s(
+        suffix, ldap.SCOPE_SUBTREE, f"(&(objectClass=nsTombstone)(nsUniqueId={RUV_UNIQUEID}))", ["nsds50ruv"]
+    )
+    ruv: list[bytes] = attrs["nsds50ruv"]
+    return ruv
+
+
+def export_tasks(conn: Any, nsfilename: Path, exit_code: str = "*") -> list[dict[str, list[bytes]]]:
+    flt = f"(&(nsFilename={ldap.filter.escape_filter_chars(str(nsfilename))})(nsTaskExitCode={exit_code}))"
+    found = conn.search_s("cn=export,cn=tasks,cn=config", ldap.SCOPE_ONELEVEL, flt)
+    return [{k.lower(): v for k, v in attrs.items()} for _dn, attrs in found]
+
+
+def test_directory_is_replicated(directory: Any) -> None:
+    conn = directory.connect()
+    for backend, suffix in BACKENDS:
+        replica = dict(
+            conn.search_s(f'cn=replica,cn="{suffix}",cn=mapping tree,cn=config', ldap.SCOPE_BASE)[0][1]
+        )
+        assert replica["nsDS5ReplicaRoot"] == [suffix.encode()]
+        assert (replica["nsDS5ReplicaType"], replica["nsDS5Flags"]) == ([b"3"], [b"1"])
+        assert conn.search_s(
+            f"cn=changelog,cn={backend},cn=ldbm database,cn=plugins,cn=config", ldap.SCOPE_BASE
+        )
+        assert generation(directory_ruv(conn, suffix))
+        # Normal searches do not see tombstones.
+        found = conn.search_s(suffix, ldap.SCOPE_SUBTREE, "(objectClass=*)", ["objectClass"])
+        assert not any(is_tombstone({"objectclass": attrs["objectClass"]}) for _dn, attrs in found)
+
+
+@pytest.mark.parametrize("online", [True, False], ids=["online", "offline"])
+def test_the_ldif_is_389ds_replica_export(
+    pod_factory: Callable[..., Pod], directory: Any, online: bool
+) -> None:
+    # No IPA_STANDIN_DS_DATA_DIR, as a pod on a claim: ipa-backup finds /data's host path from its mount.
+    pod = pod_factory()
+    assert "IPA_STANDIN_DS_DATA_DIR" not in pod.env
+    conn = directory.connect()
+    # A deleted entry: a replica export carries its tombstone too.
+    gone = f"uid=gone-{'online' if online else 'offline'},cn=users,cn=accounts,{directory.suffix}"
+    conn.add_s(
+        gone,
+        ldap.modlist.addModlist(
+            {
+                "objectClass": [b"top", b"person", b"inetOrgPerson"],
+                "uid": [b"gone"],
+                "cn": [b"G"],
+                "sn": [b"G"],
+            }
+        ),
+    )
+    conn.delete_s(gone)
+    r = pod.exec("ipa-backup", "--data", *(["--online"] if online else []))
+    assert r.returncode == 0, r.stderr
+    archive = host_path(pod, backed_up_to(r.stderr)) / "ipa-data.tar"
+    for backend, suffix in BACKENDS:
+        records = ldif_records(archive, backend)
+        # The RUV tombstone, as 389-ds's own export writes it, with the directory's replica generation.
+        (ruv,) = [attrs for dn, attrs in records if dn.lower() == f"nsuniqueid={RUV_UNIQUEID},{suffix}"]
+        assert is_tombstone(ruv) and ruv["nsuniqueid"] == [RUV_UNIQUEID.encode()]
+        assert generation(ruv["nsds50ruv"]) == generation(directory_ruv(conn, suffix))
+        assert all(attrs.get("nsuniqueid") for _dn, attrs in records)
+        # Every entry a search finds, and nothing else but tombstones.
+        searched = {
+            dn.lower() for dn, _ in conn.search_s(suffix, ldap.SCOPE_SUBTREE, "(objectClass=*)", ["1.1"])
+        }
+        assert {dn.lower() for dn, attrs in records if not is_tombstone(attrs)} == searched
+        # The export task 389-ds ran, writing through the host path of the pod's /data.
+        ldif_file = pod.data / f"var/lib/dirsrv/slapd-{SERVERID}/ldif/{SERVERID}-{backend}.ldif"
+        (task,) = export_tasks(conn, ldif_file)
+        assert task["nsinstance"] == [backend.encode()] and task["nsexportreplica"] == [b"true"]
+        assert task["nstaskexitcode"] == [b"0"]
+        assert task["cn"][0].startswith(f"export_{backend}_".encode())
+        assert not ldif_file.exists()  # moved into the archive
+    userroot = ldif_records(archive, "userRoot")
+    assert any(is_tombstone(attrs) and dn.lower().endswith(f",{gone}") for dn, attrs in userroot)
+    assert services_running(pod)
+
+
+@pytest.mark.parametrize("online", [True, False], ids=["online", "offline"])
+def test_a_failed_export_task(
+    pod_factory: Callable[..., Pod], directory: Any, tmp_path: Path, online: bool
+) -> None:
+    # A /data host path that does not exist on the host: 389-ds cannot open the LDIF, the task fails.
+    pod = pod_factory(IPA_STANDIN_DS_DATA_DIR=str(tmp_path / "missing"))
+    r = pod.exec("ipa-backup", "--data", *(["--online"] if online else []))
+    assert r.returncode == 1
+    lines = r.stderr.splitlines()
+    if online:
+        assert lines[-4:] == [
+            f"Backing up ipaca in {SERVERID} to LDIF",
+            "Waiting for LDIF to finish",
+            "BAK online task failed. Check file systems' free space.",
+            "The ipa-backup command failed. See /var/log/ipabackup.log for more information",
+        ]
+        assert services_running(pod)
+    else:
+        # dsctl's failure line, quoting 389-ds's own task log.
+        missing = tmp_path / f"missing/var/lib/dirsrv/slapd-{SERVERID}/ldif/{SERVERID}-ipaca.ldif"
+        assert re.search(
+            r"^db2ldif failed: Beginning export of 'ipaca'\n"
+            rf"Backend ipaca: can't open {re.escape(str(missing))}: .*\n"
+            r"(.*\n)*db2ldif failed\n Check if destination directory "
+            rf"/var/lib/dirsrv/slapd-{SERVERID}/ldif has enough space\.$",
+            r.stderr,
+            re.M,
+        ), r.stderr
+        assert not services_running(pod)  # nothing starts the directory server again, as in the real tool
+    assert not any((pod.data / "var/lib/ipa/backup").iterdir())
+
+
+def test_an_export_written_elsewhere_is_a_stand_in_error(
+    pod_factory: Callable[..., Pod], tmp_path: Path
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / f"var/lib/dirsrv/slapd-{SERVERID}/ldif").mkdir(parents=True)
+    pod = pod_factory(IPA_STANDIN_DS_DATA_DIR=str(elsewhere))
+    r = pod.exec("ipa-backup", "--data", "--online")
+    assert r.returncode == 1
+    written = elsewhere / f"var/lib/dirsrv/slapd-{SERVERID}/ldif/{SERVERID}-ipaca.ldif"
+    assert (
+        f"TEST STAND-IN: the export task wrote {written} on the host, which is not this pod's "
+        f"/var/lib/dirsrv/slapd-{SERVERID}/ldif/{SERVERID}-ipaca.ldif: set IPA_STANDIN_DS_DATA_DIR to the "
+        "host path of the pod's /data volume"
+    ) in r.stderr.splitlines()
+    assert written.read_text().startswith("version: 1\n")
+
+
+def test_an_export_waits_for_another_task_on_the_shared_backend(
+    pod_factory: Callable[..., Pod], directory: Any, tmp_path: Path
+) -> None:
+    # Every pod exports from the one shared 389-ds, which runs one task at a time per backend (a server's
+    # own 389-ds serves only its own backups). An export into a FIFO holds userRoot until it is read.
+    pod = pod_factory()
+    fifo = tmp_path / "held.ldif"
+    os.mkfifo(fifo)
+    conn = directory.connect()
+    held = "cn=held_userRoot,cn=export,cn=tasks,cn=config"
+    conn.add_s(
+        held,
+        ldap.modlist.addModlist(
+            {
+                "objectClass": [b"top", b"extensibleObject"],
+                "cn": [b"held_userRoot"],
+                "nsInstance": [b"userRoot"],
+                "nsFilename": [str(fifo).encode()],
+                "nsExportReplica": [b"true"],
+            }
+        ),
+    )
+    err = tmp_path / "backup.err"
+    try:
+        deadline = time.monotonic() + 20
+        while not conn.search_s(held, ldap.SCOPE_BASE, "(nsTaskLog=*)", ["1.1"]):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with open(err, "w") as f:
+            proc = subprocess.Popen(
+                pod.command("ipa-backup", "--data", "--online"), stderr=f, stdout=subprocess.DEVNULL
+            )
+        ldif_file = pod.data / f"var/lib/dirsrv/slapd-{SERVERID}/ldif/{SERVERID}-userRoot.ldif"
+        while not export_tasks(conn, ldif_file, "-2"):
+            assert time.monotonic() < deadline and proc.poll() is None, err.read_text()
+            time.sleep(0.05)
+        assert proc.poll() is None  # refused once, it tries again
+    finally:
+        fifo.read_bytes()  # the held export runs to its end: userRoot is free again
+    assert proc.wait(timeout=60) == 0, err.read_text()
+    assert err.read_text().splitlines()[2:7] == [
+        f"Backing up ipaca in {SERVERID} to LDIF",
+        "Waiting for LDIF to finish",
+        f"Backing up userRoot in {SERVERID} to LDIF",
+        "Waiting for LDIF to finish",
+        f"Backing up {SERVERID}",
+    ]
+    assert [t["nstaskexitcode"] for t in export_tasks(conn, ldif_file, "0")] == [[b"0"]]
+    archive = host_path(pod, backed_up_to(err.read_text())) / "ipa-data.tar"
+    assert any(dn.startswith(f"nsuniqueid={RUV_UNIQUEID},") for dn, _ in ldif_records(archive, "userRoot"))

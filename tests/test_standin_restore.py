@@ -28,12 +28,25 @@ from typing import Any
 
 import ldap
 import ldap.modlist
-import ldif
 import pytest
 
 from idm_backup_operator.freeipa.directory import await_online
 from idm_backup_operator.freeipa.topology import LdapConnectionSettings
-from tests.test_standin import REALM, SERVERID, Pod, backed_up_to, free_port, read_member, services_running
+from tests.test_standin import (
+    BACKENDS,
+    REALM,
+    RUV_UNIQUEID,
+    SERVERID,
+    Pod,
+    backed_up_to,
+    directory_ruv,
+    free_port,
+    generation,
+    is_tombstone,
+    ldif_records,
+    read_member,
+    services_running,
+)
 
 pytestmark = [
     pytest.mark.platform,
@@ -202,11 +215,9 @@ def archive_of(pod: Pod, path: str) -> Path:
 
 
 def ldif_count(pod: Pod, path: str, backend: str) -> int:
-    parser = ldif.LDIFRecordList(
-        io.BytesIO(read_member(archive_of(pod, path), f"./{SERVERID}-{backend}.ldif"))
-    )
-    parser.parse()
-    return len(parser.all_records)
+    """Entries of the archived LDIF that a search finds after a restore: a replica export also holds the
+    RUV tombstone (stripped by ipa-restore) and the tombstones of deleted entries (hidden from searches)."""
+    return sum(1 for _dn, attrs in ldif_records(archive_of(pod, path), backend) if not is_tombstone(attrs))
 
 
 def assert_restored(pod: Pod, directory: Any, path: str) -> None:
@@ -752,3 +763,36 @@ def test_a_disabled_backend_is_waited_for_and_reported_when_it_stays_so(director
         assert await_online(settings(directory), "o=nothing-here", 0)
     finally:
         set_state(directory, "o=ipaca", b"backend")
+
+
+@pytest.mark.parametrize("kind", ["data", "online"])
+def test_a_replica_export_restores_exactly_with_the_directorys_own_ruv(
+    pod: Pod, directory: Any, backups: dict[str, str], kind: str
+) -> None:
+    # The backups are 389-ds's replica exports (offline "data", online "online"): each LDIF holds its
+    # backend's RUV tombstone, with the replica generation the directory had then.
+    archive = archive_of(pod, backups[kind])
+    conn = directory.connect()
+    exported = {}
+    for backend, suffix in BACKENDS:
+        records = ldif_records(archive, backend)
+        (ruv,) = [attrs for dn, attrs in records if dn.lower() == f"nsuniqueid={RUV_UNIQUEID},{suffix}"]
+        exported[suffix] = (
+            generation(ruv["nsds50ruv"]),
+            {dn.lower() for dn, a in records if not is_tombstone(a)},
+        )
+    tamper(directory)
+    r = restore(pod, *(["--online"] if kind == "online" else []), backups[kind])
+    assert r.returncode == 0, r.stderr
+    assert "ldif2db failed" not in r.stderr
+    assert_restored(pod, directory, backups[kind])
+    for backend, suffix in BACKENDS:
+        generation_then, entries = exported[suffix]
+        # Exactly the backed-up entries, found by a search.
+        found = conn.search_s(suffix, ldap.SCOPE_SUBTREE, "(objectClass=*)", ["1.1"])
+        assert {dn.lower() for dn, _ in found} == entries
+        # The RUV was stripped before the import: 389-ds gave the imported backend a RUV of its own, a new
+        # replica generation (an imported RUV would have brought back the exported one).
+        written = pod.data / f"var/lib/dirsrv/slapd-{SERVERID}/ldif/{SERVERID}-{backend}.ldif"
+        assert RUV_UNIQUEID not in written.read_text()
+        assert generation(directory_ruv(conn, suffix)) != generation_then
