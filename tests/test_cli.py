@@ -1174,7 +1174,9 @@ def test_drill_restores_into_a_scratch_server_says_how_long_it_took_and_leaves_n
     pod = tmp_path / "pod.yaml"
     manifest = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "ipa-hidden", **template["metadata"]}}
     pod.write_text(yaml.safe_dump({**manifest, "spec": {**template["spec"], "nodeName": "gone"}}))
-    code, stdout, stderr = cli3(*argv, "--pod-template", str(pod), "--timeout", "120")
+    # What a restore restores, as for a restore: here userRoot only.
+    how = ["--backend", "userRoot", "--allow-version-mismatch"]
+    code, stdout, stderr = cli3(*argv, *how, "--pod-template", str(pod), "--timeout", "120")
     assert (code, stderr) == (EXIT_OK, ""), stdout + stderr
     lines = stdout.splitlines()
     created = re.fullmatch(
@@ -1189,10 +1191,13 @@ def test_drill_restores_into_a_scratch_server_says_how_long_it_took_and_leaves_n
     pipeline = ["scratch server", "verify", "stage", "ipa-restore", "check", "clean-up"]
     assert [step for step in steps if step in pipeline] == pipeline, stdout  # no re-hide, no replication
     summary = "\n".join(lines[1 + len(progress) :])
-    status = client.CustomObjectsApi(api).get_namespaced_custom_object(
+    made = client.CustomObjectsApi(api).get_namespaced_custom_object(
         GROUP, VERSION, namespace, "idmrestores", name
-    )["status"]
+    )
+    assert (made["spec"]["backends"], made["spec"]["allowVersionMismatch"]) == (["userRoot"], True)
+    status = made["status"]
     assert status["drill"]["pod"] == scratch and status["drill"]["entries"] > 0, status
+    assert [entry["backend"] for entry in status["check"]["entries"]] == ["userRoot"], status
     assert re.match(r"Phase:\s+Succeeded\nReason:\s+RestoreSucceeded\n", summary), summary
     assert re.search(
         rf"^Scratch server:\s+{restore_tests.HOST} \(pod {scratch}\): deleted, nothing of it is left",

@@ -593,9 +593,34 @@ def _decryption(args: argparse.Namespace) -> dict[str, Any]:
     return {"decryption": decryption}
 
 
-def _restore_spec(args: argparse.Namespace, source: _Source, target: dict[str, Any]) -> dict[str, Any]:
-    spec: dict[str, Any] = {"source": source.spec, "target": target, "confirm": args.confirm}
-    spec.update(_decryption(args))
+def _add_restore_how(how: argparse._ArgumentGroup) -> None:
+    """What a restore restores and what it accepts: the same for a restore and a drill."""
+    how.add_argument(
+        "--type",
+        choices=("Data", "Full"),
+        help="Data: LDAP data only; Full: configuration files too, every IPA service stopped (default: Data)",
+    )
+    how.add_argument("--online", action="store_true", help="Data only: restore while IPA keeps running")
+    how.add_argument(
+        "--backend",
+        action="append",
+        choices=("userRoot", "ipaca"),
+        help="Data only: restore this backend (repeatable; default: every backend in the archive)",
+    )
+    how.add_argument(
+        "--allow-version-mismatch",
+        action="store_true",
+        help="restore even if the archive's FreeIPA version differs from the server's",
+    )
+    how.add_argument(
+        "--allow-symlinked-config",
+        action="store_true",
+        help="allow a Full restore into a pod whose /etc/ipa is a symlink (freeipa-container)",
+    )
+
+
+def _restore_how(args: argparse.Namespace) -> dict[str, Any]:
+    spec: dict[str, Any] = {}
     if args.type:
         spec["type"] = args.type
     if args.online:
@@ -607,6 +632,11 @@ def _restore_spec(args: argparse.Namespace, source: _Source, target: dict[str, A
     if args.allow_symlinked_config:
         spec["allowSymlinkedConfig"] = True
     return spec
+
+
+def _restore_spec(args: argparse.Namespace, source: _Source, target: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = {"source": source.spec, "target": target, "confirm": args.confirm}
+    return {**spec, **_decryption(args), **_restore_how(args)}
 
 
 def _restore_versions(custom: Any, namespace: str, name: str, deadline: float) -> Iterator[dict[str, Any]]:
@@ -866,7 +896,7 @@ def _drill(args: argparse.Namespace) -> int:
         drill["volumeClaimTemplate"] = claim
     if args.ready_timeout is not None:
         drill["readyTimeoutSeconds"] = args.ready_timeout
-    spec = {"mode": "Drill", "source": source.spec, **_decryption(args), "drill": drill}
+    spec = {"mode": "Drill", "source": source.spec, **_decryption(args), **_restore_how(args), "drill": drill}
     return _create_and_follow(
         args,
         custom,
@@ -1703,28 +1733,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the server's FQDN, typed out: its live directory is overwritten (required)",
     )
     how = restore.add_argument_group("how")
-    how.add_argument(
-        "--type",
-        choices=("Data", "Full"),
-        help="Data: LDAP data only; Full: configuration files too, every IPA service stopped (default: Data)",
-    )
-    how.add_argument("--online", action="store_true", help="Data only: restore while IPA keeps running")
-    how.add_argument(
-        "--backend",
-        action="append",
-        choices=("userRoot", "ipaca"),
-        help="Data only: restore this backend (repeatable; default: every backend in the archive)",
-    )
-    how.add_argument(
-        "--allow-version-mismatch",
-        action="store_true",
-        help="restore even if the archive's FreeIPA version differs from the server's",
-    )
-    how.add_argument(
-        "--allow-symlinked-config",
-        action="store_true",
-        help="allow a Full restore into a pod whose /etc/ipa is a symlink (freeipa-container)",
-    )
+    _add_restore_how(how)
     _add_following(how, "restore")
     _add_location_storage(restore)
     restore.set_defaults(func=_restore)
@@ -1781,7 +1790,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long it may take to install itself and become Ready (default: 1800)",
     )
-    _add_following(drill.add_argument_group("how"), "drill")
+    how = drill.add_argument_group("how")
+    _add_restore_how(how)
+    _add_following(how, "drill")
     _add_location_storage(drill)
     drill.set_defaults(func=_drill)
 
