@@ -37,9 +37,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from kubernetes import client
 
-from idm_backup_operator.api.names import SCHEDULE_LABEL
+from idm_backup_operator.api.names import FINALIZER, SCHEDULE_LABEL
 from idm_backup_operator.idmrestore import validation as restore_validation
-from idm_backup_operator.kube import webhookcert
+from idm_backup_operator.kube import references, webhookcert
 from idm_backup_operator.kube.backups import NotFound
 from testbed import freeipa_pod, pki, processes, stack
 from testbed.deploy import OperatorProcess
@@ -94,20 +94,7 @@ def webhook(
         ],
     )
     operator.start()
-    # The chart's own configuration, pointed at this operator: namespace mode limits it to the test's
-    # namespace, and the CA is the platform's, which signed the serving certificate.
-    ca_bundle = base64.b64encode((pki_dir / "ca.crt").read_bytes()).decode()
-    (configuration,) = of_kind(
-        render(
-            helm,
-            "--set", "rbac.scope=namespace", "--set", f"watchNamespaces={{{namespace}}}",
-            "--set", f"webhook.url=https://127.0.0.1:{port}", "--set", "webhook.certificate.mode=secret",
-            "--set", "webhook.certificate.secretName=unused-with-a-url",
-            "--set", f"webhook.certificate.caBundle={ca_bundle}",
-            namespace=namespace,
-        ),
-        "ValidatingWebhookConfiguration",
-    )  # fmt: skip
+    configuration = _chart_configuration(helm, platform, namespace, port)
     admission = client.AdmissionregistrationV1Api(api)
     admission.create_validating_webhook_configuration(configuration)
     name = configuration["metadata"]["name"]
@@ -131,6 +118,26 @@ def webhook(
     finally:
         admission.delete_validating_webhook_configuration(name)
         operator.stop()
+
+
+def _chart_configuration(
+    helm: Callable[..., str], platform: stack.Platform, namespace: str, port: int
+) -> dict[str, Any]:
+    """The chart's own configuration, pointed at https://127.0.0.1:<port>: namespace mode limits it to
+    the test's namespace, and the CA is the platform's, which signs the serving certificates."""
+    ca_bundle = base64.b64encode((Path(platform.state_dir) / "pki" / "ca.crt").read_bytes()).decode()
+    (configuration,) = of_kind(
+        render(
+            helm,
+            "--set", "rbac.scope=namespace", "--set", f"watchNamespaces={{{namespace}}}",
+            "--set", f"webhook.url=https://127.0.0.1:{port}", "--set", "webhook.certificate.mode=secret",
+            "--set", "webhook.certificate.secretName=unused-with-a-url",
+            "--set", f"webhook.certificate.caBundle={ca_bundle}",
+            namespace=namespace,
+        ),
+        "ValidatingWebhookConfiguration",
+    )  # fmt: skip
+    return configuration
 
 
 def _spec(platform: stack.Platform, prefix: str, **spec: Any) -> dict[str, Any]:
@@ -427,6 +434,133 @@ def test_without_the_webhook_the_same_spec_checks_fail_the_backup_before_it_touc
         "invalid spec: spec.target.podSelector: an empty selector matches every pod in the namespace; "
         "spec.storage.s3.kmsKeyID: only used with serverSideEncryption aws:kms"
     )
+
+
+def test_with_no_webhook_answering_only_creates_and_spec_changes_are_refused(
+    api: client.ApiClient,
+    platform: stack.Platform,
+    crds: None,
+    namespace: str,
+    helm: Callable[..., str],
+) -> None:
+    """The chart's configuration (failurePolicy Fail) pointed at a port where nothing listens, as when
+    the operator is down: a Delete-policy backup's finalizer must still come off, or its namespace could
+    not be deleted until an operator answers. An IdmBackup's spec is immutable (its CRD): a schedule's
+    is what an update can change."""
+    custom = client.CustomObjectsApi(api)
+    custom.create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "IdmBackup",
+            "metadata": {"name": "held", "finalizers": [FINALIZER]},
+            "spec": _spec(platform, "held", deletionPolicy="Delete"),
+        },
+    )
+    schedule = {"schedule": "0 3 * * *", "suspend": True, "template": {"spec": _spec(platform, "nightly")}}
+    create_schedule(api, namespace, "nightly", schedule)
+    configuration = _chart_configuration(helm, platform, namespace, processes.free_port())
+    admission = client.AdmissionregistrationV1Api(api)
+    admission.create_validating_webhook_configuration(configuration)
+    try:
+        # The configuration reaches the API server's webhook manager asynchronously.
+        def refused() -> str | None:
+            try:
+                create_backup(api, namespace, "probe", _spec(platform, "probe"))
+            except client.ApiException as err:
+                return err.body or ""
+            custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "probe")
+            return None
+
+        body = wait_for("the configuration to be in force", refused, timeout=60, interval=0.5)
+        assert 'failed calling webhook "validate.idmbackups.idm-backup.io"' in json.loads(body)["message"]
+        with pytest.raises(client.ApiException) as changed:
+            custom.patch_namespaced_custom_object(
+                GROUP, VERSION, namespace, SCHEDULES, "nightly", {"spec": {"schedule": "0 4 * * *"}}
+            )
+        assert (
+            'failed calling webhook "validate.idmbackupschedules.idm-backup.io"'
+            in json.loads(changed.value.body or "{}")["message"]
+        )
+        annotated = {"metadata": {"annotations": {"team": "idm"}}}
+        patched = custom.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, SCHEDULES, "nightly", annotated
+        )
+        assert patched["metadata"]["annotations"]["team"] == "idm"
+        assert patched["spec"]["schedule"] == "0 3 * * *"
+
+        labelled = {"metadata": {"labels": {"idm-backup.io/pinned": "true"}}}
+        custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "held", labelled)
+        custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "held")
+        assert get_backup(api, namespace, "held")["metadata"]["deletionTimestamp"]
+        custom.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, "held", {"metadata": {"finalizers": None}}
+        )
+        wait_deleted(api, namespace, "held")
+    finally:
+        admission.delete_validating_webhook_configuration(configuration["metadata"]["name"])
+
+
+def _claims(tmp_path: Path, *names: str) -> None:
+    for name in names:
+        (tmp_path / "pvc" / name).mkdir()
+
+
+def test_a_claim_given_to_other_namespaces_is_refused_at_apply_naming_them(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    secrets: None,
+    freeipa: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+) -> None:
+    # What the chart renders for pvcMounts [shared, {claimName: team-only, namespaces: [team-a, team-b]}].
+    monkeypatch.setenv(references.PVC_NAMESPACES_ENV, json.dumps({"team-only": ["team-a", "team-b"]}))
+    request.getfixturevalue("webhook")
+    _claims(tmp_path, "shared", "team-only")
+    freeipa()
+    spec = _spec(platform, "claims")
+    spec["storage"] = {"pvc": {"claimName": "team-only"}}
+    body = _refused(lambda: _dry_run_backup(api, namespace, "borrowed", spec))
+    assert (
+        "IdmBackup borrowed refused (1 problem): spec.storage.pvc.claimName: PVC team-only may be used only "
+        f"from namespaces team-a, team-b, not from {namespace} (the Helm chart's storage.pvcMounts)"
+    ) in body
+    spec["storage"] = {"pvc": {"claimName": "shared"}}
+    assert _dry_run_backup(api, namespace, "own", spec)["spec"]["storage"] == {"pvc": {"claimName": "shared"}}
+
+
+def test_without_the_webhook_a_claim_given_to_other_namespaces_fails_the_backup_before_it_touches_anything(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    secrets: None,
+    freeipa: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+) -> None:
+    monkeypatch.setenv(references.PVC_NAMESPACES_ENV, json.dumps({"team-only": ["team-a"]}))
+    operator: OperatorProcess = request.getfixturevalue("operator")
+    _claims(tmp_path, "team-only")
+    freeipa()
+    spec = _spec(platform, "claims")
+    spec["storage"] = {"pvc": {"claimName": "team-only"}}
+    create_backup(api, namespace, "borrowed", spec)
+    status = wait_finished(api, namespace, "borrowed", operator)["status"]
+    assert (status["phase"], status["reason"]) == ("Failed", "StorageUnavailable")
+    assert status["message"] == (
+        f"storage not usable: PVC team-only may be used only from namespace team-a, not from {namespace} "
+        "(the Helm chart's storage.pvcMounts)"
+    )
+    # Refused before the pre-flight read the server's configuration, and nothing was written to the claim.
+    assert "host" not in status.get("target", {})
+    assert list((tmp_path / "pvc" / "team-only").iterdir()) == []
 
 
 # -- who asks: the Secrets a request names must be readable by whoever sends it ------------------------

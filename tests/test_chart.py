@@ -348,6 +348,12 @@ def test_rendered_crds_are_the_top_level_crds(helm: Callable[..., str]) -> None:
         ["--set", "logFormat=xml"],
         ["--set", "watchNamespaces={Not_A_Namespace}"],
         ["--set", "storage.pvcMounts={Bad/Claim}"],
+        ["--set-json", 'storage.pvcMounts=[{"claimName": "backups", "namespaces": []}]'],
+        ["--set-json", 'storage.pvcMounts=[{"claimName": "backups", "namespaces": ["Not_A_Namespace"]}]'],
+        ["--set-json", 'storage.pvcMounts=[{"claimName": "backups", "namespace": "identity"}]'],
+        ["--set-json", 'storage.pvcMounts=[{"namespaces": ["identity"]}]'],
+        ["--set", "s3.allowedEndpoints={https://s3.example.com}"],
+        ["--set-json", 's3.allowedEndpoints=["s3.example.com,elsewhere"]'],
         ["--set", "unknownKey=1"],
         ["--set", "replicaCount=2", "--set", "peering.enabled=false"],
         ["--set", "metrics.serviceMonitor.honorLabels=maybe"],
@@ -361,7 +367,9 @@ def test_rendered_crds_are_the_top_level_crds(helm: Callable[..., str]) -> None:
     ],
     ids=[
         "replicas", "scope", "webhook-certificate-mode", "webhook-failure-policy", "webhook-timeout",
-        "webhook-url-not-https", "peering-name", "log-format", "namespace-name", "claim-name", "unknown-key",
+        "webhook-url-not-https", "peering-name", "log-format", "namespace-name", "claim-name",
+        "claim-for-no-namespace", "claim-namespace-name", "claim-unknown-key", "claim-without-name",
+        "endpoint-as-url", "endpoint-with-comma", "unknown-key",
         "replicas-without-peering", "honor-labels", "unknown-alert", "runbook-with-anchor", "failure-window",
         "max-age", "dashboard-namespace", "aggregated-roles", "test-timeout",
     ],
@@ -623,6 +631,71 @@ def test_the_operators_command_line_accepts_the_rendered_arguments(
     assert args.webhook_cert_dir == mount["mountPath"]
 
 
+def operator_env(docs: list[dict[str, Any]]) -> dict[str, str]:
+    (deploy,) = of_kind(docs, "Deployment")
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
+
+
+def test_the_s3_endpoint_allow_list_reaches_the_operator_as_it_reads_it(
+    helm: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from idm_backup_operator.idmbackup import validation
+
+    assert validation.ENDPOINTS_ENV not in operator_env(render(helm))  # by default, any endpoint
+    env = operator_env(
+        render(
+            helm,
+            *set_json(
+                {"s3": {"allowedEndpoints": ["s3.example.com", "MinIO.storage.svc:9000", "*.corp.test"]}}
+            ),
+        )
+    )
+    monkeypatch.setenv(validation.ENDPOINTS_ENV, env[validation.ENDPOINTS_ENV])
+    assert validation.allowed_endpoints() == ("s3.example.com", "minio.storage.svc:9000", "*.corp.test")
+    for allowed in ("https://s3.example.com", "http://minio.storage.svc:9000", "https://rgw.corp.test"):
+        assert validation.endpoint_problem(allowed) is None, allowed
+    for refused in (
+        "https://s3.example.com:9000",
+        "http://minio.storage.svc",
+        "https://corp.test",
+        "https://x.test",
+    ):
+        assert validation.endpoint_problem(refused) == (
+            f"{refused!r} is not an S3 endpoint this operator may use (its administrator allows: "
+            "s3.example.com, minio.storage.svc:9000, *.corp.test)"
+        )
+
+
+def test_pvc_mounts_may_give_a_claim_to_some_namespaces_only(
+    helm: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from idm_backup_operator.kube import references
+
+    docs = render(
+        helm,
+        *set_json({"storage": {"pvcMounts": [
+            "shared",
+            {"claimName": "identity.backups", "namespaces": ["identity", "identity-staging"]},
+            {"claimName": "open"},
+        ]}}),
+    )  # fmt: skip
+    (deploy,) = of_kind(docs, "Deployment")
+    pod = deploy["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    for claim in ("shared", "identity.backups", "open"):
+        volume = volumes[mounts[f"/var/lib/idm-backup-operator/pvc/{claim}"]]
+        assert volume["persistentVolumeClaim"] == {"claimName": claim}
+    env = operator_env(docs)
+    monkeypatch.setenv(references.PVC_NAMESPACES_ENV, env[references.PVC_NAMESPACES_ENV])
+    assert references.claim_namespaces() == {"identity.backups": ("identity", "identity-staging")}
+    # Names only: every claim open to every namespace, as before the mapping existed.
+    env = operator_env(render(helm, "--set", "storage.pvcMounts={shared,open}"))
+    assert references.PVC_NAMESPACES_ENV not in env
+
+
 def test_more_than_one_replica_is_refused_without_peering(helm: Callable[..., str]) -> None:
     # By the values schema first (so helm lint reports it) ...
     out = helm(
@@ -765,6 +838,16 @@ WEBHOOK_OPERATIONS = {
 }
 
 
+# Only creates and spec changes reach the webhook: see test_admission's test with no webhook answering.
+SPEC_CHANGES_ONLY = [
+    {
+        "name": "spec-changes-only",
+        "expression": "request.operation != 'UPDATE' || "
+        "(!has(object.metadata.deletionTimestamp) && object.spec != oldObject.spec)",
+    }
+]
+
+
 def expected_webhooks(client_config: Callable[[str], dict[str, Any]], **extra: Any) -> list[dict[str, Any]]:
     return [
         {
@@ -774,6 +857,7 @@ def expected_webhooks(client_config: Callable[[str], dict[str, Any]], **extra: A
             "failurePolicy": "Fail",
             "timeoutSeconds": 10,
             "matchPolicy": "Equivalent",
+            "matchConditions": SPEC_CHANGES_ONLY,
             "clientConfig": client_config(f"/validate-{plural[:-1]}"),
             "rules": [
                 {
@@ -1551,10 +1635,14 @@ def test_the_operator_takes_and_deletes_a_backup_with_only_the_charts_rbac(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    from idm_backup_operator.idmbackup import validation
+
     release = ops_release
+    s3_host = platform.s3_endpoint.removeprefix("http://")
     release.install(
-        "--skip-crds", "--set", "rbac.scope=namespace", "--set", f"watchNamespaces={{{namespace}}}"
-    )
+        "--skip-crds", "--set", "rbac.scope=namespace", "--set", f"watchNamespaces={{{namespace}}}",
+        "--set", f"s3.allowedEndpoints={{{s3_host}}}",
+    )  # fmt: skip
     kubeconfig = service_account_kubeconfig(api, platform, release, tmp_path / "operator.kubeconfig")
     freeipa()
     pvc_root = tmp_path / "pvc"
@@ -1562,6 +1650,12 @@ def test_the_operator_takes_and_deletes_a_backup_with_only_the_charts_rbac(
     # As the chart's pod has it from the downward API: the locks go to the release namespace, the only
     # one where the chart grants Lease rights, not to the served one.
     monkeypatch.setenv("POD_NAMESPACE", release.namespace)
+    # The installed Deployment's allow-list, as the pod would have it: the backup's endpoint must pass it.
+    deployment = client.AppsV1Api(api).read_namespaced_deployment(release.service_account, release.namespace)
+    (container,) = deployment.spec.template.spec.containers
+    (allowed,) = [e.value for e in container.env if e.name == validation.ENDPOINTS_ENV]
+    assert allowed == s3_host
+    monkeypatch.setenv(validation.ENDPOINTS_ENV, allowed)
     operator = OperatorProcess(namespace, str(kubeconfig), pvc_root, tmp_path / "operator.log")
     operator.start()
     try:
@@ -1984,8 +2078,11 @@ VALUE_SETS: dict[str, list[str]] = {
     ],
     "pod-options": [
         "--set", "logFormat=json", "--set", "verbose=true",
-        "--set", "storage.pvcMounts={backups,archive.claim}",
-        "--set", "s3.ambientCredentials=true", "--set", "replicaCount=0", "--set", "tmp.medium=Memory",
+        "--set", "replicaCount=0", "--set", "tmp.medium=Memory",
+        *set_json({
+            "storage": {"pvcMounts": ["backups", {"claimName": "archive.claim", "namespaces": ["identity"]}]},
+            "s3": {"ambientCredentials": True, "allowedEndpoints": ["s3.example.com", "minio:9000"]},
+        }),
         *set_json({
             "extraArgs": ["--standalone"], "extraEnv": [{"name": "AWS_REGION", "value": "eu-central-1"}],
             "imagePullSecrets": [{"name": "registry"}], "podAnnotations": {"a": "b"}, "podLabels": {"c": "d"},

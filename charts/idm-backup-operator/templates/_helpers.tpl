@@ -56,6 +56,30 @@ app.kubernetes.io/part-of: idm-backup-operator
 /var/lib/idm-backup-operator/pvc
 {{- end }}
 
+{{/* The claim names of storage.pvcMounts, whose entries are a name or {claimName, namespaces}. */}}
+{{- define "idm-backup-operator.pvcClaims" -}}
+{{- $claims := list }}
+{{- range .Values.storage.pvcMounts }}
+{{- if kindIs "string" . }}
+{{- $claims = append $claims . }}
+{{- else }}
+{{- $claims = append $claims .claimName }}
+{{- end }}
+{{- end }}
+{{- toJson $claims }}
+{{- end }}
+
+{{/* The claims restricted to some namespaces, as the operator reads them (IDM_BACKUP_PVC_NAMESPACES). */}}
+{{- define "idm-backup-operator.pvcNamespaces" -}}
+{{- $restricted := dict }}
+{{- range .Values.storage.pvcMounts }}
+{{- if and (kindIs "map" .) .namespaces }}
+{{- $_ := set $restricted .claimName .namespaces }}
+{{- end }}
+{{- end }}
+{{- toJson $restricted }}
+{{- end }}
+
 {{/*
 RBAC rules for the resources the operator handles and the objects a backup touches, in one namespace
 (a Role) or in all of them (the ClusterRole). Every verb is traced to the code in docs/install.md

@@ -237,7 +237,12 @@ def _resolve(host: str) -> set[str]:
 
 
 def foreign_ldap_host(
-    uri: str, server_host: str, addresses: Iterable[str], resolve: Callable[[str], set[str]] = _resolve
+    uri: str,
+    server_host: str,
+    addresses: Iterable[str],
+    resolve: Callable[[str], set[str]] = _resolve,
+    *,
+    by_name: bool = True,
 ) -> str | None:
     """Why `uri` may not be the target's own directory, or None when it is.
 
@@ -246,6 +251,9 @@ def foreign_ldap_host(
     FQDN (from its /etc/ipa/default.conf, which the pod itself says), or a name or address every one of
     whose addresses is the pod's own. libldap takes several URLs separated by spaces or commas and tries
     each: every one must pass. ldapi:// is a socket in the operator's own container.
+
+    Without `by_name` the FQDN does not count: a drill's scratch server has production's FQDN, which
+    resolves to production, so only the scratch pod's own addresses prove the URL reaches it.
     """
     addresses = set(addresses)
     for url in filter(None, re.split(r"[\s,]+", uri)):
@@ -253,17 +261,28 @@ def foreign_ldap_host(
         if parsed.scheme.lower() == "ldapi":
             continue
         host = (parsed.hostname or "").lower()
-        if host and host == server_host.lower():
+        if by_name and host and host == server_host.lower():
             continue
+        pod_addresses = ", ".join(sorted(addresses)) or "none"
+        if not by_name:
+            wanted = (
+                f"an address of the scratch pod ({pod_addresses}), not {server_host}, which is production's"
+            )
+        else:
+            wanted = (
+                f"{server_host}, the server's FQDN in its /etc/ipa/default.conf, or an address of its pod"
+            )
         if not host:
-            return f"{url} names no host: name the server, {server_host}"
+            return f"{url} names no host: name {wanted}"
         found = resolve(host)
         if not found:
-            return f"{host} does not resolve: name the server, {server_host}"
+            return f"{host} does not resolve: name {wanted}"
         if not found <= addresses:
+            if not by_name:
+                return f"{host} ({', '.join(sorted(found))}) is not {wanted}"
             return (
                 f"{host} ({', '.join(sorted(found))}) is neither {server_host}, the server's FQDN in its "
-                f"/etc/ipa/default.conf, nor an address of its pod ({', '.join(sorted(addresses)) or 'none'})"
+                f"/etc/ipa/default.conf, nor an address of its pod ({pod_addresses})"
             )
     return None
 

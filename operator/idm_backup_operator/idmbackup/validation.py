@@ -374,7 +374,7 @@ def storage_checks(storage: S3Storage | PvcStorage, at: str, where: ReferenceSco
                 f"{at}.pvc.claimName",
                 storage.claim_name,
                 False,
-                lambda: references.pvc_mount(storage, where.pvc_root),
+                lambda: references.pvc_mount(storage, where.pvc_root, namespace),
             )
         ]
     checks: list[Check] = [

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import base64
 import itertools
+import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -208,8 +210,52 @@ def _write_ca(core: client.CoreV1Api, namespace: str, ref: SecretKeyRef, scratch
     return str(path)
 
 
-def pvc_mount(storage: PvcStorage, pvc_root: Path) -> Path:
-    """Where the operator sees the claim: PVCs reach it as volumes of its own pod, never by themselves."""
+# Which namespaces may use which mounted claim: a JSON object of claim name to a list of namespace names,
+# rendered by the chart from storage.pvcMounts. A claim it does not name may be used from any namespace;
+# unset, every claim may. Every claim is mounted into the one operator, so without it any namespace's
+# backups could write to, and read and delete in, a volume that belongs to another team.
+PVC_NAMESPACES_ENV = "IDM_BACKUP_PVC_NAMESPACES"
+
+
+def claim_namespaces() -> dict[str, tuple[str, ...]]:
+    """The claims restricted to some namespaces (PVC_NAMESPACES_ENV). Raises ResolveError when the
+    variable is not what the chart renders: a restriction that cannot be read must not fall open."""
+    raw = os.environ.get(PVC_NAMESPACES_ENV, "").strip()
+    if not raw:
+        return {}
+    try:
+        parsed = json.loads(raw)
+    except ValueError as err:
+        raise ResolveError(f"{PVC_NAMESPACES_ENV} is not JSON ({err}): no PVC may be used") from None
+    if not isinstance(parsed, dict) or not all(
+        isinstance(namespaces, list) and all(isinstance(n, str) for n in namespaces)
+        for namespaces in parsed.values()
+    ):
+        raise ResolveError(
+            f"{PVC_NAMESPACES_ENV} is not an object of claim names to lists of namespaces: no PVC may be used"
+        )
+    return {str(claim): tuple(namespaces) for claim, namespaces in parsed.items()}
+
+
+def check_claim_namespace(claim_name: str, namespace: str) -> None:
+    """Raises ResolveError if the operator's administrator did not let `namespace` use the claim.
+
+    The one place this is decided: the webhook (through pvc_mount) refuses such an object, and a backup
+    or restore whose object was admitted without the webhook fails on it before it touches the server or
+    the volume.
+    """
+    allowed = claim_namespaces().get(claim_name)
+    if allowed is not None and namespace not in allowed:
+        raise ResolveError(
+            f"PVC {claim_name} may be used only from namespace{'s' if len(allowed) != 1 else ''} "
+            f"{', '.join(allowed) or '(none)'}, not from {namespace} (the Helm chart's storage.pvcMounts)"
+        )
+
+
+def pvc_mount(storage: PvcStorage, pvc_root: Path, namespace: str) -> Path:
+    """Where the operator sees the claim, for an object in `namespace`: PVCs reach it as volumes of its
+    own pod, never by themselves, and only namespaces the chart's mapping allows may use one."""
+    check_claim_namespace(storage.claim_name, namespace)
     try:
         mount = claim_mount(pvc_root, storage.claim_name)
     except StorageError as err:
@@ -271,7 +317,7 @@ def open_store(
 ) -> Store:
     """The store a spec names, with its credentials; PVCs must be mounted in the operator's pod."""
     if isinstance(storage, PvcStorage):
-        return PVCStore(pvc_mount(storage, pvc_root), storage.sub_path)
+        return PVCStore(pvc_mount(storage, pvc_root, namespace), storage.sub_path)
     access_key_id, secret_access_key = s3_credentials(
         core, namespace, storage, ambient=ambient_credentials
     ) or (None, None)
@@ -311,17 +357,26 @@ def load_public_keys(core: client.CoreV1Api, namespace: str, encryption: Encrypt
 
 
 def ldap_settings(
-    core: client.CoreV1Api, pod: PodRef, server_host: str, ldap: LdapTarget, scratch: Path
+    core: client.CoreV1Api,
+    pod: PodRef,
+    server_host: str,
+    ldap: LdapTarget,
+    scratch: Path,
+    *,
+    scratch_server: bool = False,
 ) -> LdapConnectionSettings:
     """How to bind to the directory of the server `pod` runs (`server_host`, from its default.conf).
-    A URL that leads elsewhere is refused before the password Secret is even read."""
+    A URL that leads elsewhere is refused before the password Secret is even read; for a drill's
+    `scratch_server`, which shares production's FQDN, only the pod's own addresses count."""
     namespace = pod.namespace
     try:
         status = core.read_namespaced_pod(pod.name, namespace, _request_timeout=CALL_TIMEOUT).status
     except client.ApiException as err:
         raise ResolveError(f"pod {namespace}/{pod.name} {_api_reason(err)}") from None
     addresses = {ip.ip for ip in status.pod_ips or ()} | ({status.pod_ip} if status.pod_ip else set())
-    if (foreign := foreign_ldap_host(ldap.url, server_host, addresses)) is not None:
+    if (
+        foreign := foreign_ldap_host(ldap.url, server_host, addresses, by_name=not scratch_server)
+    ) is not None:
         raise ResolveError(
             f"ldap.url {ldap.url!r} is not the directory of the server backed up or restored: {foreign}. "
             "The operator binds only to the target's own directory"
