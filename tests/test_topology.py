@@ -354,6 +354,9 @@ RESOLVED = {
 }
 
 
+NAMED = "ipa-hidden.example.test, the server's FQDN in its /etc/ipa/default.conf, or an address of its pod"
+
+
 def resolve(host: str) -> set[str]:
     return RESOLVED.get(host, set())
 
@@ -395,15 +398,39 @@ def test_the_targets_own_directory_is_accepted(uri: str) -> None:
         ),
         (
             "ldap://nowhere.example.test",
-            "nowhere.example.test does not resolve: name the server, ipa-hidden.example.test",
+            f"nowhere.example.test does not resolve: name {NAMED}",
         ),
         # The second of a list of URLs is tried when the first fails.
         (
             "ldaps://ipa-hidden.example.test,ldap://nowhere.example.test",
-            "nowhere.example.test does not resolve: name the server, ipa-hidden.example.test",
+            f"nowhere.example.test does not resolve: name {NAMED}",
         ),
-        ("ldap:///", "ldap:/// names no host: name the server, ipa-hidden.example.test"),
+        ("ldap:///", f"ldap:/// names no host: name {NAMED}"),
     ],
 )
 def test_any_other_directory_is_refused_with_the_reason(uri: str, why: str) -> None:
     assert foreign_ldap_host(uri, "ipa-hidden.example.test", {"10.1.2.3"}, resolve) == why
+
+
+def test_a_drills_scratch_server_is_reached_by_its_pods_addresses_only() -> None:
+    # It has production's FQDN, which resolves to production: the name proves nothing.
+    assert (
+        foreign_ldap_host("ldap://10.1.2.3", "ipa-hidden.example.test", {"10.1.2.3"}, resolve, by_name=False)
+        is None
+    )
+    assert foreign_ldap_host(
+        "ldaps://ipa-hidden.example.test", "ipa-hidden.example.test", {"10.1.2.9"}, resolve, by_name=False
+    ) == (
+        "ipa-hidden.example.test does not resolve: name an address of the scratch pod (10.1.2.9), not "
+        "ipa-hidden.example.test, which is production's"
+    )
+    assert foreign_ldap_host(
+        "ldap://ipa-hidden-headless.identity.svc",
+        "ipa-hidden.example.test",
+        {"10.1.2.9"},
+        resolve,
+        by_name=False,
+    ) == (
+        "ipa-hidden-headless.identity.svc (10.1.2.3) is not an address of the scratch pod (10.1.2.9), not "
+        "ipa-hidden.example.test, which is production's"
+    )

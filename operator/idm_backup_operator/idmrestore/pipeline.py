@@ -544,7 +544,9 @@ class _Restore:
                 "password, so the restore binds as cn=Directory Manager",
             )
         try:
-            settings = references.ldap_settings(self.services.core, self.pod, server.host, ldap, self.scratch)
+            settings = references.ldap_settings(
+                self.services.core, self.pod, server.host, ldap, self.scratch, scratch_server=self.drill
+            )
             basedn = ldap.base_dn or server.basedn
             topology = read_topology(settings, basedn)
             was_hidden = topology.server(server.host).is_hidden
