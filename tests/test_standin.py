@@ -53,13 +53,15 @@ HIDDEN_SERVICES = [
     "ipa-dnskeysyncd",
 ]
 
-pytestmark = [
+# Every stand-in test: root (mount namespaces) and a real 389-ds. Other stand-in modules use these too.
+STANDIN_MARKS = [
     pytest.mark.platform,
     pytest.mark.skipif(
         os.geteuid() != 0 or shutil.which("ns-slapd", path="/usr/sbin:/usr/bin") is None,
         reason="needs root and 389-ds-base (ns-slapd)",
     ),
 ]
+pytestmark = STANDIN_MARKS
 
 
 def free_port() -> int:

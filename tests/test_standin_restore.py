@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import configparser
 import io
-import os
 import re
 import shutil
 import subprocess
@@ -37,6 +36,7 @@ from tests.test_standin import (
     REALM,
     RUV_UNIQUEID,
     SERVERID,
+    STANDIN_MARKS,
     Pod,
     backed_up_to,
     directory_ruv,
@@ -48,13 +48,7 @@ from tests.test_standin import (
     services_running,
 )
 
-pytestmark = [
-    pytest.mark.platform,
-    pytest.mark.skipif(
-        os.geteuid() != 0 or shutil.which("ns-slapd", path="/usr/sbin:/usr/bin") is None,
-        reason="needs root and 389-ds-base (ns-slapd)",
-    ),
-]
+pytestmark = STANDIN_MARKS
 
 HOST = "ipa-hidden.example.test"
 SUFFIX = "dc=example,dc=test"

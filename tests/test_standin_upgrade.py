@@ -13,8 +13,6 @@ services running (the autouse fixture puts that back), so the tests can run in a
 from __future__ import annotations
 
 import configparser
-import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,19 +20,13 @@ from typing import Any
 import pytest
 
 from tests import test_standin
-from tests.test_standin import HIDDEN_SERVICES, REALM, Pod, services_running
+from tests.test_standin import HIDDEN_SERVICES, REALM, STANDIN_MARKS, Pod, services_running
 
 # That module's directory (session-scoped, shared) and pod factory serve here too.
 directory = test_standin.directory
 pod_factory = test_standin.pod_factory
 
-pytestmark = [
-    pytest.mark.platform,
-    pytest.mark.skipif(
-        os.geteuid() != 0 or shutil.which("ns-slapd", path="/usr/sbin:/usr/bin") is None,
-        reason="needs root and 389-ds-base (ns-slapd)",
-    ),
-]
+pytestmark = STANDIN_MARKS
 
 HOST = "ipa-hidden.example.test"
 STATE = "var/lib/ipa/sysupgrade/sysupgrade.state"

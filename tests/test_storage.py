@@ -38,6 +38,7 @@ from idm_backup_operator.storage import (
 )
 from idm_backup_operator.storage import pvc as pvc_module
 from testbed import stack
+from tests.helpers import wait_for
 
 MiB = 1024 * 1024
 SOON = datetime.timedelta(minutes=1)
@@ -165,6 +166,21 @@ def _multipart_uploads(store: S3Store) -> list[str]:
     return [upload["Key"] for upload in uploads.get("Uploads", [])]
 
 
+def _parts(store: S3Store, key: str) -> int:
+    """Parts the server holds of the multipart uploads of `key`."""
+    full = f"{store.config.prefix.strip('/')}/{key}"
+    uploads = store.client.list_multipart_uploads(Bucket=store.config.bucket, Prefix=full).get("Uploads", [])
+    return sum(
+        len(
+            store.client.list_parts(Bucket=store.config.bucket, Key=full, UploadId=u["UploadId"]).get(
+                "Parts", []
+            )
+        )
+        for u in uploads
+        if u["Key"] == full
+    )
+
+
 @pytest.mark.platform
 def test_s3_multipart_round_trip(s3: S3Store) -> None:
     key = "default/ipa.example.test/ipa-full-2026-11-26-03-00-00/ipa-full.tar.gpg"
@@ -231,6 +247,9 @@ def test_s3_leaving_the_block_without_commit_aborts(s3: S3Store) -> None:
 def test_s3_clean_incomplete_aborts_crashed_uploads(s3: S3Store) -> None:
     crashed = s3.open_upload("crashed/ipa-full.tar.gpg")
     crashed.write(os.urandom(6 * MiB))  # a part is sent: a multipart upload exists; then the operator "dies"
+    # Once the part is in: a part still in flight when the upload is aborted lands after the abort, and
+    # versitygw then lists the upload again.
+    wait_for("the crashed upload's part", lambda: _parts(s3, "crashed/ipa-full.tar.gpg") == 1, timeout=30)
     s3.open_upload("other/small").write(b"nothing sent yet")
     now = datetime.datetime.now(datetime.UTC)
     assert s3.clean_incomplete("other/", started_before=now + SOON) == []
