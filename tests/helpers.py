@@ -208,6 +208,16 @@ def events(api: client.ApiClient, namespace: str, name: str) -> list[str]:
     return [e.reason for e in sorted(items, key=lambda e: int(e.metadata.resource_version))]
 
 
+def event_messages(api: client.ApiClient, namespace: str, name: str, reason: str) -> list[str]:
+    """The messages of `name`'s Events with this reason, in the order they were created."""
+    items = (
+        client.CoreV1Api(api)
+        .list_namespaced_event(namespace, field_selector=f"involvedObject.name={name},reason={reason}")
+        .items
+    )
+    return [e.message for e in sorted(items, key=lambda e: int(e.metadata.resource_version))]
+
+
 # -- the Helm chart (helm itself is the `helm` fixture) ---------------------------------------------------
 
 

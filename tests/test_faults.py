@@ -35,6 +35,7 @@ from testbed.faultproxy import Fault, FaultProxy
 from tests.helpers import (
     backup_spec,
     create_backup,
+    event_messages,
     events,
     get_backup,
     leases,
@@ -415,12 +416,6 @@ def _backup_dirs(api: client.ApiClient, namespace: str, pod: str) -> list[str]:
     return out.split()
 
 
-def _event_messages(api: client.ApiClient, namespace: str, name: str, reason: str) -> list[str]:
-    selector = f"involvedObject.name={name},reason={reason}"
-    items = client.CoreV1Api(api).list_namespaced_event(namespace, field_selector=selector).items
-    return [e.message for e in items]
-
-
 def _archive_completed(tap: _Tap) -> list[str]:
     """CompleteMultipartUpload requests for an archive that went through the tap: an archive committed
     under its final name."""
@@ -541,7 +536,7 @@ def test_the_target_pod_deleted_mid_transfer_fails_transfer_failed_and_says_what
     directory = status["ipaBackup"]["directory"]
     left = Path(platform.volumes_dir) / claim / directory.removeprefix("/")
     assert left.is_dir(), left
-    (warning,) = _event_messages(api, namespace, "orphaned", "PodCleanupFailed")
+    (warning,) = event_messages(api, namespace, "orphaned", "PodCleanupFailed")
     assert warning.startswith(f"could not remove {directory}: "), warning
     assert "not found" in warning, warning
     assert "needs get and create on pods/exec" not in warning, warning  # a 404 is not a 403
@@ -640,7 +635,7 @@ def test_the_operator_sigkilled_at_each_step_leaves_a_backup_the_next_one_ends_c
         "storage. Create a new IdmBackup to retry."
     )
     assert status["message"] == message, status["message"]
-    assert _event_messages(api, namespace, "killed", "BackupFailed") == [message]
+    assert event_messages(api, namespace, "killed", "BackupFailed") == [message]
     if where != "pre-flight":
         running = next(c for c in status["conditions"] if c["type"] == "ServicesRunning")
         assert (running["status"], running["reason"]) == ("True", "StartedByOperator"), running

@@ -39,6 +39,7 @@ from tests.helpers import (
     Backup,
     apply,
     backup_spec,
+    event_messages,
     events,
     pod_exec,
     pod_ready,
@@ -74,15 +75,6 @@ def failed(obj: dict[str, Any], reason: str) -> dict[str, Any]:
     completed = conditions(status)["Completed"]
     assert (completed["status"], completed["reason"]) == ("False", reason), completed
     return status
-
-
-def event_messages(api: client.ApiClient, namespace: str, name: str, reason: str) -> list[str]:
-    items = (
-        client.CoreV1Api(api)
-        .list_namespaced_event(namespace, field_selector=f"involvedObject.name={name},reason={reason}")
-        .items
-    )
-    return [e.message for e in sorted(items, key=lambda e: int(e.metadata.resource_version))]
 
 
 def nothing_stored(s3: Any, platform: stack.Platform, prefix: str) -> None:
@@ -503,6 +495,14 @@ def test_ipa_backup_killed_half_way_fails_and_the_operator_starts_ipa_again(
     prefix: str,
 ) -> None:
     pod = freeipa(fault="killed")
+    # A working directory some earlier run left, before this backup began: not this backup's to remove.
+    code, out = pod_exec(
+        api,
+        namespace,
+        pod,
+        ["sh", "-c", "mkdir /tmp/tmpearlieripa && touch -d '1 hour ago' /tmp/tmpearlieripa"],
+    )
+    assert code == 0, out
     status = failed(
         run_backup("killed", backup_spec(platform, s3_storage(platform, prefix), type="Full")),
         "IpaBackupFailed",
@@ -522,6 +522,16 @@ def test_ipa_backup_killed_half_way_fails_and_the_operator_starts_ipa_again(
     assert services_running(api, namespace, pod)
     assert backup_dirs(api, namespace, pod) == []
     nothing_stored(s3, platform, prefix)
+    # The killed ipa-backup's working directory (tempfile.mkdtemp("ipa"), plaintext inside) is gone; the
+    # older one is left alone.
+    code, out = pod_exec(api, namespace, pod, ["sh", "-c", "ls -d /tmp/tmp*ipa"])
+    assert out.split() == ["/tmp/tmpearlieripa"], out
+    (removed,) = event_messages(api, namespace, "killed", "PodCleanedUp")
+    assert re.fullmatch(
+        rf"removed /tmp/tmp\w+ipa from pod {pod}: the working directory of the interrupted ipa-backup, "
+        "with plaintext in it",
+        removed,
+    ), removed
 
 
 def test_ipa_backup_out_of_disk_space_fails_with_tars_error_and_ipa_is_started_again(

@@ -24,6 +24,7 @@ from tests.helpers import (
     backup_spec,
     create_backup,
     create_schedule,
+    event_messages,
     events,
     get_backup,
     get_schedule,
@@ -44,16 +45,6 @@ def children(api: client.ApiClient, namespace: str, schedule: str) -> list[dict[
 def ready_condition(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any] | None:
     conditions = get_schedule(api, namespace, name).get("status", {}).get("conditions", [])
     return next((c for c in conditions if c["type"] == "Ready"), None)
-
-
-def event_messages(api: client.ApiClient, namespace: str, name: str, reason: str) -> list[str]:
-    """The messages of `name`'s Events with this reason, in the order they were created."""
-    items = (
-        client.CoreV1Api(api)
-        .list_namespaced_event(namespace, field_selector=f"involvedObject.name={name},reason={reason}")
-        .items
-    )
-    return [e.message for e in sorted(items, key=lambda e: int(e.metadata.resource_version))]
 
 
 def minute(moment: datetime.datetime) -> datetime.datetime:

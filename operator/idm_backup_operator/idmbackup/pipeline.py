@@ -372,6 +372,8 @@ class _Backup:
             finally:
                 session.close()
         stop_orphaned_ipa_backup(self.services.execs, self.pod, wait=0)
+        if not self.spec.keep_in_pod:
+            remove_orphaned_workdirs(self.services.execs, self.pod, self.started, self.report)
         return None, interruption
 
     def _interruption(self, err: ExecError) -> BackupFailed:
@@ -728,6 +730,48 @@ def stop_orphaned_ipa_backup(execs: PodExec, pod: PodRef, wait: float) -> None:
         log.warning("stopping ipa-backup in %s: %s", pod, err)
 
 
+# ipa-backup (and ipa-restore) work in tempfile.mkdtemp("ipa") under TMPDIR and remove it when they end
+# (ipa_backup.py); one that was killed leaves it behind, with plaintext LDIF and files in it, under a name
+# nobody was told. While neither runs, such a directory is an orphan; only those changed since the
+# interrupted run began (less a margin for the pod's clock) are removed. Exit 3: one of them runs.
+_ORPHANED_WORKDIRS = (
+    "if pgrep -x ipa-backup >/dev/null || pgrep -x ipa-restore >/dev/null; then exit 3; fi; "
+    'find "${TMPDIR:-/tmp}" -mindepth 1 -maxdepth 1 -type d -name "tmp*ipa" -newermt "@$1" -prune -print '
+    "-exec rm -rf -- {} +"
+)
+CLOCK_MARGIN = datetime.timedelta(minutes=5)
+
+
+def remove_orphaned_workdirs(
+    execs: PodExec, pod: PodRef, since: datetime.datetime | None, report: Reporter
+) -> None:
+    """Remove the working directory an interrupted ipa-backup left in the pod, and say so in an Event."""
+    if since is None:
+        return
+    epoch = str(int((since - CLOCK_MARGIN).timestamp()))
+    try:
+        result = _through_outages(
+            lambda: execs.run(pod, ["sh", "-c", _ORPHANED_WORKDIRS, "sh", epoch], timeout=300)
+        )
+    except (ExecError, ApiError) as err:
+        report.event(
+            "PodCleanupFailed", f"could not look for ipa-backup's working directory: {err}", warning=True
+        )
+        return
+    removed = result.stdout.decode("utf-8", "replace").split()
+    if result.exit_code not in (0, 3) or result.stderr.strip():
+        problem = result.stderr.strip() or f"exit code {result.exit_code}"
+        report.event(
+            "PodCleanupFailed", f"could not remove ipa-backup's working directory: {problem}", warning=True
+        )
+    elif removed:
+        report.event(
+            "PodCleanedUp",
+            f"removed {', '.join(removed)} from pod {pod.name}: the working directory of the interrupted "
+            "ipa-backup, with plaintext in it",
+        )
+
+
 # -- after an operator restart -------------------------------------------------------------------------
 
 
@@ -769,6 +813,8 @@ def _settle(
     step = status.get("step", "unknown")
     if pod is not None and "ipaBackup" in status:
         stop_orphaned_ipa_backup(services.execs, pod, wait=ORPHAN_WAIT_SECONDS)
+        if not spec.keep_in_pod:
+            remove_orphaned_workdirs(services.execs, pod, parse_time(status.get("startTime")), report)
         if spec.options.stops_services:
             running = restart_services(services.execs, pod, report)
             notes.append("IPA services are running" if running else "IPA services did NOT come back")
