@@ -640,10 +640,22 @@ def test_fault_startfail(pod_factory: Callable[..., Pod]) -> None:
         "Assuming stale, cleaning and proceeding",
         "Failed to start named Service",
         "Shutting down",
+        "Hint: You can use --ignore-service-failure option for forced start in case that a non-critical "
+        "service failed",
         "Aborting ipactl",
     ]
     status = pod.exec("ipactl", "status")
     assert status.returncode == 3 and status.stdout == "Directory Service: STOPPED\n"
+
+    # Forced: the failed service is left out, the others run.
+    r = pod.exec("ipactl", "start", "--ignore-service-failures")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines()[-3:] == [
+        "Failed to start named Service",
+        "Forced start, ignoring named Service, continuing normal operation",
+        "ipa: INFO: The ipactl command was successful",
+    ]
+    assert pod.exec("ipactl", "stop").returncode == 0
 
     (pod.data / "ipa-standin-fault").write_text("")
     assert pod.exec("ipactl", "start").returncode == 0

@@ -691,7 +691,8 @@ def test_fault_startfail_in_a_full_restore(pod: Pod, directory: Any, backups: di
         "Starting IPA services",
         "Restoring umask to 18",
         "CalledProcessError(Command ['/usr/sbin/ipactl', 'start'] returned non-zero exit status 1: "
-        "'Failed to start named Service\\nShutting down\\nAborting ipactl\\n')",
+        "'Failed to start named Service\\nShutting down\\nHint: You can use --ignore-service-failure option "
+        "for forced start in case that a non-critical service failed\\nAborting ipactl\\n')",
         FAILED,
     ]
     assert not services_running(pod)
