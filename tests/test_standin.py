@@ -181,21 +181,26 @@ class Pod:
                 self.proc.wait()
 
 
+def pod_env(directory: Any, fqdn: str, **extra: str) -> dict[str, str]:
+    """A stand-in pod's environment, as the testbed's pod spec gives it, on `directory`."""
+    return {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": "/root",
+        "TZ": "UTC",
+        "IPA_SERVER_HOSTNAME": fqdn,
+        "IPA_REALM": REALM,
+        "IPA_STANDIN_LDAP_URI": directory.uri,
+        "IPA_STANDIN_DM_PASSWORD": directory.password,
+        **extra,
+    }
+
+
 @pytest.fixture
 def pod_factory(directory: Any, tmp_path: Path) -> Iterator[Callable[..., Pod]]:
     pods: list[Pod] = []
 
     def make(host: str = "ipa-hidden", init: bool = True, **extra_env: str) -> Pod:
-        env = {
-            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            "HOME": "/root",
-            "TZ": "UTC",
-            "IPA_SERVER_HOSTNAME": f"{host}.example.test",
-            "IPA_REALM": REALM,
-            "IPA_STANDIN_LDAP_URI": directory.uri,
-            "IPA_STANDIN_DM_PASSWORD": directory.password,
-            **extra_env,
-        }
+        env = pod_env(directory, f"{host}.example.test", **extra_env)
         pod = Pod(tmp_path / f"pod{len(pods)}", env, init=init)
         pods.append(pod)
         return pod

@@ -33,7 +33,6 @@ from idm_backup_operator.freeipa.directory import await_online
 from idm_backup_operator.freeipa.topology import LdapConnectionSettings
 from tests.test_standin import (
     BACKENDS,
-    REALM,
     RUV_UNIQUEID,
     SERVERID,
     STANDIN_MARKS,
@@ -44,6 +43,7 @@ from tests.test_standin import (
     generation,
     is_tombstone,
     ldif_records,
+    pod_env,
     read_member,
     services_running,
 )
@@ -103,18 +103,8 @@ def pod(directory: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Po
     keytab = root / "data/var/lib/ipa/gssproxy/http.keytab"
     keytab.parent.mkdir(parents=True)
     keytab.write_bytes(b"TEST STAND-IN keytab\n")
-    env = {
-        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        "HOME": "/root",
-        "TZ": "UTC",
-        "IPA_SERVER_HOSTNAME": HOST,
-        "IPA_REALM": REALM,
-        "IPA_STANDIN_LDAP_URI": directory.uri,
-        "IPA_STANDIN_DM_PASSWORD": directory.password,
-        # The host path of the pod's /data: ns-slapd (on the host) opens the LDIF files through it.
-        "IPA_STANDIN_DS_DATA_DIR": str(root / "data"),
-    }
-    p = Pod(root, env)
+    # The host path of the pod's /data: ns-slapd (on the host) opens the LDIF files through it.
+    p = Pod(root, pod_env(directory, HOST, IPA_STANDIN_DS_DATA_DIR=str(root / "data")))
     yield p
     p.stop()
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests import test_standin
-from tests.test_standin import HIDDEN_SERVICES, REALM, STANDIN_MARKS, Pod, services_running
+from tests.test_standin import HIDDEN_SERVICES, STANDIN_MARKS, Pod, pod_env, services_running
 
 # That module's directory (session-scoped, shared) and pod factory serve here too.
 directory = test_standin.directory
@@ -71,16 +71,7 @@ DATA_STEPS = [
 
 @pytest.fixture(scope="module")
 def pod(directory: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pod]:
-    env = {
-        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        "HOME": "/root",
-        "TZ": "UTC",
-        "IPA_SERVER_HOSTNAME": HOST,
-        "IPA_REALM": REALM,
-        "IPA_STANDIN_LDAP_URI": directory.uri,
-        "IPA_STANDIN_DM_PASSWORD": directory.password,
-    }
-    p = Pod(tmp_path_factory.mktemp("upgrade-pod"), env)
+    p = Pod(tmp_path_factory.mktemp("upgrade-pod"), pod_env(directory, HOST))
     yield p
     p.stop()
 
