@@ -28,7 +28,7 @@ import urllib3
 from idm_backup_operator import freeipa
 from idm_backup_operator.api.identity import ResourceIdentity
 from idm_backup_operator.api.phase import Phase
-from idm_backup_operator.api.spec import BackupSpec
+from idm_backup_operator.api.spec import BackupSpec, PvcStorage, S3Storage
 from idm_backup_operator.api.times import format_time, parse_time
 from idm_backup_operator.archive import encryption, layout, stored
 from idm_backup_operator.freeipa import BackupDirectory, BackupHeader, IpaServerConfig
@@ -47,7 +47,7 @@ from idm_backup_operator.kube.podexec import (
     PodRef,
 )
 from idm_backup_operator.kube.services import Reporter, Services
-from idm_backup_operator.storage import DeadlineExceeded, StorageError, Store, StoredObject
+from idm_backup_operator.storage import DeadlineExceeded, StorageError, StorageFull, Store, StoredObject
 from idm_backup_operator.streams import Tally, chunks_of, human_size, tallied
 
 log = logging.getLogger(__name__)
@@ -241,6 +241,8 @@ class _Backup:
             store.check_writable()
         except DeadlineExceeded as err:
             raise self.deadline_exceeded(f"the storage probe: {err}") from None
+        except StorageFull as err:
+            raise _storage_full("storage not usable", err, self.spec.storage) from None
         except (references.ResolveError, StorageError) as err:
             raise BackupFailed("StorageUnavailable", f"storage not usable: {err}") from None
         return store
@@ -475,7 +477,7 @@ class _Backup:
         self.report.update(step=f"uploading {human_size(in_pod.size)} to {store.uri(keys.archive)}")
         written: list[str] = []
         try:
-            header_obj = _put(store, keys.header, header_bytes)
+            header_obj = _put(store, keys.header, header_bytes, self.spec.storage)
             written.append(keys.header)
             plain = Tally()
             with reporting_progress(self.report, plain, in_pod.size):
@@ -496,7 +498,7 @@ class _Backup:
                 options=self.spec.raw,
                 created=_now(),
             )
-            _put(store, keys.manifest, manifest)
+            _put(store, keys.manifest, manifest, self.spec.storage)
         except BaseException:
             for key in written:
                 try:
@@ -555,7 +557,7 @@ class _Backup:
         except DeadlineExceeded as err:
             raise self.deadline_exceeded(f"the upload: {err}") from None
         except StorageError as err:
-            raise BackupFailed("UploadFailed", f"upload failed: {err}") from None
+            raise _upload_failed(err, self.spec.storage) from None
 
     def verify(self, store: Store, keys: layout.BackupKeys, stored: StoredObject) -> None:
         """Succeeded is only ever reported for an archive whose bytes were checked on both ends: the
@@ -617,13 +619,28 @@ def reporting_progress(
         write()
 
 
-def _put(store: Store, key: str, data: bytes) -> StoredObject:
+def _put(store: Store, key: str, data: bytes, storage: S3Storage | PvcStorage) -> StoredObject:
     try:
         return store.put_bytes(key, data)
     except DeadlineExceeded as err:
         raise BackupFailed("DeadlineExceeded", f"the backup did not finish in time: {err}") from None
     except StorageError as err:
-        raise BackupFailed("UploadFailed", f"upload failed: {err}") from None
+        raise _upload_failed(err, storage) from None
+
+
+def _upload_failed(err: StorageError, storage: S3Storage | PvcStorage) -> BackupFailed:
+    if isinstance(err, StorageFull):
+        return _storage_full("upload failed", err, storage)
+    return BackupFailed("UploadFailed", f"upload failed: {err}")
+
+
+def _storage_full(doing: str, err: StorageFull, storage: S3Storage | PvcStorage) -> BackupFailed:
+    """StorageFull, whether the probe or the upload found no room: someone must grow or clean the volume,
+    nothing about the backup is wrong, and an alert or a person can tell that from other failures."""
+    # The store's message names a path under the operator's own mount root; the claim is the name the
+    # backup's owner knows.
+    where = f"PVC {storage.claim_name}: " if isinstance(storage, PvcStorage) else ""
+    return BackupFailed("StorageFull", f"{doing}: {where}{err}")
 
 
 def remove_from_pod(execs: PodExec, pod: PodRef, path: PurePosixPath, report: Reporter) -> str:

@@ -35,6 +35,14 @@ class ObjectExists(StorageError):
     """A write to a key that already holds an object: stores never replace one."""
 
 
+class StorageFull(StorageError):
+    """The store has no room left for a write: a full volume (ENOSPC) or an exhausted quota (EDQUOT).
+
+    A class of its own because the fix is not in the backup or its credentials: someone must make room
+    or grow the volume, and a backup's reason (StorageFull) lets an alert tell this from other failures.
+    """
+
+
 class DeadlineExceeded(StorageError):
     """A call was cut off, or refused, at its time bound: the store's deadline (`Store.set_deadline`), or
     a bound of the call's own (an S3 probe, delete or abort)."""

@@ -14,6 +14,9 @@ Nothing is read or written outside the volume: keys and the sub-path are relativ
 to resolve, symbolic links included, to a place inside the mount: a link planted on a shared volume
 cannot lead a write into the operator's own file system.
 
+A volume with no room left (ENOSPC, EDQUOT), on any write, the commit's fsync and link or the probe,
+raises `StorageFull` naming the volume, and an upload it ends leaves no temporary file behind.
+
 A deadline (`Store.set_deadline`) is checked before each write, commit and probe; a local write that
 blocks (a hung NFS server) cannot be interrupted from Python and is bounded only by the volume's mount
 options.
@@ -35,6 +38,7 @@ from idm_backup_operator.storage.base import (
     ObjectExists,
     ObjectNotFound,
     StorageError,
+    StorageFull,
     Store,
     StoredObject,
     Upload,
@@ -51,8 +55,12 @@ _HINTS = {
     errno.EACCES: "check the volume's ownership and the pod's fsGroup",
     errno.EPERM: "check the volume's ownership and the pod's fsGroup",
     errno.EROFS: "the volume is mounted read-only",
-    errno.ENOSPC: "the volume is full",
-    errno.EDQUOT: "the volume's quota is exhausted",
+}
+# Errnos that mean "no room": they raise StorageFull, whose hint names the volume, since the path alone
+# (a file deep under the operator's mount root) does not say which volume to grow or clean.
+_FULL = {
+    errno.ENOSPC: "is full",
+    errno.EDQUOT: "has exhausted its quota",
 }
 
 
@@ -94,6 +102,11 @@ class PVCStore(Store):
         """The store of a claim mounted at `pvc_root/<claim_name>` (see `claim_mount`)."""
         return cls(claim_mount(pvc_root, claim_name), sub_path)
 
+    @property
+    def mount(self) -> Path:
+        """Where the volume is mounted: what a message names when the volume is full."""
+        return self._mount
+
     def uri(self, key: str) -> str:
         return str(self._path(key))
 
@@ -102,7 +115,7 @@ class PVCStore(Store):
         if _PARTIAL.fullmatch(path.name) or path.name.startswith(_PROBE):
             raise StorageError(f"invalid object key {key!r}: its name is reserved for temporary files")
         self.check_deadline(f"cannot create {path}")
-        with _errors(f"cannot create {path}"):
+        with _errors(f"cannot create {path}", self._mount):
             self._make_dirs(path.parent)
             self._inside(path.parent)
             # Checked again, atomically, at commit; failing here spares streaming a whole archive first.
@@ -118,7 +131,7 @@ class PVCStore(Store):
         except (FileNotFoundError, IsADirectoryError):
             raise ObjectNotFound(f"{path} does not exist") from None
         except OSError as error:
-            raise _storage_error(f"cannot read {path}", error) from None
+            raise _storage_error(f"cannot read {path}", error, self._mount) from None
 
     def stat(self, key: str) -> StoredObject | None:
         path = self._path(key)
@@ -128,17 +141,17 @@ class PVCStore(Store):
         except FileNotFoundError:
             return None
         except OSError as error:
-            raise _storage_error(f"cannot read {path}", error) from None
+            raise _storage_error(f"cannot read {path}", error, self._mount) from None
 
     def list_objects(self, prefix: str = "") -> Iterator[StoredObject]:
-        with _errors(f"cannot list {self._base}"):
+        with _errors(f"cannot list {self._base}", self._mount):
             for key, path in self._walk(prefix):
                 if not _PARTIAL.fullmatch(path.name) and (stored := self._stored(key, path, path.stat())):
                     yield stored
 
     def delete(self, key: str) -> None:
         path = self._path(key)
-        with _errors(f"cannot delete {path}"):
+        with _errors(f"cannot delete {path}", self._mount):
             # unlink() never follows the last component: only the parents can lead elsewhere.
             self._inside(path.parent)
             path.unlink(missing_ok=True)
@@ -155,7 +168,7 @@ class PVCStore(Store):
         self.check_deadline(f"cannot write to {self._base}")
         if not self._mount.is_dir():
             raise StorageError(f"{self._mount} does not exist or is not a directory: is the volume mounted?")
-        with _errors(f"cannot write to {self._base}"):
+        with _errors(f"cannot write to {self._base}", self._mount):
             self._make_dirs(self._base)
             self._inside(self._base)
             descriptor, probe = tempfile.mkstemp(prefix=_PROBE, dir=self._base)
@@ -168,7 +181,7 @@ class PVCStore(Store):
 
     def clean_incomplete(self, prefix: str = "", *, started_before: datetime.datetime) -> list[str]:
         removed = []
-        with _errors(f"cannot clean up {self._base}"):
+        with _errors(f"cannot clean up {self._base}", self._mount):
             for key, path in self._walk(prefix):
                 if not (_PARTIAL.fullmatch(path.name) or path.name.startswith(_PROBE)):
                     continue
@@ -230,18 +243,19 @@ class _FileUpload(Upload):
         super().__init__(key, str(path))
         self._path = path
         self._store = store
+        self._mount = store.mount
         descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
         self._temporary = Path(temporary)
         self._file = os.fdopen(descriptor, "wb")
 
     def _write(self, data: bytes) -> None:
         self._store.check_deadline(f"cannot write {self._path}")
-        with _errors(f"cannot write {self._path}"):
+        with _errors(f"cannot write {self._path}", self._mount):
             self._file.write(data)
 
     def _commit(self) -> None:
         self._store.check_deadline(f"cannot write {self._path}")
-        with _errors(f"cannot write {self._path}"):
+        with _errors(f"cannot write {self._path}", self._mount):
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
@@ -252,8 +266,14 @@ class _FileUpload(Upload):
             _fsync_directory(self._path.parent)
 
     def _abort(self) -> None:
-        self._file.close()
-        self._temporary.unlink(missing_ok=True)
+        # Closing flushes what is still buffered, which on a full volume fails again with the error that
+        # ended the upload: the file is being discarded, so that error is no news, and it must neither keep
+        # the temporary file (filling the volume for the next backup) nor replace the StorageFull already
+        # on its way up with a bare OSError. The descriptor is closed regardless.
+        with contextlib.suppress(OSError):
+            self._file.close()
+        with _errors(f"cannot remove {self._temporary}", self._mount):
+            self._temporary.unlink(missing_ok=True)
 
 
 def _link_no_replace(source: Path, target: Path) -> None:
@@ -313,14 +333,19 @@ def _fsync_directory(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _errors(doing: str) -> Iterator[None]:
+def _errors(doing: str, mount: Path) -> Iterator[None]:
     """Turn an OSError into a StorageError that says what was being done, and what to check."""
     try:
         yield
     except OSError as error:
-        raise _storage_error(doing, error) from None
+        raise _storage_error(doing, error, mount) from None
 
 
-def _storage_error(doing: str, error: OSError) -> StorageError:
-    hint = _HINTS.get(error.errno or 0)
-    return StorageError(f"{doing}: {error.strerror or error}" + (f" ({hint})" if hint else ""))
+def _storage_error(doing: str, error: OSError, mount: Path) -> StorageError:
+    """A StorageError for `error`; StorageFull, naming the volume mounted at `mount`, for "no room"."""
+    code = error.errno or 0
+    what = f"{doing}: {error.strerror or error}"
+    if full := _FULL.get(code):
+        return StorageFull(f"{what} (the volume mounted at {mount} {full})")
+    hint = _HINTS.get(code)
+    return StorageError(what + (f" ({hint})" if hint else ""))
