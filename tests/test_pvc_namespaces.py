@@ -7,15 +7,20 @@ store a backup or restore opens both reach it through `references.pvc_mount`, so
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from kubernetes import client
 
+from idm_backup_operator.api.names import GROUP, IDMBACKUPS, VERSION
 from idm_backup_operator.api.spec import PvcStorage
 from idm_backup_operator.idmbackup import validation
 from idm_backup_operator.kube import references
 from idm_backup_operator.storage import PVCStore
+from testbed import stack
+from testbed.deploy import OperatorProcess
+from tests.helpers import Backup, backup_spec, event_messages, wait_deleted
 
 ENV = references.PVC_NAMESPACES_ENV
 # No request is ever sent: a PVC's checks read only the operator's own file system.
@@ -110,3 +115,43 @@ def test_the_webhooks_check_names_the_field_and_the_namespaces_allowed(pvc_root:
 
     assert problems("team-b") == []
     assert problems("elsewhere") == [f"spec.storage.pvc.claimName: {REFUSED}"]
+
+
+def test_a_claim_taken_from_the_namespace_later_leaves_its_files_and_lets_the_backup_go(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    operator: OperatorProcess,
+    run_backup: Backup,
+    freeipa: Callable[..., str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An administrator gives a claim to other namespaces after this one stored backups on it. Deleting
+    such a Delete-policy backup is a use of the claim, so its files stay; but the finalizer must not hold
+    the IdmBackup (and so the namespace) for ever: it goes, and a Warning Event says what was left."""
+    freeipa()
+    (operator.pvc_root / "backups").mkdir()
+    stored = run_backup(
+        "kept",
+        backup_spec(
+            platform, {"pvc": {"claimName": "backups"}}, type="Data", online=True, deletionPolicy="Delete"
+        ),
+    )["status"]
+    assert stored["phase"] == "Succeeded", stored
+    archive = Path(stored["archive"]["uri"])
+    files = sorted(p.name for p in archive.parent.iterdir())
+    assert files == ["header", "ipa-data.tar.gpg", "manifest.json"]
+
+    operator.stop()
+    monkeypatch.setenv(ENV, json.dumps({"backups": ["someone-else"]}))
+    operator.start()
+    client.CustomObjectsApi(api).delete_namespaced_custom_object(
+        GROUP, VERSION, namespace, IDMBACKUPS, "kept"
+    )
+    wait_deleted(api, namespace, "kept")
+
+    assert event_messages(api, namespace, "kept", "StoredBackupNotDeleted") == [
+        "cannot delete the stored backup: PVC backups may be used only from namespace someone-else, "
+        f"not from {namespace} (the Helm chart's storage.pvcMounts)"
+    ]
+    assert sorted(p.name for p in archive.parent.iterdir()) == files
