@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -233,6 +235,18 @@ def render(helm: Callable[..., str], *args: str, namespace: str = "ops") -> list
 
 def of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [d for d in docs if d["kind"] == kind]
+
+
+def mount_tmpfs(path: Path, size: str) -> None:
+    """A real, small file system at `path` (root only): a volume or a disk that really fills up."""
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+
+
+def unmount(path: Path) -> None:
+    if subprocess.run(["umount", str(path)], check=False).returncode != 0:
+        # Busy (a file still open, an operator that has not let go yet): detached anyway, so that nothing
+        # outlives the test in the machine's mount table.
+        subprocess.run(["umount", "--lazy", str(path)], check=True)
 
 
 def create_test_namespace(api: client.ApiClient, name: str) -> None:

@@ -28,8 +28,10 @@ from tests.helpers import (
     backup_spec,
     events,
     leases,
+    mount_tmpfs,
     pod_exec,
     services_running,
+    unmount,
     wait_for,
 )
 
@@ -40,27 +42,16 @@ HOST = "ipa-hidden.example.test"
 NO_SPACE = os.strerror(errno.ENOSPC)
 
 
-def _mount_tmpfs(path: Path, size: str) -> None:
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
-
-
-def _unmount(path: Path) -> None:
-    if subprocess.run(["umount", str(path)], check=False).returncode != 0:
-        # A file still open (an operator that has not let go yet) keeps the mount busy: detach it anyway,
-        # so that nothing outlives the test in the machine's mount table.
-        subprocess.run(["umount", "--lazy", str(path)], check=True)
-
-
 @pytest.fixture
 def small_volume(tmp_path: Path) -> Iterator[Path]:
     """A 2 MiB file system, a volume that really fills up."""
     mount = tmp_path / "small"
     mount.mkdir()
-    _mount_tmpfs(mount, "2m")
+    mount_tmpfs(mount, "2m")
     try:
         yield mount
     finally:
-        _unmount(mount)
+        unmount(mount)
 
 
 def files_in(volume: Path) -> list[str]:
@@ -170,11 +161,11 @@ def claim_volume(operator: OperatorProcess) -> Iterator[Path]:
     a 2 MiB file system, unmounted whatever the test did."""
     volume = operator.pvc_root / "backups"
     volume.mkdir()
-    _mount_tmpfs(volume, "2m")
+    mount_tmpfs(volume, "2m")
     try:
         yield volume
     finally:
-        _unmount(volume)
+        unmount(volume)
 
 
 def test_a_pvc_that_fills_up_mid_write_fails_storage_full_leaves_nothing_and_the_next_backup_succeeds(

@@ -49,6 +49,7 @@ from idm_backup_operator.storage.base import (
     ObjectExists,
     ObjectNotFound,
     StorageError,
+    StorageFull,
     Store,
     StoredObject,
     Upload,
@@ -275,11 +276,29 @@ def _exists(uri: str) -> ObjectExists:
     return ObjectExists(f"{uri} already exists: a stored object is never replaced")
 
 
+# A full disk or an exhausted quota, in each server's own words (AWS S3 itself has neither). versitygw's
+# posix backend answers ENOSPC with InsufficientStorage (507) and EDQUOT with QuotaExceeded (403); Ceph
+# RGW a user or bucket quota with QuotaExceeded (403); MinIO a drive below its free-space threshold with
+# XMinioStorageFull (507) and a bucket's hard quota with XMinioAdminBucketQuotaExceeded (400). botocore
+# retries none of them, rightly: no attempt fits until someone makes room.
+_FULL_CODES = frozenset(
+    {"InsufficientStorage", "QuotaExceeded", "XMinioStorageFull", "XMinioAdminBucketQuotaExceeded"}
+)
+# 507 Insufficient Storage (RFC 4918): the same news from a server whose code is none of the above.
+_FULL_STATUS = 507
+
+
 def _translate(error: Exception, config: S3Config, doing: str, uri: str) -> StorageError:
     what = f"cannot {doing} {uri}"
     if isinstance(error, ClientError):
         code = error.response.get("Error", {}).get("Code", "")
         message = error.response.get("Error", {}).get("Message", "")
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in _FULL_CODES or status == _FULL_STATUS:
+            said = f"{code}: {message}" if message else code
+            return StorageFull(
+                f"{what}: bucket {config.bucket!r} at {config.where} is full or over its quota ({said})"
+            )
         if code in ("NoSuchKey", "404", "NotFound"):
             return ObjectNotFound(f"{uri} does not exist")
         # The answer to If-None-Match: * on an existing key; 409 while another conditional write to the
