@@ -485,6 +485,8 @@ def test_ipactl_start_failing_after_a_failed_full_backup_reports_services_down(
     assert services_running(api, namespace, pod)
 
 
+# spec.tmpDir reaches ipa-backup only as its TMPDIR, not the container's: the clean-up must look there.
+@pytest.mark.parametrize("tmp", [None, "/data/tmp"], ids=["container-tmp", "spec-tmpDir"])
 def test_ipa_backup_killed_half_way_fails_and_the_operator_starts_ipa_again(
     api: client.ApiClient,
     namespace: str,
@@ -493,18 +495,21 @@ def test_ipa_backup_killed_half_way_fails_and_the_operator_starts_ipa_again(
     run_backup: Backup,
     s3: Any,
     prefix: str,
+    tmp: str | None,
 ) -> None:
     pod = freeipa(fault="killed")
+    root = tmp or "/tmp"
     # A working directory some earlier run left, before this backup began: not this backup's to remove.
     code, out = pod_exec(
         api,
         namespace,
         pod,
-        ["sh", "-c", "mkdir /tmp/tmpearlieripa && touch -d '1 hour ago' /tmp/tmpearlieripa"],
+        ["sh", "-c", f"mkdir -p {root}/tmpearlieripa && touch -d '1 hour ago' {root}/tmpearlieripa"],
     )
     assert code == 0, out
+    options = {"tmpDir": tmp} if tmp else {}
     status = failed(
-        run_backup("killed", backup_spec(platform, s3_storage(platform, prefix), type="Full")),
+        run_backup("killed", backup_spec(platform, s3_storage(platform, prefix), type="Full", **options)),
         "IpaBackupFailed",
     )
     # The process died by SIGKILL, which the platform's node reports as an exec error ("signal: killed"),
@@ -524,11 +529,11 @@ def test_ipa_backup_killed_half_way_fails_and_the_operator_starts_ipa_again(
     nothing_stored(s3, platform, prefix)
     # The killed ipa-backup's working directory (tempfile.mkdtemp("ipa"), plaintext inside) is gone; the
     # older one is left alone.
-    code, out = pod_exec(api, namespace, pod, ["sh", "-c", "ls -d /tmp/tmp*ipa"])
-    assert out.split() == ["/tmp/tmpearlieripa"], out
+    code, out = pod_exec(api, namespace, pod, ["sh", "-c", f"ls -d {root}/tmp*ipa"])
+    assert out.split() == [f"{root}/tmpearlieripa"], out
     (removed,) = event_messages(api, namespace, "killed", "PodCleanedUp")
     assert re.fullmatch(
-        rf"removed /tmp/tmp\w+ipa from pod {pod}: the working directory of the interrupted ipa-backup, "
+        rf"removed {root}/tmp\w+ipa from pod {pod}: the working directory of the interrupted ipa-backup, "
         "with plaintext in it",
         removed,
     ), removed

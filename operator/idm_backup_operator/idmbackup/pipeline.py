@@ -375,7 +375,9 @@ class _Backup:
                 session.close()
         stop_orphaned_ipa_backup(self.services.execs, self.pod, wait=0)
         if not self.spec.keep_in_pod:
-            remove_orphaned_workdirs(self.services.execs, self.pod, self.started, self.report)
+            remove_orphaned_workdirs(
+                self.services.execs, self.pod, self.started, self.spec.options.tmpdir, self.report
+            )
         return None, interruption
 
     def _interruption(self, err: ExecError) -> BackupFailed:
@@ -753,23 +755,25 @@ def stop_orphaned_ipa_backup(execs: PodExec, pod: PodRef, wait: float) -> None:
 # interrupted run began (less a margin for the pod's clock) are removed. Exit 3: one of them runs.
 _ORPHANED_WORKDIRS = (
     "if pgrep -x ipa-backup >/dev/null || pgrep -x ipa-restore >/dev/null; then exit 3; fi; "
-    'find "${TMPDIR:-/tmp}" -mindepth 1 -maxdepth 1 -type d -name "tmp*ipa" -newermt "@$1" -prune -print '
-    "-exec rm -rf -- {} +"
+    'find "${2:-${TMPDIR:-/tmp}}" -mindepth 1 -maxdepth 1 -type d -name "tmp*ipa" -newermt "@$1" '
+    "-prune -print -exec rm -rf -- {} +"
 )
 CLOCK_MARGIN = datetime.timedelta(minutes=5)
 
 
 def remove_orphaned_workdirs(
-    execs: PodExec, pod: PodRef, since: datetime.datetime | None, report: Reporter
+    execs: PodExec, pod: PodRef, since: datetime.datetime | None, tmpdir: str | None, report: Reporter
 ) -> None:
-    """Remove the working directory an interrupted ipa-backup left in the pod, and say so in an Event."""
+    """Remove the working directory an interrupted ipa-backup left in the pod, and say so in an Event.
+
+    It is under the TMPDIR ipa-backup ran with: `tmpdir` (spec.tmpDir, given to it as TMPDIR) or else the
+    container's own."""
     if since is None:
         return
     epoch = str(int((since - CLOCK_MARGIN).timestamp()))
+    argv = ["sh", "-c", _ORPHANED_WORKDIRS, "sh", epoch, tmpdir or ""]
     try:
-        result = _through_outages(
-            lambda: execs.run(pod, ["sh", "-c", _ORPHANED_WORKDIRS, "sh", epoch], timeout=300)
-        )
+        result = _through_outages(lambda: execs.run(pod, argv, timeout=300))
     except (ExecError, ApiError) as err:
         report.event(
             "PodCleanupFailed", f"could not look for ipa-backup's working directory: {err}", warning=True
@@ -831,7 +835,9 @@ def _settle(
     if pod is not None and "ipaBackup" in status:
         stop_orphaned_ipa_backup(services.execs, pod, wait=ORPHAN_WAIT_SECONDS)
         if not spec.keep_in_pod:
-            remove_orphaned_workdirs(services.execs, pod, parse_time(status.get("startTime")), report)
+            remove_orphaned_workdirs(
+                services.execs, pod, parse_time(status.get("startTime")), spec.options.tmpdir, report
+            )
         if spec.options.stops_services:
             running = restart_services(services.execs, pod, report)
             notes.append("IPA services are running" if running else "IPA services did NOT come back")
