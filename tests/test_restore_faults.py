@@ -81,39 +81,41 @@ def run_task(ds: DirectoryServer, kind: str, backend: str, path: Path) -> None:
 
 
 @pytest.fixture
-def ipaca_kept(
+def backends_kept(
     directory: DirectoryServer,  # noqa: F811
     server: Callable[..., str],  # noqa: F811
     tmp_path: Path,
 ) -> Iterator[None]:
-    """o=ipaca as the test starts with it, imported back afterwards if it is left disabled: only an import
-    that succeeds enables a backend again after a failed one, and the next test's directory must work."""
-    saved = tmp_path / "ipaca.ldif"
-    run_task(directory, "export", "ipaca", saved)
+    """userRoot and o=ipaca as the test starts with them, each imported back afterwards if it is left
+    disabled: only an import that succeeds enables a backend again after a failed one, and the next test's
+    directory must work."""
+    suffixes = {"userRoot": directory.suffix, "ipaca": IPACA}
+    for backend in suffixes:
+        run_task(directory, "export", backend, tmp_path / f"{backend}.ldif")
     yield
-    if not await_online(settings(directory), IPACA, 0):
-        run_task(directory, "import", "ipaca", saved)
-        # 389-ds ends the task a moment before it enables the backend.
-        assert await_online(settings(directory), IPACA, 30)
+    for backend, suffix in suffixes.items():
+        if not await_online(settings(directory), suffix, 0):
+            run_task(directory, "import", backend, tmp_path / f"{backend}.ldif")
+            # 389-ds ends the task a moment before it enables the backend.
+            assert await_online(settings(directory), suffix, 30)
 
 
-def test_a_backend_left_disabled_by_a_silently_failed_import_fails_backend_offline_and_ipa_runs(
+def restore_losing_ldif(
     api: client.ApiClient,
     namespace: str,
     platform: stack.Platform,
     directory: DirectoryServer,  # noqa: F811
     server: Callable[..., str],  # noqa: F811
-    ipaca_kept: None,
-    operator: OperatorProcess,
     run_backup: Callable[..., dict[str, Any]],
-) -> None:
+    backend: str,
+) -> tuple[dict[str, Any], float]:
+    """An online restore of a fresh backup whose `backend` LDIF is gone when 389-ds imports it; returns the
+    finished IdmRestore and how long it took from the start of its check."""
     server()
     backup = run_backup("before", data_backup(platform, directory, f"restore/{namespace}"))
     assert backup["status"]["phase"] == "Succeeded", backup["status"]
     change_after_backup(directory)
-    # ipaca's LDIF is gone when 389-ds imports it: the online import task fails in 389-ds, which leaves the
-    # backend disabled, and ipa-restore (as upstream) neither looks nor says anything, and exits 0.
-    set_fault(api, namespace, POD, "restore-ldif2db=ipaca")
+    set_fault(api, namespace, POD, f"restore-ldif2db={backend}")
     try:
         create_restore(
             api,
@@ -130,10 +132,37 @@ def test_a_backend_left_disabled_by_a_silently_failed_import_fails_backend_offli
         wait_for("ipa-restore to end", lambda: step() in ("check", "finished"), timeout=120, interval=0.1)
         checking = time.monotonic()
         wait_for("the restore to finish", lambda: step() == "finished", timeout=120, interval=0.1)
-        waited = time.monotonic() - checking
-        restored = get_restore(api, namespace, "online")
+        return get_restore(api, namespace, "online"), time.monotonic() - checking
     finally:
         set_fault(api, namespace, POD, "")
+
+
+def refused(directory: DirectoryServer, suffix: str) -> bool:  # noqa: F811
+    """389-ds refuses every operation under a disabled mapping-tree node (mapping_tree.c: OPERATIONS_ERROR,
+    with no diagnostic text)."""
+    conn = directory.connect()
+    try:
+        conn.search_s(suffix, ldap.SCOPE_BASE)
+    except ldap.OPERATIONS_ERROR:
+        return True
+    finally:
+        conn.unbind_s()
+    return False
+
+
+def test_a_backend_left_disabled_by_a_silently_failed_import_fails_backend_offline_and_ipa_runs(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    directory: DirectoryServer,  # noqa: F811
+    server: Callable[..., str],  # noqa: F811
+    backends_kept: None,
+    operator: OperatorProcess,
+    run_backup: Callable[..., dict[str, Any]],
+) -> None:
+    # ipaca's LDIF is gone when 389-ds imports it: the online import task fails in 389-ds, which leaves the
+    # backend disabled, and ipa-restore (as upstream) neither looks nor says anything, and exits 0.
+    restored, waited = restore_losing_ldif(api, namespace, platform, directory, server, run_backup, "ipaca")
 
     status = restored["status"]
     assert status["phase"] == "Failed" and status["reason"] == "BackendOffline", status
@@ -148,12 +177,7 @@ def test_a_backend_left_disabled_by_a_silently_failed_import_fails_backend_offli
     # What 389-ds itself says, read without the operator: userRoot was restored, and o=ipaca is refused as
     # under any disabled mapping-tree node (mapping_tree.c: OPERATIONS_ERROR, with no diagnostic text).
     assert exists(directory, BOB) and not exists(directory, MALLORY)
-    conn = directory.connect()
-    try:
-        with pytest.raises(ldap.OPERATIONS_ERROR):
-            conn.search_s(IPACA, ldap.SCOPE_BASE)
-    finally:
-        conn.unbind_s()
+    assert refused(directory, IPACA)
     code, log = pod_exec(api, namespace, POD, ["cat", "/var/log/iparestore.log"])
     assert code == 0 and "Could not open LDIF file" in log and "exit code -23" in log, log
     # As README "Restoring" promises for a failure once ipa-restore ran: services checked (up, so not
@@ -165,6 +189,41 @@ def test_a_backend_left_disabled_by_a_silently_failed_import_fails_backend_offli
     assert leases(api, namespace) == []
     steps = events(api, namespace, "online")
     assert steps[-1] == "RestoreFailed" and "ServicesRestarted" not in steps, steps
+
+
+def test_a_failed_userroot_import_is_named_backend_offline_not_only_services_down(
+    api: client.ApiClient,
+    namespace: str,
+    platform: stack.Platform,
+    directory: DirectoryServer,  # noqa: F811
+    server: Callable[..., str],  # noqa: F811
+    backends_kept: None,
+    operator: OperatorProcess,
+    run_backup: Callable[..., dict[str, Any]],
+) -> None:
+    """userRoot is where ipactl reads IPA's services from: with it disabled, `ipactl status` fails and the
+    operator's `ipactl start` finds no services and stops the directory server (as the real ipactl does).
+    The reason must name the cause, not only the services being down."""
+    restored, waited = restore_losing_ldif(
+        api, namespace, platform, directory, server, run_backup, "userRoot"
+    )
+    status = restored["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "BackendOffline", status
+    assert status["message"] == (
+        "389-ds still refuses operations on the userRoot backend 30 s after ipa-restore: it leaves a backend "
+        "disabled after a failed import (see /var/log/iparestore.log and the directory server's errors log)"
+        "; ipactl reads IPA's services from userRoot, so they cannot be listed or started until an import "
+        "of userRoot succeeds"
+    )
+    assert 28 <= waited < 90, waited
+    assert refused(directory, directory.suffix)
+    # The start was tried all the same (it is guaranteed once ipa-restore ran), and failed as it must.
+    running = condition(restored, "ServicesRunning")
+    assert running["status"] == "False" and running["reason"] == "ServicesDown", running
+    steps = events(api, namespace, "online")
+    assert "ServicesDown" in steps and steps[-1] == "RestoreFailed", steps
+    assert staged_files(api, namespace) == ""
+    assert leases(api, namespace) == []
 
 
 def test_a_drill_refuses_an_ldap_url_that_is_not_its_scratch_pods_address_without_connecting(

@@ -58,6 +58,24 @@ def await_online(settings: LdapConnectionSettings, suffix: str, patience: float)
                 time.sleep(0.2)
 
 
+def offline_backends(
+    settings: LdapConnectionSettings, basedn: str, backends: Sequence[str], patience: float
+) -> list[str]:
+    """The backends still disabled `patience` seconds from now (see await_online); none when the directory
+    server does not answer at all, which is for `ipactl status` to report."""
+    deadline = time.monotonic() + patience
+    try:
+        return [
+            backend
+            for backend in backends
+            if not await_online(
+                settings, backend_suffix(backend, basedn), max(0.0, deadline - time.monotonic())
+            )
+        ]
+    except TopologyError:
+        return []
+
+
 def count_entries(settings: LdapConnectionSettings, suffix: str) -> int:
     """Entries under `suffix`, the suffix itself included, but not replication keep-alive entries; 0 when
     the suffix does not exist."""

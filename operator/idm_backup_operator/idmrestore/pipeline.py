@@ -288,7 +288,7 @@ class _Restore:
         try:
             self.stage(source, backup_dir, verdict, secret_key, passphrase)
             self.stop_if_told(last_chance=True)
-            outcome = self.run_ipa_restore(backup_dir, settings.password)
+            outcome = self.run_ipa_restore(backup_dir, settings, self.ldap.base_dn or server.basedn, backends)
             self.check(settings, server, verdict, backends, outcome)
             if self.drill:
                 self.report.update(
@@ -660,7 +660,9 @@ class _Restore:
         except ValueError as err:
             raise RestoreFailed("InvalidPassword", str(err)) from None
 
-    def run_ipa_restore(self, backup_dir: BackupDirectory, password: str) -> RestoreOutcome:
+    def run_ipa_restore(
+        self, backup_dir: BackupDirectory, settings: LdapConnectionSettings, basedn: str, backends: list[str]
+    ) -> RestoreOutcome:
         argv = self.spec.options.argv(backup_dir)
         self.step("ipa-restore", f"running {' '.join(argv)} in pod {self.pod.name}")
         self.report.update(ipaRestore={"command": argv})
@@ -673,7 +675,7 @@ class _Restore:
                 result = self.services.execs.feed(
                     self.pod,
                     argv,
-                    self._stdin(ipa_restore.answers, password),
+                    self._stdin(ipa_restore.answers, settings.password),
                     timeout=self.remaining(),
                     on_stderr_line=lines.append,
                 )
@@ -694,7 +696,13 @@ class _Restore:
                 reason = "RestoreFailed" if result.exit_code != 0 else "RestoreIncomplete"
                 raise RestoreFailed(reason, problem)
             self.step("check", "ipa-restore ended; checking services and data")
+            # Before `ipactl status`: it reads its services from userRoot, which 389-ds enables only a moment
+            # after an online import ends, and never after a failed one; an `ipactl start` then (the restart
+            # below) finds no services and stops the directory server.
+            offline = directory.offline_backends(settings, basedn, backends, BACKEND_ONLINE_PATIENCE)
             settled = check_services(self.services.execs, self.pod, self.report, started_by="ipa-restore")
+            if offline:
+                raise RestoreFailed("BackendOffline", backend_offline_message(offline))
             if not settled:
                 raise RestoreFailed("ServicesDown", "IPA services are not running after ipa-restore")
             return outcome
@@ -715,20 +723,6 @@ class _Restore:
         basedn = self.ldap.base_dn or server.basedn
         counts = []
         try:
-            offline = [
-                backend
-                for backend in backends
-                if not directory.await_online(
-                    settings, directory.backend_suffix(backend, basedn), BACKEND_ONLINE_PATIENCE
-                )
-            ]
-            if offline:
-                raise RestoreFailed(
-                    "BackendOffline",
-                    f"389-ds still refuses operations on the {', '.join(offline)} backend "
-                    f"{BACKEND_ONLINE_PATIENCE} s after ipa-restore: it leaves a backend disabled after a "
-                    "failed import (see /var/log/iparestore.log and the directory server's errors log)",
-                )
             for backend in backends:
                 found = directory.count_entries(settings, directory.backend_suffix(backend, basedn))
                 counts.append({"backend": backend, "expected": verdict.ldif_entries[backend], "found": found})
@@ -871,6 +865,20 @@ class _Restore:
 
 
 # -- after an operator restart -----------------------------------------------------------------------------
+
+
+def backend_offline_message(offline: list[str]) -> str:
+    message = (
+        f"389-ds still refuses operations on the {', '.join(offline)} backend {BACKEND_ONLINE_PATIENCE} s "
+        "after ipa-restore: it leaves a backend disabled after a failed import (see /var/log/iparestore.log "
+        "and the directory server's errors log)"
+    )
+    if "userRoot" in offline:
+        message += (
+            "; ipactl reads IPA's services from userRoot, so they cannot be listed or started until an "
+            "import of userRoot succeeds"
+        )
+    return message
 
 
 def recover_interrupted(
