@@ -58,8 +58,17 @@ def _requeue(report: StatusReporter, message: str) -> NoReturn:
     """Stopped cleanly by a shutdown: Pending again, and kopf's retry (kept in the resource's annotations)
     makes the next operator take it from the start, as a Job's pod is started again after an eviction."""
     message = f"{message}; the next operator takes it again from the start"
-    report.update(phase=Phase.PENDING.value, step="waiting for the operator to start again", message=message)
-    report.condition("Waiting", True, pipeline.SHUTDOWN, message)
+    report.condition(
+        "Waiting",
+        True,
+        pipeline.SHUTDOWN,
+        message,
+        also={
+            "phase": Phase.PENDING.value,
+            "step": "waiting for the operator to start again",
+            "message": message,
+        },
+    )
     report.event("BackupInterrupted", message, warning=True)
     raise kopf.TemporaryError(message, delay=WAIT_RETRY_SECONDS)
 
@@ -142,8 +151,7 @@ def _report_queued(report: StatusReporter, phase: str | None, why: Queued) -> No
     where = (
         {} if phase == Phase.RUNNING else {"phase": Phase.PENDING.value, "step": "waiting for a backup slot"}
     )
-    report.update(**where, message=why.message)
-    report.condition("Waiting", True, "OperatorBusy", why.message)
+    report.condition("Waiting", True, "OperatorBusy", why.message, also={**where, "message": why.message})
 
 
 def write_again(report: StatusReporter, unwritten: dict[str, dict[str, Any]], uid: str) -> None:
@@ -186,10 +194,9 @@ def wait_again(
         fail("TargetUnavailable", f"{message} for more than {NOT_READY_PATIENCE}")
         return
     where = {} if keep_phase else {"phase": Phase.PENDING.value, "step": WAIT_STEPS[reason]}
-    report.update(**where, message=message)
     if not condition_true(body.status, "Waiting"):
         report.event(event, message)
-    report.condition("Waiting", True, reason, message)
+    report.condition("Waiting", True, reason, message, also={**where, "message": message})
     raise kopf.TemporaryError(message, delay=WAIT_RETRY_SECONDS)
 
 

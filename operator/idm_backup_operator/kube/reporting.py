@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import urllib3
@@ -149,7 +149,11 @@ class StatusReporter:
             log.info("%s %s/%s was deleted", self.kind, self.resource.namespace, self.resource.name)
         self._deleted = True
 
-    def condition(self, type_: str, status: bool, reason: str, message: str) -> None:
+    def condition(
+        self, type_: str, status: bool, reason: str, message: str, *, also: Mapping[str, Any] | None = None
+    ) -> None:
+        """Set one condition; `also`, other status fields, go in the same patch, so that no reader sees a
+        step without the condition that explains it."""
         value = "True" if status else "False"
         previous = self._conditions.get(type_)
         if previous is not None and previous.get("status") == value:
@@ -164,7 +168,7 @@ class StatusReporter:
             "lastTransitionTime": since,
             "observedGeneration": self.generation,
         }
-        self.update(conditions=list(self._conditions.values()))
+        self.update(**(also or {}), conditions=list(self._conditions.values()))
 
     def event(self, reason: str, message: str, *, warning: bool = False) -> None:
         now = datetime.datetime.now(datetime.UTC)
