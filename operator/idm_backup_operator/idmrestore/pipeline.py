@@ -288,7 +288,7 @@ class _Restore:
         try:
             self.stage(source, backup_dir, verdict, secret_key, passphrase)
             self.stop_if_told(last_chance=True)
-            outcome = self.run_ipa_restore(backup_dir, settings, self.ldap.base_dn or server.basedn, backends)
+            outcome = self.run_ipa_restore(backup_dir, settings, self.basedn(server), backends)
             self.check(settings, server, verdict, backends, outcome)
             if self.drill:
                 self.report.update(
@@ -533,6 +533,10 @@ class _Restore:
                 ),
             )
 
+    def basedn(self, server: IpaServerConfig) -> str:
+        """The spec's baseDN, or the one the server's default.conf gives."""
+        return self.ldap.base_dn or server.basedn
+
     def read_directory(
         self, server: IpaServerConfig
     ) -> tuple[LdapConnectionSettings, bool, dict[str, bool], list[tuple[str, str]]]:
@@ -547,7 +551,7 @@ class _Restore:
             settings = references.ldap_settings(
                 self.services.core, self.pod, server.host, ldap, self.scratch, scratch_server=self.drill
             )
-            basedn = ldap.base_dn or server.basedn
+            basedn = self.basedn(server)
             topology = read_topology(settings, basedn)
             was_hidden = topology.server(server.host).is_hidden
             segments = directory.replication_segments(settings, basedn)
@@ -720,7 +724,7 @@ class _Restore:
         backends: list[str],
         outcome: RestoreOutcome,
     ) -> None:
-        basedn = self.ldap.base_dn or server.basedn
+        basedn = self.basedn(server)
         counts = []
         try:
             for backend in backends:
@@ -760,7 +764,7 @@ class _Restore:
                 f"{server.host} was not a hidden replica: left as it is",
             )
             return
-        basedn = self.ldap.base_dn or server.basedn
+        basedn = self.basedn(server)
         try:
             changed = directory.hide_server(settings, basedn, server.host)
         except TopologyError as err:
@@ -864,9 +868,6 @@ class _Restore:
         return failed
 
 
-# -- after an operator restart -----------------------------------------------------------------------------
-
-
 def backend_offline_message(offline: list[str]) -> str:
     message = (
         f"389-ds still refuses operations on the {', '.join(offline)} backend {BACKEND_ONLINE_PATIENCE} s "
@@ -879,6 +880,9 @@ def backend_offline_message(offline: list[str]) -> str:
             "import of userRoot succeeds"
         )
     return message
+
+
+# -- after an operator restart -----------------------------------------------------------------------------
 
 
 def recover_interrupted(
