@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -159,6 +160,13 @@ def pod_exec(api: client.ApiClient, namespace: str, pod: str, argv: list[str]) -
     return ws.returncode, ws.read_stdout() + ws.read_stderr()
 
 
+def backup_dirs(api: client.ApiClient, namespace: str, pod: str) -> list[str]:
+    """What is in the pod's /var/lib/ipa/backup, hidden names too."""
+    code, out = pod_exec(api, namespace, pod, ["ls", "-A", "/var/lib/ipa/backup"])
+    assert code == 0, out
+    return out.split()
+
+
 def set_fault(api: client.ApiClient, namespace: str, pod: str, fault: str) -> None:
     """The stand-in's fault file wins over IPA_STANDIN_FAULT; empty means no fault."""
     code, out = pod_exec(api, namespace, pod, ["sh", "-c", f"printf %s '{fault}' > /data/ipa-standin-fault"])
@@ -235,6 +243,51 @@ def render(helm: Callable[..., str], *args: str, namespace: str = "ops") -> list
 
 def of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [d for d in docs if d["kind"] == kind]
+
+
+def token_client(platform: stack.Platform, token: str) -> client.ApiClient:
+    """An API client that authenticates with a bearer token (a ServiceAccount's), not as the admin."""
+    cfg = client.Configuration()
+    cfg.host = platform.api_server
+    cfg.ssl_ca_cert = str(Path(platform.state_dir) / "pki" / "ca.crt")
+    cfg.verify_ssl = True
+    # kubernetes 36 looks the prefix up under "BearerToken" only: with the pre-36 "authorization" key the
+    # header goes out without "Bearer " and the API server treats the request as system:anonymous.
+    cfg.api_key = {"BearerToken": token}
+    cfg.api_key_prefix = {"BearerToken": "Bearer"}
+    return client.ApiClient(cfg)
+
+
+def token_kubeconfig(
+    platform: stack.Platform, user: str, token: str, path: Path, namespace: str | None = None
+) -> Path:
+    """A kubeconfig at `path` that authenticates as `user` with `token`, for an operator process."""
+    context: dict[str, str] = {"cluster": "testbed", "user": user}
+    if namespace is not None:
+        context["namespace"] = namespace
+    path.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "operator",
+                "clusters": [
+                    {
+                        "name": "testbed",
+                        "cluster": {
+                            "server": platform.api_server,
+                            "certificate-authority": str(Path(platform.state_dir) / "pki" / "ca.crt"),
+                        },
+                    }
+                ],
+                # kubernetes 36 sends a kubeconfig token correctly only from users[].user.token.
+                "users": [{"name": user, "user": {"token": token}}],
+                "contexts": [{"name": "operator", "context": context}],
+            }
+        )
+    )
+    path.chmod(0o600)
+    return path
 
 
 def mount_tmpfs(path: Path, size: str) -> None:

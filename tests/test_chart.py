@@ -47,6 +47,7 @@ from tests.helpers import (
     render,
     s3_keys,
     s3_storage,
+    token_kubeconfig,
     wait_deleted,
     wait_finished,
     wait_for,
@@ -1580,38 +1581,7 @@ def service_account_kubeconfig(
     token = core.create_namespaced_service_account_token(
         rel.service_account, rel.namespace, {"spec": {"expirationSeconds": expiration_seconds}}
     ).status.token
-    path.write_text(
-        json.dumps(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "current-context": "operator",
-                "clusters": [
-                    {
-                        "name": "testbed",
-                        "cluster": {
-                            "server": platform.api_server,
-                            "certificate-authority": str(Path(platform.state_dir) / "pki" / "ca.crt"),
-                        },
-                    }
-                ],
-                # kubernetes 36 sends a kubeconfig token correctly only from users[].user.token.
-                "users": [{"name": rel.service_account, "user": {"token": token}}],
-                "contexts": [
-                    {
-                        "name": "operator",
-                        "context": {
-                            "cluster": "testbed",
-                            "user": rel.service_account,
-                            "namespace": rel.namespace,
-                        },
-                    }
-                ],
-            }
-        )
-    )
-    path.chmod(0o600)
-    return path
+    return token_kubeconfig(platform, rel.service_account, token, path, namespace=rel.namespace)
 
 
 @pytest.fixture

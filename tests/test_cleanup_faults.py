@@ -43,6 +43,8 @@ from tests.helpers import (
     s3_keys,
     s3_storage,
     services_running,
+    token_client,
+    token_kubeconfig,
     wait_finished,
     wait_for,
 )
@@ -161,42 +163,6 @@ def test_a_working_directory_that_cannot_be_removed_is_reported_and_the_backup_e
 # -- 2. the schedule may not list the servers' locks ------------------------------------------------------
 
 
-def token_client(platform: stack.Platform, token: str) -> client.ApiClient:
-    cfg = client.Configuration()
-    cfg.host = platform.api_server
-    cfg.ssl_ca_cert = str(Path(platform.state_dir) / "pki" / "ca.crt")
-    cfg.verify_ssl = True
-    # kubernetes 36 prefixes the token only when it is stored under "BearerToken".
-    cfg.api_key = {"BearerToken": token}
-    cfg.api_key_prefix = {"BearerToken": "Bearer"}
-    return client.ApiClient(cfg)
-
-
-def token_kubeconfig(platform: stack.Platform, user: str, token: str, path: Path) -> str:
-    path.write_text(
-        json.dumps(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "current-context": "operator",
-                "clusters": [
-                    {
-                        "name": "testbed",
-                        "cluster": {
-                            "server": platform.api_server,
-                            "certificate-authority": str(Path(platform.state_dir) / "pki" / "ca.crt"),
-                        },
-                    }
-                ],
-                "users": [{"name": user, "user": {"token": token}}],
-                "contexts": [{"name": "operator", "context": {"cluster": "testbed", "user": user}}],
-            }
-        )
-    )
-    path.chmod(0o600)
-    return str(path)
-
-
 def may_list_leases(as_operator: client.ApiClient, namespace: str) -> bool:
     try:
         client.CoordinationV1Api(as_operator).list_namespaced_lease(namespace)
@@ -284,7 +250,7 @@ def test_a_schedule_whose_operator_may_not_list_the_locks_claims_no_pause_and_go
     (tmp_path / "pvc").mkdir()
     operator = OperatorProcess(
         namespace,
-        token_kubeconfig(platform, user, token, tmp_path / "operator.kubeconfig"),
+        str(token_kubeconfig(platform, user, token, tmp_path / "operator.kubeconfig")),
         tmp_path / "pvc",
         tmp_path / "operator.log",
     )

@@ -59,7 +59,6 @@ from tests.helpers import (
     GROUP,
     S3_SECRET,
     VERSION,
-    apply,
     backup_spec,
     create_backup,
     create_schedule,
@@ -1145,16 +1144,7 @@ def test_drill_restores_into_a_scratch_server_says_how_long_it_took_and_leaves_n
 ) -> None:
     server()
     secret = restore_tests.DRILL_DM_SECRET
-    apply(
-        api,
-        namespace,
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": secret},
-            "stringData": {"password": drill_directory.password},
-        },
-    )
+    restore_tests.apply_drill_dm_secret(api, namespace, drill_directory.password)
     backup = run_backup("nightly", restore_tests.data_backup(platform, directory, f"restore/{namespace}"))
     assert backup["status"]["phase"] == "Succeeded", backup["status"]
     (tmp_path / "drill-data").mkdir()

@@ -33,6 +33,7 @@ from testbed import processes, stack
 from testbed.deploy import OperatorProcess
 from testbed.faultproxy import Fault, FaultProxy
 from tests.helpers import (
+    backup_dirs,
     backup_spec,
     create_backup,
     event_messages,
@@ -410,12 +411,6 @@ def _multipart_uploads(s3: Any, platform: stack.Platform, prefix: str) -> list[d
     return list(s3.list_multipart_uploads(Bucket=platform.s3_bucket, Prefix=prefix).get("Uploads", []))
 
 
-def _backup_dirs(api: client.ApiClient, namespace: str, pod: str) -> list[str]:
-    code, out = pod_exec(api, namespace, pod, ["ls", "-A", "/var/lib/ipa/backup"])
-    assert code == 0, out
-    return out.split()
-
-
 def _archive_completed(tap: _Tap) -> list[str]:
     """CompleteMultipartUpload requests for an archive that went through the tap: an archive committed
     under its final name."""
@@ -475,7 +470,7 @@ def test_an_exec_stream_dropped_mid_transfer_with_the_api_server_up_fails_transf
     _nothing_stored(s3, platform, prefix)
     # What a failed run owes the server: its plaintext copy gone, IPA running (ipa-backup had started it
     # again itself), nothing of it left running, the server's Lease released.
-    assert _backup_dirs(api, namespace, pod) == []
+    assert backup_dirs(api, namespace, pod) == []
     assert services_running(api, namespace, pod)
     assert not _ipa_backup_running(api, namespace, pod)
     assert leases(api, namespace) == []
@@ -646,7 +641,7 @@ def test_the_operator_sigkilled_at_each_step_leaves_a_backup_the_next_one_ends_c
     # podCleanup: Remove (the default): after a failure, the plaintext copy ipa-backup reported does not
     # stay on the server's volume (README, "After a verified upload, and after a failure once ipa-backup
     # has written its directory"); one it wrote after the operator died was never reported, and stays.
-    dirs = _backup_dirs(api, namespace, pod)
+    dirs = backup_dirs(api, namespace, pod)
     assert (len(dirs) == 1 and dirs[0].startswith("ipa-full-")) if where == "ipa-backup" else dirs == [], dirs
     log = operator.output()
     assert "Traceback" not in log, log[-3000:]

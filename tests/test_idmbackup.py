@@ -28,6 +28,7 @@ from tests.helpers import (
     VERSION,
     Backup,
     apply,
+    backup_dirs,
     backup_spec,
     create_backup,
     decrypted_sha256,
@@ -155,12 +156,6 @@ def test_data_backup_to_pvc_decrypts_and_removes_the_pod_copy(
     files = sorted(str(p.relative_to(volume_dir)) for p in volume_dir.rglob("*") if not p.is_dir())
     expected = f"idm/{namespace}/ipa-hidden.example.test/{dirname}"
     assert files == [f"{expected}/header", f"{expected}/ipa-data.tar.gpg", f"{expected}/manifest.json"]
-
-
-def backup_dirs(api: client.ApiClient, namespace: str, pod: str) -> list[str]:
-    code, out = pod_exec(api, namespace, pod, ["ls", "/var/lib/ipa/backup"])
-    assert code == 0, out
-    return out.split()
 
 
 def test_role_mismatch_fails_before_any_service_stops(

@@ -38,6 +38,7 @@ from testbed.gpgkeys import ExportedKey
 from tests.helpers import (
     Backup,
     apply,
+    backup_dirs,
     backup_spec,
     event_messages,
     events,
@@ -82,12 +83,6 @@ def nothing_stored(s3: Any, platform: stack.Platform, prefix: str) -> None:
     assert s3_keys(s3, platform.s3_bucket, prefix) == []
     uploads = s3.list_multipart_uploads(Bucket=platform.s3_bucket, Prefix=prefix).get("Uploads", [])
     assert uploads == [], uploads
-
-
-def backup_dirs(api: client.ApiClient, namespace: str, pod: str) -> list[str]:
-    code, out = pod_exec(api, namespace, pod, ["ls", "-A", "/var/lib/ipa/backup"])
-    assert code == 0, out
-    return out.split()
 
 
 def in_pod(api: client.ApiClient, namespace: str, pod: str, *argv: str) -> str:

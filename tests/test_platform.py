@@ -29,6 +29,7 @@ from kubernetes.stream import stream, ws_client
 
 from conftest import wait_for
 from testbed import freeipa_pod, processes, stack
+from tests.helpers import token_client
 
 pytestmark = pytest.mark.platform
 
@@ -323,18 +324,6 @@ def test_crd_status_subresource_changes_status_not_spec(
 # --- 2. RBAC ----------------------------------------------------------------------------------------
 
 
-def _token_client(platform: stack.Platform, token: str) -> client.ApiClient:
-    cfg = client.Configuration()
-    cfg.host = platform.api_server
-    cfg.ssl_ca_cert = str(Path(platform.state_dir) / "pki" / "ca.crt")
-    cfg.verify_ssl = True
-    # kubernetes 36 looks the prefix up under "BearerToken" only: with the pre-36 "authorization" key the
-    # header goes out without "Bearer " and the API server treats the request as system:anonymous.
-    cfg.api_key = {"BearerToken": token}
-    cfg.api_key_prefix = {"BearerToken": "Bearer"}
-    return client.ApiClient(cfg)
-
-
 def test_rbac_is_enforced_for_a_service_account_token(
     api: client.ApiClient, platform: stack.Platform, namespace: str
 ) -> None:
@@ -362,7 +351,7 @@ def test_rbac_is_enforced_for_a_service_account_token(
     assert token.count(".") == 2  # a signed JWT
 
     user = f"system:serviceaccount:{namespace}:pod-reader"
-    as_sa = _token_client(platform, token)
+    as_sa = token_client(platform, token)
     review = client.AuthenticationV1Api(as_sa).create_self_subject_review(
         {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
     )
@@ -430,7 +419,7 @@ def test_rbac_is_enforced_for_a_service_account_token(
     assert not allowed("list", "secrets")
     assert not allowed("create", "pods/exec")
     forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
-    err = refused(client.CoreV1Api(_token_client(platform, forged)).list_namespaced_pod, namespace)
+    err = refused(client.CoreV1Api(token_client(platform, forged)).list_namespaced_pod, namespace)
     assert err.status == 401
 
 

@@ -25,11 +25,11 @@ from testbed import stack
 from testbed.deploy import OperatorProcess
 from tests.helpers import (
     Backup,
+    backup_dirs,
     backup_spec,
     events,
     leases,
     mount_tmpfs,
-    pod_exec,
     services_running,
     unmount,
     wait_for,
@@ -193,8 +193,7 @@ def test_a_pvc_that_fills_up_mid_write_fails_storage_full_leaves_nothing_and_the
     running = next(c for c in status["conditions"] if c["type"] == "ServicesRunning")
     assert running["status"] == "True", running
     assert services_running(api, namespace, pod)
-    code, out = pod_exec(api, namespace, pod, ["ls", "/var/lib/ipa/backup"])
-    assert (code, out.split()) == (0, []), out
+    assert backup_dirs(api, namespace, pod) == []
     wait_for("the Lease to be released", lambda: leases(api, namespace) == [], timeout=30)
     assert events(api, namespace, "full")[-1] == "BackupFailed"
     log = operator.output()

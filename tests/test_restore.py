@@ -526,6 +526,20 @@ def test_not_enough_space_in_the_pod_is_refused_before_staging(
 DRILL_DM_SECRET = "drill-dm-password"
 
 
+def apply_drill_dm_secret(api: client.ApiClient, namespace: str, password: str) -> None:
+    """The Secret DRILL_DM_SECRET: the Directory Manager password of the drill's scratch server."""
+    apply(
+        api,
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": DRILL_DM_SECRET},
+            "stringData": {"password": password},
+        },
+    )
+
+
 @pytest.fixture(scope="module")
 def drill_directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DirectoryServer]:
     """The scratch server's own directory: in freeipa-container it lives in the scratch pod itself."""
@@ -586,16 +600,7 @@ def test_a_drill_proves_the_archive_restores_without_touching_production_and_lea
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     server()
-    apply(
-        api,
-        namespace,
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": DRILL_DM_SECRET},
-            "stringData": {"password": drill_directory.password},
-        },
-    )
+    apply_drill_dm_secret(api, namespace, drill_directory.password)
     backup = run_backup("nightly", data_backup(platform, directory, f"restore/{namespace}"))
     assert backup["status"]["phase"] == "Succeeded", backup["status"]
     change_after_backup(directory)  # production moves on: the drill must not bring the old data back there
@@ -678,16 +683,7 @@ def test_a_failing_drill_shows_in_status_and_events_and_leaves_no_pod_or_volume(
     operator.stop()
     operator.start()
     server()
-    apply(
-        api,
-        namespace,
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": DRILL_DM_SECRET},
-            "stringData": {"password": drill_directory.password},
-        },
-    )
+    apply_drill_dm_secret(api, namespace, drill_directory.password)
     backup = run_backup("nightly", data_backup(platform, directory, f"restore/{namespace}"))
     assert backup["status"]["phase"] == "Succeeded", backup["status"]
     (tmp_path / "elsewhere").mkdir()

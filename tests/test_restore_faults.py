@@ -23,12 +23,12 @@ from idm_backup_operator.freeipa.topology import LdapConnectionSettings
 from testbed import stack
 from testbed.deploy import OperatorProcess
 from testbed.ldap_server import DirectoryServer
-from tests.helpers import apply, condition, events, leases, pod_exec, services_running, set_fault, wait_for
+from tests.helpers import condition, events, leases, pod_exec, services_running, set_fault, wait_for
 from tests.test_restore import (  # noqa: F401 (fixtures)
     BOB,
-    DRILL_DM_SECRET,
     MALLORY,
     POD,
+    apply_drill_dm_secret,
     change_after_backup,
     create_restore,
     data_backup,
@@ -174,8 +174,7 @@ def test_a_backend_left_disabled_by_a_silently_failed_import_fails_backend_offli
     # wait much longer. The margins are the status polls' own latency, seconds on a loaded machine.
     assert 28 <= waited < 90, waited
     assert status["ipaRestore"]["exitCode"] == 0 and status["ipaRestore"]["critical"] == []
-    # What 389-ds itself says, read without the operator: userRoot was restored, and o=ipaca is refused as
-    # under any disabled mapping-tree node (mapping_tree.c: OPERATIONS_ERROR, with no diagnostic text).
+    # What 389-ds itself says, read without the operator: userRoot was restored, and o=ipaca is refused.
     assert exists(directory, BOB) and not exists(directory, MALLORY)
     assert refused(directory, IPACA)
     code, log = pod_exec(api, namespace, POD, ["cat", "/var/log/iparestore.log"])
@@ -242,16 +241,7 @@ def test_a_drill_refuses_an_ldap_url_that_is_not_its_scratch_pods_address_withou
     operator.start()
     server()
     # The scratch pod's own directory is this module's: the drill is refused before anything is restored.
-    apply(
-        api,
-        namespace,
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": DRILL_DM_SECRET},
-            "stringData": {"password": directory.password},
-        },
-    )
+    apply_drill_dm_secret(api, namespace, directory.password)
     backup = run_backup("nightly", data_backup(platform, directory, f"restore/{namespace}"))
     assert backup["status"]["phase"] == "Succeeded", backup["status"]
     (tmp_path / "drill-data").mkdir()

@@ -37,11 +37,11 @@ from testbed import stack
 from testbed.deploy import OperatorProcess
 from tests.helpers import (
     Backup,
+    backup_dirs,
     backup_spec,
     events,
     leases,
     mount_tmpfs,
-    pod_exec,
     s3_storage,
     services_running,
     unmount,
@@ -321,8 +321,7 @@ def test_an_s3_backup_that_does_not_fit_fails_storage_full_leaves_nothing_and_th
     running = next(c for c in status["conditions"] if c["type"] == "ServicesRunning")
     assert running["status"] == "True", running
     assert services_running(api, namespace, pod)
-    code, out = pod_exec(api, namespace, pod, ["ls", "/var/lib/ipa/backup"])
-    assert (code, out.split()) == (0, []), out
+    assert backup_dirs(api, namespace, pod) == []
     wait_for("the Lease to be released", lambda: leases(api, namespace) == [], timeout=30)
     assert events(api, namespace, "full")[-1] == "BackupFailed"
     log = operator.output()

@@ -35,10 +35,10 @@ from testbed.deploy import OperatorProcess
 from testbed.faultproxy import Fault, FaultProxy
 from tests.helpers import (
     Backup,
+    backup_dirs,
     backup_spec,
     event_messages,
     leases,
-    pod_exec,
     s3_keys,
     s3_storage,
     services_running,
@@ -219,12 +219,6 @@ def test_versitygw_behind_misreport_size_reports_another_size_to_head_and_nothin
 # -- through the operator ------------------------------------------------------------------------------
 
 
-def _backup_dirs(api: client.ApiClient, namespace: str, pod: str) -> list[str]:
-    code, out = pod_exec(api, namespace, pod, ["ls", "-A", "/var/lib/ipa/backup"])
-    assert code == 0, out
-    return out.split()
-
-
 def test_an_s3_endpoint_that_misreports_the_stored_size_fails_verification_failed_and_leaves_nothing(
     api: client.ApiClient,
     namespace: str,
@@ -272,6 +266,6 @@ def test_an_s3_endpoint_that_misreports_the_stored_size_fails_verification_faile
     running = next(c for c in status["conditions"] if c["type"] == "ServicesRunning")
     assert (running["status"], running["reason"]) == ("True", "StartedByIpaBackup"), running
     assert services_running(api, namespace, pod)
-    assert _backup_dirs(api, namespace, pod) == []
+    assert backup_dirs(api, namespace, pod) == []
     wait_for("the Lease to be released", lambda: leases(api, namespace) == [], timeout=30)
     assert "Traceback" not in operator.output(), operator.output()[-3000:]
